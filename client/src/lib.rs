@@ -1,0 +1,1 @@
+//! derpfleet-client (under construction).

@@ -1,0 +1,1 @@
+//! derpfleet-e2e (under construction).

@@ -1,0 +1,1 @@
+//! derpfleet-loadtest (under construction).

@@ -1,0 +1,1 @@
+//! derpfleet-relay (under construction).

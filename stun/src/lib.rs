@@ -1,0 +1,1 @@
+//! derpfleet-stun (under construction).
