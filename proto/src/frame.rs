@@ -168,46 +168,46 @@ impl FrameDecoder {
 
     /// Decodes the next complete frame from `buf`, consuming its bytes.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<RawFrame>, FrameError> {
-        loop {
+        if self.skipping > 0 {
+            self.discard(buf);
             if self.skipping > 0 {
-                let n = self.skipping.min(buf.len());
-                buf.advance(n);
-                self.skipping -= n;
-                if self.skipping > 0 {
-                    return Ok(None);
-                }
-            }
-            if buf.len() < FRAME_HEADER_LEN {
                 return Ok(None);
             }
-            let ty = buf[0];
-            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            match limits(self.role, ty) {
-                Some((min, max)) => {
-                    if len < min || len > max {
-                        return Err(FrameError::BadLength { ty, len, min, max });
-                    }
-                    if buf.len() < FRAME_HEADER_LEN + len {
-                        buf.reserve(FRAME_HEADER_LEN + len - buf.len());
-                        return Ok(None);
-                    }
-                    buf.advance(FRAME_HEADER_LEN);
-                    let payload = buf.split_to(len).freeze();
-                    return Ok(Some(RawFrame { ty, payload }));
+        }
+        if buf.len() < FRAME_HEADER_LEN {
+            return Ok(None);
+        }
+        let ty = buf[0];
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        match limits(self.role, ty) {
+            Some((min, max)) => {
+                if len < min || len > max {
+                    return Err(FrameError::BadLength { ty, len, min, max });
                 }
-                None => {
-                    if self.client_cap && len > MAX_FRAME_FROM_SERVER {
-                        return Err(FrameError::BadLength { ty, len, min: 0, max: MAX_FRAME_FROM_SERVER });
-                    }
-                    buf.advance(FRAME_HEADER_LEN);
-                    self.skipping = len;
-                    let n = self.skipping.min(buf.len());
-                    buf.advance(n);
-                    self.skipping -= n;
-                    return Ok(Some(RawFrame { ty, payload: Bytes::new() }));
+                if buf.len() < FRAME_HEADER_LEN + len {
+                    buf.reserve(FRAME_HEADER_LEN + len - buf.len());
+                    return Ok(None);
                 }
+                buf.advance(FRAME_HEADER_LEN);
+                Ok(Some(RawFrame { ty, payload: buf.split_to(len).freeze() }))
+            }
+            None => {
+                if self.client_cap && len > MAX_FRAME_FROM_SERVER {
+                    return Err(FrameError::BadLength { ty, len, min: 0, max: MAX_FRAME_FROM_SERVER });
+                }
+                buf.advance(FRAME_HEADER_LEN);
+                self.skipping = len;
+                self.discard(buf);
+                Ok(Some(RawFrame { ty, payload: Bytes::new() }))
             }
         }
+    }
+
+    /// Drops as much of the frame being skipped as `buf` holds.
+    fn discard(&mut self, buf: &mut BytesMut) {
+        let n = self.skipping.min(buf.len());
+        buf.advance(n);
+        self.skipping -= n;
     }
 
     /// True while the decoder is in the middle of discarding a skipped frame.

@@ -96,7 +96,7 @@ fn object(what: &'static str, plain: &[u8]) -> Result<Map<String, Value>, Handsh
 /// Looks a field up case-insensitively (Go's `encoding/json` v1 behaviour). Go prefers an exact
 /// match; when there is none, the last case-insensitive match wins, as Go decodes fields in order.
 fn field<'a>(m: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    m.get(name).or_else(|| m.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v).last())
+    m.get(name).or_else(|| m.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v).next_back())
 }
 
 fn bool_field(what: &'static str, m: &Map<String, Value>, name: &str) -> Result<bool, HandshakeError> {
