@@ -1,1 +1,393 @@
-//! (under construction)
+//! derper-compatible command line (spec §4), in Go flag syntax, turned into a [`ServerConfig`].
+//!
+//! Flag names, defaults and meanings follow derper so an existing derper command line or systemd
+//! unit works unchanged. Decisions where derper leaves room:
+//! - `-c` defaults to `/var/lib/derper/derper.key` for root (as derper) and to
+//!   `$XDG_CONFIG_HOME/derper/derper.key` (or `$HOME/.config/derper/derper.key`) otherwise
+//!   (derper refuses to start without `-c` when not root).
+//! - `-dev` listens on `127.0.0.1:3340` (loopback only, unlike derper's `:3340`), uses an
+//!   ephemeral key and ignores `-a` and `-c`.
+//! - `-hostname` defaults to `derp.tailscale.com`, as derper.
+//! - `-tcp-keepalive-time 0` turns keepalive off; `-tcp-user-timeout 0` leaves the kernel default.
+//! - `-stun` and `-stun-port` are accepted so derper command lines parse; STUN is served by
+//!   the STUN component (not by this crate's [`crate::server::Server`]).
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+use derpfleet_proto::goflag::parse_go_bool;
+use derpfleet_proto::NodePrivate;
+
+use crate::derp_server::DerpServerConfig;
+use crate::http::HomePage;
+use crate::keyfile::{self, KeyFileError};
+use crate::server::{ServerConfig, TcpTuning};
+use crate::tls::{self, TlsError};
+
+/// The relay's command-line flags (derper's names; write them as `-name value`, `-name=value`
+/// or `--name value`; booleans as `-name` or `-name=false`).
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "derpfleet-relay",
+    version,
+    about = "A Tailscale DERP v2 relay server, wire-compatible with tailscaled and Go derper.",
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
+pub struct Flags {
+    /// server HTTP/HTTPS listen address, in form ":port", "ip:port", or for IPv6 "[ip]:port". If the IP is
+    /// omitted, it defaults to all interfaces. Serves HTTPS if the port is 443 and/or -certmode is manual,
+    /// otherwise HTTP.
+    #[arg(long = "a", default_value = ":443", value_name = "addr")]
+    pub addr: String,
+
+    /// config file path (JSON {"PrivateKey":"privkey:<hex>"}; created with a new key if missing)
+    #[arg(long = "c", value_name = "path")]
+    pub config_path: Option<PathBuf>,
+
+    /// run in localhost development mode (127.0.0.1:3340, ephemeral key, plain HTTP; overrides -a)
+    #[arg(long = "dev", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
+    pub dev: bool,
+
+    /// print version and exit
+    #[arg(long = "version", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
+    pub version: bool,
+
+    /// The port on which to serve HTTP. Set to -1 to disable. The listener is bound to the same IP (if any)
+    /// as specified in the -a flag. Only used when HTTPS is served.
+    #[arg(long = "http-port", default_value_t = 80, allow_negative_numbers = true, value_name = "int")]
+    pub http_port: i32,
+
+    /// whether to run a STUN server. It will bind to the same IP (if any) as the -a flag.
+    #[arg(long = "stun", default_value = "true", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
+    pub stun: bool,
+
+    /// The UDP port on which to serve STUN. The listener is bound to the same IP (if any) as the -a flag.
+    #[arg(long = "stun-port", default_value_t = 3478, value_name = "int")]
+    pub stun_port: u16,
+
+    /// whether to run a DERP server. The only reason to set this false is if you're decommissioning a
+    /// server but want to keep its bootstrap DNS functionality still running.
+    #[arg(long = "derp", default_value = "true", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
+    pub derp: bool,
+
+    /// mode for getting a cert. possible options: manual, letsencrypt (letsencrypt is not supported yet)
+    #[arg(long = "certmode", default_value = "letsencrypt", value_name = "string")]
+    pub certmode: String,
+
+    /// directory to store LetsEncrypt certs, if addr's port is :443, or to find <hostname>.crt/.key with
+    /// -certmode manual (default $XDG_CACHE_HOME/tailscale/derper-certs)
+    #[arg(long = "certdir", value_name = "dir")]
+    pub certdir: Option<PathBuf>,
+
+    /// TLS host name for certs, if addr's port is :443. When -certmode manual, it can be an IP address
+    /// (a self-signed certificate is generated if <certdir>/<ip>.crt is missing).
+    #[arg(long = "hostname", default_value = "derp.tailscale.com", value_name = "string")]
+    pub hostname: String,
+
+    /// what to serve at the root path. It may be left empty (the default, for a default homepage), "blank"
+    /// for a blank page, or a URL to redirect to
+    #[arg(long = "home", default_value = "", value_name = "string")]
+    pub home: String,
+
+    /// TCP keepalive time (Go duration, e.g. 10m; 0 disables keepalive)
+    #[arg(long = "tcp-keepalive-time", default_value = "10m", value_parser = parse_go_duration,
+          value_name = "duration")]
+    pub tcp_keepalive_time: Duration,
+
+    /// TCP user timeout (Go duration; 0 leaves the kernel default)
+    #[arg(long = "tcp-user-timeout", default_value = "15s", value_parser = parse_go_duration,
+          value_name = "duration")]
+    pub tcp_user_timeout: Duration,
+
+    /// TCP write timeout per DERP frame for regular clients (Go duration; 0 means no timeout)
+    #[arg(long = "tcp-write-timeout", default_value = "2s", value_parser = parse_go_duration,
+          value_name = "duration")]
+    pub tcp_write_timeout: Duration,
+
+    /// print this help
+    #[arg(long = "help", visible_alias = "h", action = ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+impl Flags {
+    /// Parses a command line in Go flag syntax (the program name first).
+    pub fn parse_go<I, T>(args: I) -> Result<Flags, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString>,
+    {
+        Flags::try_parse_from(derpfleet_proto::goflag::normalize_args(args))
+    }
+}
+
+/// Why the relay cannot start with the given flags.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("-a {addr:?}: {reason}")]
+    Addr { addr: String, reason: String },
+    #[error("-home: {0}")]
+    Home(String),
+    #[error(
+        "-certmode {0:?} is not supported yet; use -certmode manual with a certificate in -certdir \
+         (an IP -hostname gets a self-signed one), or a port other than 443 for plain HTTP"
+    )]
+    UnsupportedCertMode(String),
+    #[error("-certmode {0:?}: unknown mode (use manual or letsencrypt)")]
+    UnknownCertMode(String),
+    #[error("no -c given and neither $HOME nor $XDG_CONFIG_HOME is set")]
+    NoConfigPath,
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// What the binary needs to start and to tell the operator.
+#[derive(Debug)]
+pub struct Startup {
+    /// The server configuration.
+    pub config: ServerConfig,
+    /// The DERP node JSON to log when the certificate is pinned by `sha256-raw`.
+    pub derp_node_json: Option<String>,
+    /// Lines worth logging at start (key file created, certificate generated, dev mode...).
+    pub notes: Vec<String>,
+}
+
+/// Turns flags into a server configuration: resolves the address, loads or creates the key file,
+/// and sets up TLS.
+pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
+    let mut notes = Vec::new();
+    let (listen, port_is_https) = if flags.dev {
+        notes.push("running in dev mode: 127.0.0.1:3340, ephemeral key, plain HTTP".to_owned());
+        (SocketAddr::from(([127, 0, 0, 1], 3340)), false)
+    } else {
+        parse_listen_addr(&flags.addr)
+            .map_err(|reason| StartupError::Addr { addr: flags.addr.clone(), reason })?
+    };
+    let home = HomePage::parse(&flags.home).map_err(StartupError::Home)?;
+    let private_key = if flags.dev {
+        NodePrivate::generate()
+    } else {
+        let path = match &flags.config_path {
+            Some(p) => p.clone(),
+            None => default_config_path().ok_or(StartupError::NoConfigPath)?,
+        };
+        let (key, created) = keyfile::load_or_create(&path)?;
+        if created {
+            notes.push(format!("created new key file {}", path.display()));
+        }
+        key
+    };
+    let server_public = private_key.public();
+    let manual = match flags.certmode.as_str() {
+        "manual" => true,
+        "letsencrypt" | "gcp" => false,
+        other => return Err(StartupError::UnknownCertMode(other.to_owned())),
+    };
+    let serve_tls = port_is_https || manual;
+    let mut derp_node_json = None;
+    let tls = if !serve_tls {
+        None
+    } else if !manual {
+        return Err(StartupError::UnsupportedCertMode(flags.certmode.clone()));
+    } else {
+        let certdir = flags.certdir.clone().unwrap_or_else(default_certdir);
+        let setup = tls::manual(&certdir, &flags.hostname, &server_public)?;
+        if setup.generated {
+            notes.push(format!("generated a self-signed certificate {}", setup.cert_path.display()));
+        }
+        if let Some(name) = &setup.cert_name {
+            derp_node_json = Some(tls::derp_node_json(&flags.hostname, listen.port(), name));
+        }
+        Some(setup.config)
+    };
+    let http_port = (flags.http_port >= 0).then_some(flags.http_port as u16);
+    let non_zero = |d: Duration| (!d.is_zero()).then_some(d);
+    let config = ServerConfig {
+        listen,
+        tls,
+        http_port,
+        home,
+        derp_enabled: flags.derp,
+        derp: DerpServerConfig {
+            private_key,
+            mesh_key: None,
+            write_timeout: non_zero(flags.tcp_write_timeout),
+            queue_depth: queue_depth_from_env(),
+        },
+        tcp: TcpTuning {
+            keepalive_time: non_zero(flags.tcp_keepalive_time),
+            user_timeout: non_zero(flags.tcp_user_timeout),
+        },
+    };
+    Ok(Startup { config, derp_node_json, notes })
+}
+
+/// `TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH`, else 32.
+fn queue_depth_from_env() -> usize {
+    std::env::var("TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or(derpfleet_proto::consts::PER_CLIENT_SEND_QUEUE_DEPTH)
+}
+
+fn is_root() -> bool {
+    // /proc/self is owned by our effective uid; this avoids a libc dependency for geteuid().
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+/// derper's root default, else a per-user path (see the module docs).
+pub fn default_config_path() -> Option<PathBuf> {
+    if is_root() {
+        return Some(PathBuf::from("/var/lib/derper/derper.key"));
+    }
+    let base =
+        std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()).map(PathBuf::from).or_else(|| {
+            std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| Path::new(&h).join(".config"))
+        })?;
+    Some(base.join("derper").join("derper.key"))
+}
+
+/// `$XDG_CACHE_HOME/tailscale/derper-certs` (or `$HOME/.cache/...`), as derper.
+pub fn default_certdir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("tailscale").join("derper-certs")
+}
+
+/// Parses `-a`: `:443`, `0.0.0.0:443`, `[::]:443`, `127.0.0.1:3340`, `host:https`. Returns the
+/// address (an empty host means all interfaces, `[::]` dual-stack) and whether the port is 443.
+pub fn parse_listen_addr(s: &str) -> Result<(SocketAddr, bool), String> {
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| "missing port (use :443 or ip:port)".to_owned())?;
+    let port: u16 = match port {
+        "https" => 443,
+        "http" => 80,
+        p => p.parse().map_err(|_| format!("bad port {p:?}"))?,
+    };
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let ip = if host.is_empty() {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else if let Ok(ip) = host.parse::<IpAddr>() {
+        ip
+    } else {
+        (host, port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host:?} has no address"))?
+            .ip()
+    };
+    Ok((SocketAddr::new(ip, port), port == 443))
+}
+
+/// Parses a Go `time.Duration` string: `0`, or a sequence of decimal numbers with units
+/// `ns`, `us`/`µs`, `ms`, `s`, `m`, `h` (e.g. `2s`, `1h30m`, `1.5s`, `500ms`). Negative values
+/// are rejected (they mean "off" nowhere in our flags; use 0).
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?} (examples: 2s, 10m, 1h30m, 500ms)");
+    if s == "0" || s == "+0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = s.strip_prefix('+').unwrap_or(s);
+    if rest.is_empty() || rest.starts_with('-') {
+        return Err(bad());
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+        if num_len == 0 {
+            return Err(bad());
+        }
+        let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let nanos_per = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "µs" | "μs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return Err(bad()),
+        };
+        total += value * nanos_per;
+        rest = &rest[unit_len..];
+    }
+    if !total.is_finite() || total > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(Duration::from_nanos(total.round() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_go_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_go_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "2", "s", "2x", "-1s", "1..2s", "1h30"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listen_addrs() {
+        assert_eq!(parse_listen_addr(":443").unwrap(), ("[::]:443".parse().unwrap(), true));
+        assert_eq!(parse_listen_addr("0.0.0.0:443").unwrap(), ("0.0.0.0:443".parse().unwrap(), true));
+        assert_eq!(parse_listen_addr("[::]:443").unwrap(), ("[::]:443".parse().unwrap(), true));
+        assert_eq!(parse_listen_addr("127.0.0.1:3340").unwrap(), ("127.0.0.1:3340".parse().unwrap(), false));
+        assert_eq!(parse_listen_addr("127.0.0.1:https").unwrap(), ("127.0.0.1:443".parse().unwrap(), true));
+        assert!(parse_listen_addr("localhost:https").unwrap().0.ip().is_loopback());
+        assert!(parse_listen_addr("443").is_err());
+        assert!(parse_listen_addr(":99999").is_err());
+    }
+
+    #[test]
+    fn derper_command_lines_parse() {
+        let f =
+            Flags::parse_go(["x", "-a=127.0.0.1:3340", "-stun=false", "-dev", "--home", "blank"]).unwrap();
+        assert_eq!(f.addr, "127.0.0.1:3340");
+        assert!(!f.stun && f.dev);
+        assert_eq!(f.home, "blank");
+        let f = Flags::parse_go(["x", "--a", ":8443", "-http-port", "-1", "-tcp-write-timeout=0"]).unwrap();
+        assert_eq!((f.addr.as_str(), f.http_port), (":8443", -1));
+        assert_eq!(f.tcp_write_timeout, Duration::ZERO);
+        let f = Flags::parse_go(["x"]).unwrap();
+        assert_eq!((f.addr.as_str(), f.http_port, f.stun, f.derp), (":443", 80, true, true));
+        assert_eq!(f.certmode, "letsencrypt");
+        assert_eq!(f.tcp_keepalive_time, Duration::from_secs(600));
+        assert!(Flags::parse_go(["x", "-tcp-user-timeout", "soon"]).is_err());
+        assert!(Flags::parse_go(["x", "-stun=maybe"]).is_err());
+    }
+
+    #[test]
+    fn letsencrypt_on_443_is_refused_clearly() {
+        let dir = std::env::temp_dir().join(format!("derpfleet-cli-le-{}", std::process::id()));
+        let key = dir.join("k.key");
+        let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap()];
+        let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("letsencrypt") && e.contains("not supported"), "{e}");
+        // Plain HTTP on another port is fine with the default certmode.
+        let args = ["x", "-a", "127.0.0.1:8080", "-c", key.to_str().unwrap()];
+        let s = build(&Flags::parse_go(args).unwrap()).unwrap();
+        assert!(s.config.tls.is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
