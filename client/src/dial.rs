@@ -1,0 +1,247 @@
+//! TCP dialing of a DERP target (spec §2.6): a region's nodes in priority order, or a plain URL.
+//!
+//! Per node: IPv4 and IPv6 are raced (IPv4 held back 200 ms when IPv6 is preferred), each family
+//! using the fixed address from the map, a DNS lookup of `HostName` for `""`, or nothing for a
+//! disabled family. Each node gets 1.5 s; the first node that connects wins.
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use derpfleet_proto::derpmap::{AddrUsage, CertCheck, DerpNode, DerpRegion};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+/// Time each node gets to accept a TCP connection.
+pub const NODE_DIAL_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long IPv4 waits behind IPv6 when IPv6 is preferred.
+pub const IPV4_DELAY_WHEN_V6: Duration = Duration::from_millis(200);
+
+/// A DERP server given as a URL: `http://127.0.0.1:3340/derp` or `https://host[:port][/derp]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DerpUrl {
+    /// `https` (true) or `http`.
+    pub https: bool,
+    /// Host name or IP literal (brackets removed).
+    pub host: String,
+    /// Port (default 443 / 80).
+    pub port: u16,
+    /// Request path (default `/derp`).
+    pub path: String,
+    /// Certificate verification for `https` (default: Web PKI for `host`).
+    pub cert_check: CertCheck,
+    /// Dial this address instead of resolving `host` (the mesh `host/dialhost` form).
+    pub dial_addr: Option<SocketAddr>,
+}
+
+/// Why a URL was rejected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("bad DERP URL {url:?}: {reason}")]
+pub struct BadUrl {
+    url: String,
+    reason: &'static str,
+}
+
+impl FromStr for DerpUrl {
+    type Err = BadUrl;
+    fn from_str(s: &str) -> Result<Self, BadUrl> {
+        let bad = |reason| BadUrl { url: s.to_string(), reason };
+        let uri: http::Uri = s.parse().map_err(|_| bad("not a URL"))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(bad("scheme must be http or https")),
+        };
+        let host = uri.host().ok_or_else(|| bad("no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let path = match uri.path() {
+            "" | "/" => "/derp".to_string(),
+            p => p.to_string(),
+        };
+        Ok(Self { https, host, port, path, cert_check: CertCheck::HostName, dial_addr: None })
+    }
+}
+
+impl DerpUrl {
+    /// The `Host` header value: the host, plus the port when it is not the scheme's default.
+    pub fn host_header(&self) -> String {
+        host_header(&self.host, self.port, if self.https { 443 } else { 80 })
+    }
+}
+
+pub(crate) fn host_header(host: &str, port: u16, default_port: u16) -> String {
+    let h = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    if port == default_port {
+        h
+    } else {
+        format!("{h}:{port}")
+    }
+}
+
+/// Why no node could be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The region lists no node that may be dialed for DERP.
+    #[error("region {0} has no DERP nodes (all STUNOnly or none)")]
+    NoNodes(i64),
+    /// Every node failed; one message per node.
+    #[error("could not reach any node: {}", .0.join("; "))]
+    AllFailed(Vec<String>),
+}
+
+async fn resolve(host: &str, port: u16) -> Vec<SocketAddr> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return vec![SocketAddr::new(ip, port)];
+    }
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(it) => it.collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+async fn connect_any(addrs: Vec<SocketAddr>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for a in addrs {
+        match TcpStream::connect(a).await {
+            Ok(s) => return Ok((s, a)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Addresses of `node` for one family: fixed, resolved, or none when disabled.
+async fn family_addrs(node: &DerpNode, v6: bool, port: u16) -> Vec<SocketAddr> {
+    let usage = if v6 {
+        node.ipv6_usage().map_fixed(IpAddr::V6)
+    } else {
+        node.ipv4_usage().map_fixed(IpAddr::V4)
+    };
+    match usage {
+        AddrUsage::Fixed(ip) => vec![SocketAddr::new(ip, port)],
+        AddrUsage::Disabled => Vec::new(),
+        AddrUsage::Dns => resolve(&node.host_name, port).await.into_iter().filter(|a| a.is_ipv6() == v6).collect(),
+    }
+}
+
+trait MapFixed<A> {
+    fn map_fixed(self, f: impl FnOnce(A) -> IpAddr) -> AddrUsage<IpAddr>;
+}
+impl<A> MapFixed<A> for AddrUsage<A> {
+    fn map_fixed(self, f: impl FnOnce(A) -> IpAddr) -> AddrUsage<IpAddr> {
+        match self {
+            AddrUsage::Dns => AddrUsage::Dns,
+            AddrUsage::Fixed(a) => AddrUsage::Fixed(f(a)),
+            AddrUsage::Disabled => AddrUsage::Disabled,
+        }
+    }
+}
+
+/// Dials one node, racing IPv4 and IPv6, within [`NODE_DIAL_TIMEOUT`].
+pub async fn dial_node(node: &DerpNode, prefer_ipv6: bool) -> std::io::Result<(TcpStream, SocketAddr)> {
+    let port = node.derp_port();
+    let attempt = async {
+        let mut set = JoinSet::new();
+        for v6 in [false, true] {
+            let node = node.clone();
+            set.spawn(async move {
+                if !v6 && prefer_ipv6 {
+                    tokio::time::sleep(IPV4_DELAY_WHEN_V6).await;
+                }
+                connect_any(family_addrs(&node, v6, port).await).await
+            });
+        }
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no usable address");
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(s)) => return Ok(s),
+                Ok(Err(e)) => last = e,
+                Err(e) => last = std::io::Error::other(e),
+            }
+        }
+        Err(last)
+    };
+    tokio::time::timeout(NODE_DIAL_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "node dial timed out")))
+}
+
+/// Dials a region's nodes in order, skipping `STUNOnly`; returns the stream and the node's index.
+pub async fn dial_region(
+    region: &DerpRegion,
+    prefer_ipv6: bool,
+) -> Result<(TcpStream, SocketAddr, usize), DialError> {
+    let mut errors = Vec::new();
+    for (i, node) in region.nodes.iter().enumerate().filter(|(_, n)| !n.stun_only) {
+        match dial_node(node, prefer_ipv6).await {
+            Ok((s, a)) => return Ok((s, a, i)),
+            Err(e) => errors.push(format!("{}: {e}", node.name)),
+        }
+    }
+    if errors.is_empty() {
+        return Err(DialError::NoNodes(region.region_id));
+    }
+    Err(DialError::AllFailed(errors))
+}
+
+/// Dials a URL target (or its `dial_addr`).
+pub async fn dial_url(url: &DerpUrl) -> std::io::Result<(TcpStream, SocketAddr)> {
+    let addrs = match url.dial_addr {
+        Some(a) => vec![a],
+        None => resolve(&url.host, url.port).await,
+    };
+    connect_any(addrs).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_forms() {
+        let u: DerpUrl = "http://127.0.0.1:3340/derp".parse().unwrap();
+        assert!(!u.https);
+        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("127.0.0.1", 3340, "/derp"));
+        assert_eq!(u.host_header(), "127.0.0.1:3340");
+        let u: DerpUrl = "https://derp.example".parse().unwrap();
+        assert!(u.https);
+        assert_eq!((u.port, u.path.as_str(), u.host_header().as_str()), (443, "/derp", "derp.example"));
+        let u: DerpUrl = "https://[::1]:8443/derp".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.host_header().as_str()), ("::1", "[::1]:8443"));
+        assert!("ftp://x/derp".parse::<DerpUrl>().is_err());
+        assert!("not a url".parse::<DerpUrl>().is_err());
+    }
+
+    #[tokio::test]
+    async fn region_dial_skips_dead_and_stun_only_nodes() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        // A port with no listener: connection refused at once.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let node = |name: &str, port: u16, stun_only: bool| DerpNode {
+            name: name.into(),
+            region_id: 1,
+            host_name: "127.0.0.1".into(),
+            ipv4: "127.0.0.1".into(),
+            ipv6: "none".into(),
+            derp_port: port as i64,
+            stun_only,
+            ..Default::default()
+        };
+        let region = DerpRegion {
+            region_id: 1,
+            nodes: vec![node("a", port, true), node("b", dead_port, false), node("c", port, false)],
+            ..Default::default()
+        };
+        let (_s, addr, idx) = dial_region(&region, false).await.unwrap();
+        assert_eq!((idx, addr.port()), (2, port));
+        let only_dead = DerpRegion { region_id: 1, nodes: vec![node("b", dead_port, false)], ..Default::default() };
+        let e = dial_region(&only_dead, false).await.unwrap_err();
+        assert!(e.to_string().contains("b:"), "{e}");
+        let none = DerpRegion { region_id: 1, nodes: vec![node("a", port, true)], ..Default::default() };
+        assert!(matches!(dial_region(&none, false).await, Err(DialError::NoNodes(1))));
+    }
+}
