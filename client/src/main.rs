@@ -1,0 +1,3 @@
+//! `derpfleet-client`: netcheck and DERP connection tools (filled in below).
+
+fn main() {}

@@ -1,0 +1,226 @@
+//! DerpConn against a real DERP server on loopback (plain and TLS).
+
+mod support;
+
+use std::time::Duration;
+
+use derpfleet_client::derpmap::{CertCheck, DerpNode, DerpRegion};
+use derpfleet_client::{ConnectError, ConnectOptions, DerpConn, DerpTarget, DerpUrl};
+use derpfleet_proto::msg::{ClientToServer, ServerToClient};
+use derpfleet_proto::NodePrivate;
+use sha2::Digest;
+use support::{TestServer, Tls};
+
+const T: Duration = Duration::from_secs(10);
+
+fn url(s: &TestServer, https: bool, check: CertCheck) -> DerpTarget {
+    let scheme = if https { "https" } else { "http" };
+    let mut u: DerpUrl = format!("{scheme}://{}/derp", s.addr).parse().unwrap();
+    u.cert_check = check;
+    DerpTarget::Url(u)
+}
+
+fn pin(s: &TestServer) -> CertCheck {
+    CertCheck::Sha256Raw(sha2::Sha256::digest(s.leaf_der.as_ref().unwrap()).into())
+}
+
+async fn recv_packet(r: &mut derpfleet_client::DerpReceiver) -> ServerToClient {
+    loop {
+        let m = tokio::time::timeout(T, r.recv()).await.expect("recv timed out").expect("recv");
+        if matches!(m, ServerToClient::RecvPacket { .. }) {
+            return m;
+        }
+    }
+}
+
+#[tokio::test]
+async fn plain_http_relays_between_two_clients_and_pings() {
+    let s = TestServer::start(Tls::default()).await;
+    let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
+    let a = DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(ka.clone())).await.unwrap();
+    let b = DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(kb.clone())).await.unwrap();
+    assert_eq!(a.info().server_key, s.key.public());
+    assert_eq!(a.info().server_info.version, 2);
+    assert!(!a.info().fast_start);
+    let (sa, mut ra) = a.split();
+    let (_sb, mut rb) = b.split();
+    sa.send_packet(kb.public(), &b"hello"[..]).await.unwrap();
+    match recv_packet(&mut rb).await {
+        ServerToClient::RecvPacket { src, data } => {
+            assert_eq!(src, ka.public());
+            assert_eq!(&data[..], b"hello");
+        }
+        _ => unreachable!(),
+    }
+    sa.send_ping(*b"12345678").await.unwrap();
+    let m = tokio::time::timeout(T, ra.recv()).await.unwrap().unwrap();
+    assert_eq!(m, ServerToClient::Pong(*b"12345678"));
+    let head = s.requests.lock().unwrap()[0].clone();
+    assert!(head.starts_with("GET /derp HTTP/1.1\r\n"), "{head}");
+    assert!(head.contains("Upgrade: DERP\r\n") && head.contains("Connection: Upgrade\r\n"), "{head}");
+    assert!(!head.contains("Derp-Fast-Start") && !head.contains("Ideal-Node"), "{head}");
+}
+
+#[tokio::test]
+async fn many_packets_arrive_in_order_and_writes_are_batched() {
+    let s = TestServer::start(Tls::default()).await;
+    let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
+    let (sa, _ra) = DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(ka)).await.unwrap().split();
+    let (_sb, mut rb) =
+        DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(kb.clone())).await.unwrap().split();
+    const N: u32 = 20_000;
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            sa.send_packet(kb.public(), i.to_be_bytes().to_vec()).await.unwrap();
+        }
+        sa
+    });
+    for i in 0..N {
+        match recv_packet(&mut rb).await {
+            ServerToClient::RecvPacket { data, .. } => assert_eq!(&data[..], &i.to_be_bytes()),
+            _ => unreachable!(),
+        }
+    }
+    let sa = sender.await.unwrap();
+    let (frames, writes) = sa.write_stats();
+    assert!(frames >= N as u64, "{frames}");
+    assert!(writes < frames, "frames were coalesced: {frames} frames in {writes} writes");
+}
+
+#[tokio::test]
+async fn tls13_meta_cert_gives_fast_start_with_pinned_cert() {
+    let s = TestServer::start(Tls { enabled: true, meta_cert: true, tls12_only: false }).await;
+    let k = NodePrivate::generate();
+    let c = DerpConn::connect(&url(&s, true, pin(&s)), &ConnectOptions::new(k)).await.unwrap();
+    assert!(c.info().fast_start);
+    assert_eq!(c.info().server_key, s.key.public());
+    let head = s.requests.lock().unwrap()[0].clone();
+    assert!(head.contains("Derp-Fast-Start: 1\r\n"), "{head}");
+    // And the connection works.
+    let (tx, mut rx) = c.split();
+    tx.send_ping(*b"fastfast").await.unwrap();
+    assert_eq!(tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(), ServerToClient::Pong(*b"fastfast"));
+}
+
+#[tokio::test]
+async fn tls12_or_no_meta_cert_means_no_fast_start() {
+    for tls in [
+        Tls { enabled: true, meta_cert: true, tls12_only: true },
+        Tls { enabled: true, meta_cert: false, tls12_only: false },
+    ] {
+        let s = TestServer::start(tls).await;
+        let c = DerpConn::connect(&url(&s, true, pin(&s)), &ConnectOptions::new(NodePrivate::generate())).await.unwrap();
+        assert!(!c.info().fast_start);
+        assert!(!s.requests.lock().unwrap()[0].contains("Derp-Fast-Start"));
+    }
+}
+
+#[tokio::test]
+async fn wrong_pin_and_web_pki_reject_self_signed() {
+    let s = TestServer::start(Tls { enabled: true, meta_cert: true, tls12_only: false }).await;
+    let opts = ConnectOptions::new(NodePrivate::generate());
+    let e = DerpConn::connect(&url(&s, true, CertCheck::Sha256Raw([0; 32])), &opts).await.err().unwrap();
+    assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
+    assert!(e.to_string().contains("does not match"), "{e}");
+    let e = DerpConn::connect(&url(&s, true, CertCheck::HostName), &opts).await.err().unwrap();
+    assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
+    DerpConn::connect(&url(&s, true, CertCheck::Insecure), &opts).await.unwrap();
+}
+
+#[tokio::test]
+async fn region_target_falls_over_to_second_node_and_sends_ideal_node() {
+    let s = TestServer::start(Tls { enabled: true, meta_cert: false, tls12_only: false }).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let hash = hex::encode(sha2::Sha256::digest(s.leaf_der.as_ref().unwrap()));
+    let node = |name: &str, port: u16| DerpNode {
+        name: name.into(),
+        region_id: 900,
+        host_name: "127.0.0.1".into(),
+        cert_name: format!("sha256-raw:{hash}"),
+        ipv4: "127.0.0.1".into(),
+        ipv6: "none".into(),
+        derp_port: port as i64,
+        ..Default::default()
+    };
+    let region = DerpRegion {
+        region_id: 900,
+        nodes: vec![node("900a", dead_port), node("900b", s.addr.port())],
+        ..Default::default()
+    };
+    let c = DerpConn::connect(&DerpTarget::Region(region), &ConnectOptions::new(NodePrivate::generate()))
+        .await
+        .unwrap();
+    assert_eq!(c.info().node_name.as_deref(), Some("900b"));
+    let head = s.requests.lock().unwrap()[0].clone();
+    assert!(head.contains("Ideal-Node: 900a\r\n"), "{head}");
+    assert!(head.contains(&format!("Host: 127.0.0.1:{}\r\n", s.addr.port())), "{head}");
+}
+
+#[tokio::test]
+async fn server_ping_is_answered_with_pong() {
+    let s = TestServer::start(Tls::default()).await;
+    let (_tx, mut rx) =
+        DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(NodePrivate::generate()))
+            .await
+            .unwrap()
+            .split();
+    s.push(ServerToClient::Ping(*b"pingping"));
+    assert_eq!(tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(), ServerToClient::Ping(*b"pingping"));
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        // The server-side decoder skips Pong frames (servers ignore them) and reports the type.
+        if s.received.lock().unwrap().contains(&ClientToServer::Ignored(0x13)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no Pong reached the server");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn non_101_answer_is_an_error_with_the_body() {
+    // A server that is not DERP at all answers 403 with a body.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut c, _) = l.accept().await.unwrap();
+        let mut b = [0u8; 1024];
+        let _ = c.read(&mut b).await;
+        let _ = c.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\n\r\nnot today").await;
+    });
+    let t = DerpTarget::Url(format!("http://{addr}/derp").parse().unwrap());
+    let e = DerpConn::connect(&t, &ConnectOptions::new(NodePrivate::generate())).await.err().unwrap();
+    match e {
+        ConnectError::HttpStatus { status, body } => assert_eq!((status, body.as_str()), (403, "not today")),
+        e => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn silent_server_is_declared_dead() {
+    let s = TestServer::start(Tls::default()).await;
+    let mut opts = ConnectOptions::new(NodePrivate::generate());
+    opts.read_timeout = Duration::from_millis(300);
+    let (tx, mut rx) = DerpConn::connect(&url(&s, false, CertCheck::HostName), &opts).await.unwrap().split();
+    let e = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap_err();
+    assert!(matches!(e, derpfleet_client::conn::ConnError::Silent(_)), "{e}");
+    // The connection is closed for the sender too.
+    let deadline = tokio::time::Instant::now() + T;
+    while !tx.is_closed() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn connect_to_nothing_fails_fast_with_a_clear_error() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = dead.local_addr().unwrap();
+    drop(dead);
+    let t = DerpTarget::Url(format!("http://{addr}/derp").parse().unwrap());
+    let e = DerpConn::connect(&t, &ConnectOptions::new(NodePrivate::generate())).await.err().unwrap();
+    assert!(matches!(e, ConnectError::Tcp(..)), "{e}");
+}

@@ -1,0 +1,203 @@
+//! A small DERP server for the client's tests: real TCP (optionally TLS with a self-signed leaf and
+//! the `derpkey` meta-certificate), the real HTTP upgrade and handshake from `derpfleet-proto`, and a
+//! hub relaying SendPacket between connected clients. It records each request head so tests can
+//! assert on headers, and can push arbitrary server frames (Ping, Restarting) to every client.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use derpfleet_proto::frame::{FrameDecoder, Role};
+use derpfleet_proto::handshake::{open_client_info, seal_server_info, server_key_frame, ServerInfo};
+use derpfleet_proto::msg::{ClientToServer, ServerToClient};
+use derpfleet_proto::{NodePrivate, NodePublic};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub key: NodePrivate,
+    /// DER of the TLS leaf, when TLS is on.
+    pub leaf_der: Option<Vec<u8>>,
+    /// Request heads received, in order.
+    pub requests: Arc<Mutex<Vec<String>>>,
+    /// Frames received from clients (excluding ClientInfo), in order.
+    pub received: Arc<Mutex<Vec<ClientToServer>>>,
+    push: broadcast::Sender<ServerToClient>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct Tls {
+    pub enabled: bool,
+    pub meta_cert: bool,
+    pub tls12_only: bool,
+}
+
+type Hub = Arc<Mutex<HashMap<NodePublic, mpsc::Sender<ServerToClient>>>>;
+
+impl TestServer {
+    pub async fn start(tls: Tls) -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), tls, NodePrivate::generate()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, tls: Tls, key: NodePrivate) -> Self {
+        let l = TcpListener::bind(addr).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (acceptor, leaf_der) = if tls.enabled {
+            let (a, d) = acceptor(&key.public(), addr, tls);
+            (Some(a), Some(d))
+        } else {
+            (None, None)
+        };
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (push, _) = broadcast::channel(16);
+        let hub: Hub = Arc::default();
+        let (k, rq, rc, p) = (key.clone(), requests.clone(), received.clone(), push.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = l.accept().await else { return };
+                let (k, rq, rc, hub, p, acc) = (k.clone(), rq.clone(), rc.clone(), hub.clone(), p.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    match acc {
+                        Some(a) => {
+                            if let Ok(s) = a.accept(tcp).await {
+                                serve(s, k, rq, rc, hub, p.subscribe()).await
+                            }
+                        }
+                        None => serve(tcp, k, rq, rc, hub, p.subscribe()).await,
+                    }
+                });
+            }
+        });
+        Self { addr, key, leaf_der, requests, received, push, task }
+    }
+
+    /// Sends `m` to every connected client.
+    pub fn push(&self, m: ServerToClient) {
+        let _ = self.push.send(m);
+    }
+
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+fn acceptor(key: &NodePublic, addr: SocketAddr, tls: Tls) -> (tokio_rustls::TlsAcceptor, Vec<u8>) {
+    let leaf = rcgen::generate_simple_self_signed(vec![addr.ip().to_string(), "localhost".into()]).unwrap();
+    let mut chain = vec![leaf.cert.der().clone()];
+    if tls.meta_cert {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, format!("derpkey{}", key.to_hex()));
+        p.serial_number = Some(rcgen::SerialNumber::from(2u64));
+        let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        chain.push(CertificateDer::from(p.self_signed(&k).unwrap().der().to_vec()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let b = rustls::ServerConfig::builder_with_provider(provider);
+    let b = if tls.tls12_only {
+        b.with_protocol_versions(&[&rustls::version::TLS12]).unwrap()
+    } else {
+        b.with_safe_default_protocol_versions().unwrap()
+    };
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.signing_key.serialize_der()));
+    let cfg = b.with_no_client_auth().with_single_cert(chain, key_der).unwrap();
+    (tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), leaf.cert.der().to_vec())
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    key: NodePrivate,
+    requests: Arc<Mutex<Vec<String>>>,
+    received: Arc<Mutex<Vec<ClientToServer>>>,
+    hub: Hub,
+    mut push: broadcast::Receiver<ServerToClient>,
+) {
+    let mut buf = BytesMut::with_capacity(8192);
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+            return;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let _ = buf.split_to(head_end);
+    requests.lock().unwrap().push(head.clone());
+    if !head.to_ascii_lowercase().contains("upgrade: derp") {
+        let _ = s.write_all(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 27\r\n\r\nDERP requires connection upgrade").await;
+        return;
+    }
+    let mut out = Vec::new();
+    if !head.contains("Derp-Fast-Start: 1") {
+        out.extend_from_slice(
+            format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Version: 2\r\nDerp-Public-Key: {}\r\n\r\n", key.public().to_hex()).as_bytes(),
+        );
+    }
+    out.extend_from_slice(&server_key_frame(&key.public()));
+    if s.write_all(&out).await.is_err() {
+        return;
+    }
+    let mut dec = FrameDecoder::new(Role::Server);
+    let client = loop {
+        match dec.decode(&mut buf) {
+            Ok(Some(f)) => match ClientToServer::decode(f) {
+                Ok(ClientToServer::ClientInfo(p)) => match open_client_info(&key, &p) {
+                    Ok((c, _)) => break c,
+                    Err(_) => return,
+                },
+                _ => return,
+            },
+            Ok(None) => {
+                if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    };
+    let mut w = BytesMut::new();
+    ServerToClient::ServerInfo(seal_server_info(&key, &client, &ServerInfo::default())).encode(&mut w);
+    if s.write_all(&w).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<ServerToClient>(4096);
+    hub.lock().unwrap().insert(client, tx);
+    loop {
+        w.clear();
+        tokio::select! {
+            m = rx.recv() => { let Some(m) = m else { break }; m.encode(&mut w); }
+            m = push.recv() => { let Ok(m) = m else { break }; m.encode(&mut w); }
+            r = s.read_buf(&mut buf) => {
+                if r.unwrap_or(0) == 0 { break; }
+                loop {
+                    let f = match dec.decode(&mut buf) { Ok(Some(f)) => f, Ok(None) => break, Err(_) => return };
+                    let Ok(m) = ClientToServer::decode(f) else { return };
+                    match &m {
+                        ClientToServer::SendPacket { dst, data } => {
+                            let tx = hub.lock().unwrap().get(dst).cloned();
+                            if let Some(tx) = tx {
+                                let _ = tx.send(ServerToClient::RecvPacket { src: client, data: data.clone() }).await;
+                            }
+                            continue; // not recorded: tests send many
+                        }
+                        ClientToServer::Ping(d) => ServerToClient::Pong(*d).encode(&mut w),
+                        _ => {}
+                    }
+                    received.lock().unwrap().push(m);
+                }
+            }
+        }
+        if !w.is_empty() && s.write_all(&w).await.is_err() {
+            break;
+        }
+    }
+    hub.lock().unwrap().remove(&client);
+}
