@@ -222,6 +222,9 @@ pub fn recv_batch(fd: std::os::fd::BorrowedFd<'_>, batch: &mut RecvBatch) -> io:
 
 /// Sends queued datagrams without blocking; returns how many left (from the front of the batch).
 /// The caller [`consume`](SendBatch::consume)s them.
-pub fn send_batch<const N: usize>(fd: std::os::fd::BorrowedFd<'_>, batch: &mut SendBatch<N>) -> io::Result<usize> {
+pub fn send_batch<const N: usize>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    batch: &mut SendBatch<N>,
+) -> io::Result<usize> {
     sys::send(fd, batch)
 }

@@ -72,14 +72,18 @@ pub enum ClientError {
 
 /// Sends Binding requests to `server` on a socket nobody else reads, per `plan`, and returns the
 /// first valid answer whose transaction ID matches one of ours. Other datagrams are ignored.
-pub async fn binding(socket: &UdpSocket, server: SocketAddr, plan: RetryPlan) -> Result<StunAnswer, ClientError> {
+pub async fn binding(
+    socket: &UdpSocket,
+    server: SocketAddr,
+    plan: RetryPlan,
+) -> Result<StunAnswer, ClientError> {
     let start = Instant::now();
     let deadline = start + plan.timeout;
     let mut sent: Vec<(TxId, Instant)> = Vec::with_capacity(plan.sends as usize);
     let mut buf = [0u8; 1500];
     loop {
-        let next_send = (sent.len() < plan.sends.max(1) as usize)
-            .then(|| start + plan.send_offset(sent.len() as u32));
+        let next_send =
+            (sent.len() < plan.sends.max(1) as usize).then(|| start + plan.send_offset(sent.len() as u32));
         let wake = next_send.map_or(deadline, |t| t.min(deadline));
         tokio::select! {
             received = socket.recv_from(&mut buf) => {

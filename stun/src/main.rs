@@ -132,12 +132,15 @@ async fn serve_metrics(listener: TcpListener, recorder: Arc<PrometheusRecorder>,
                             .header("content-type", "text/plain; version=0.0.4")
                             .body(Full::new(Bytes::from(recorder.handle().render())))
                     } else {
-                        http::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
+                        http::Response::builder()
+                            .status(404)
+                            .body(Full::new(Bytes::from_static(b"not found\n")))
                     };
                     resp
                 }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let conn =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "metrics connection ended");
             }
