@@ -4,13 +4,75 @@
 //! [`DerpServer::accept`] with the upgraded byte stream (any bytes the client pipelined after the
 //! request headers must already be readable from `io`) and a [`ConnInfo`]. Everything after the
 //! HTTP upgrade — ServerKey, handshake, frames — happens here. Keep these signatures stable.
+//!
+//! `accept` runs: ServerKey and ClientInfo under the handshake deadline ([`crate::session`]),
+//! the admission hook (skipped for mesh-key holders), registration ([`crate::registry`]),
+//! ServerInfo, then the reader loop and the send loop ([`crate::writer`]) side by side in the
+//! caller's task until either ends, then unregistration. No read-idle timeout after the handshake.
 
+use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
+use derpfleet_proto::consts::{
+    DEFAULT_WRITE_TIMEOUT, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_JITTER, MESH_WRITE_TIMEOUT,
+    PER_CLIENT_SEND_QUEUE_DEPTH,
+};
+use derpfleet_proto::frame::{FrameDecoder, Role};
+use derpfleet_proto::handshake::{seal_server_info, ClientInfo, ServerInfo};
+use derpfleet_proto::msg::{peer_present_flags as flags, ServerToClient};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::registry::{Conn, Registry};
+use crate::session::{self, HandshakeFailure, Reader};
+use crate::writer::{self, Outbox, SeenSources, WriterSettings};
+
+/// Control-queue depth (PeerGone) of a regular connection.
+const CONTROL_QUEUE_DEPTH: usize = 512;
+/// Control-queue depth of a mesh peer: it may be flooded with one PeerPresent per connected key.
+const MESH_CONTROL_QUEUE_DEPTH: usize = 1 << 17;
+/// How often buffered histogram samples are folded into buckets.
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The admission decision for a client (spec §2.7).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Let the client in.
+    Allow,
+    /// Close it after its ClientInfo, without a ServerInfo; the reason is logged.
+    Reject(String),
+}
+
+/// A check run after a non-mesh client's ClientInfo opens and before it is registered
+/// (issue 4 plugs `--verify-clients` / `--verify-client-url` in here). It must bound its own time.
+pub trait AdmissionCheck: Send + Sync + 'static {
+    /// Decides whether `key` (with `info`, arriving as `conn`) may connect.
+    fn check<'a>(
+        &'a self,
+        key: NodePublic,
+        info: &'a ClientInfo,
+        conn: &'a ConnInfo,
+    ) -> Pin<Box<dyn Future<Output = Admission> + Send + 'a>>;
+}
+
+/// A shareable [`AdmissionCheck`] (a newtype so the config stays `Debug`).
+#[derive(Clone)]
+pub struct AdmissionHook(pub Arc<dyn AdmissionCheck>);
+
+impl fmt::Debug for AdmissionHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdmissionHook(..)")
+    }
+}
 
 /// Settings of the server core.
 #[derive(Clone, Debug)]
@@ -25,6 +87,46 @@ pub struct DerpServerConfig {
     pub queue_depth: usize,
 }
 
+impl DerpServerConfig {
+    /// derper's defaults for everything but the key.
+    pub fn new(private_key: NodePrivate) -> Self {
+        Self {
+            private_key,
+            mesh_key: None,
+            write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
+            queue_depth: PER_CLIENT_SEND_QUEUE_DEPTH,
+        }
+    }
+}
+
+/// Less common settings of the server core, kept apart from [`DerpServerConfig`] so that the
+/// contract struct keeps its fields. `Default` is derper's behaviour.
+#[derive(Clone, Debug)]
+pub struct CoreOptions {
+    /// Write deadline for mesh peers (30 s).
+    pub mesh_write_timeout: Duration,
+    /// Deadline for the ServerKey write and the ClientInfo read (10 s).
+    pub handshake_timeout: Duration,
+    /// KeepAlive period before jitter (60 s).
+    pub keepalive_interval: Duration,
+    /// Upper bound (exclusive) of the per-connection KeepAlive jitter (5 s).
+    pub keepalive_jitter: Duration,
+    /// Admission check for non-mesh clients (None = admit everyone).
+    pub admission: Option<AdmissionHook>,
+}
+
+impl Default for CoreOptions {
+    fn default() -> Self {
+        Self {
+            mesh_write_timeout: MESH_WRITE_TIMEOUT,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            keepalive_interval: KEEPALIVE_INTERVAL,
+            keepalive_jitter: KEEPALIVE_JITTER,
+            admission: None,
+        }
+    }
+}
+
 /// What the HTTP layer knows about a connection.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
@@ -36,26 +138,257 @@ pub struct ConnInfo {
 
 /// The DERP server core, shared by all connections.
 pub struct DerpServer {
-    _todo: (),
+    config: DerpServerConfig,
+    options: CoreOptions,
+    public_key: NodePublic,
+    registry: Registry,
+    metrics: Arc<Metrics>,
+    next_conn_id: AtomicU64,
+    shutdown: CancellationToken,
+    upkeep: Option<tokio::task::AbortHandle>,
+}
+
+impl fmt::Debug for DerpServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DerpServer").field("public_key", &self.public_key).finish_non_exhaustive()
+    }
+}
+
+impl Drop for DerpServer {
+    fn drop(&mut self) {
+        if let Some(h) = &self.upkeep {
+            h.abort();
+        }
+        self.shutdown.cancel();
+    }
 }
 
 impl DerpServer {
-    /// Creates the core.
-    pub fn new(_config: DerpServerConfig) -> Arc<Self> {
-        todo!("relay core")
+    /// Creates the core. Inside a Tokio runtime it also starts a small metrics upkeep task.
+    pub fn new(config: DerpServerConfig) -> Arc<Self> {
+        Self::with_options(config, CoreOptions::default())
+    }
+
+    /// [`DerpServer::new`] with non-default [`CoreOptions`].
+    pub fn with_options(config: DerpServerConfig, options: CoreOptions) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let public_key = config.private_key.public();
+        let upkeep = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            let m = Arc::downgrade(&metrics);
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+                loop {
+                    tick.tick().await;
+                    match m.upgrade() {
+                        Some(m) => m.run_upkeep(),
+                        None => return,
+                    }
+                }
+            })
+            .abort_handle()
+        });
+        Arc::new(Self {
+            registry: Registry::new(public_key, metrics.clone()),
+            config,
+            options,
+            public_key,
+            metrics,
+            next_conn_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+            upkeep,
+        })
     }
 
     /// The server's public key.
     pub fn public_key(&self) -> NodePublic {
-        todo!("relay core")
+        self.public_key
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &DerpServerConfig {
+        &self.config
+    }
+
+    /// The less common settings it runs with.
+    pub fn options(&self) -> &CoreOptions {
+        &self.options
+    }
+
+    /// The server's metrics (the HTTP layer counts `websocket_accepts` here).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Prometheus text of every metric (for `/debug/varz`).
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    /// The connection table (for the mesh and for tests).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Closes every connection, including those still in the handshake; `accept` calls then
+    /// return promptly. Later connections are closed at once.
+    pub fn close_all(&self) {
+        self.shutdown.cancel();
     }
 
     /// Serves one upgraded DERP connection until it closes. Never panics on input; errors only
     /// close this connection.
-    pub async fn accept<S>(self: &Arc<Self>, _io: S, _info: ConnInfo)
+    pub async fn accept<S>(self: &Arc<Self>, io: S, info: ConnInfo)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        todo!("relay core")
+        self.metrics.accepts.increment(1);
+        let start = Instant::now();
+        let (mut r, mut w) = tokio::io::split(io);
+        let mut buf = BytesMut::new();
+        let mut dec = FrameDecoder::new(Role::Server);
+        let deadline = start + self.options.handshake_timeout;
+        let conn = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Err(HandshakeFailure::Shutdown),
+            c = self.open(&mut r, &mut w, &mut buf, &mut dec, &info, deadline) => c,
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.handshake_errors.increment(1);
+                tracing::debug!(remote = %info.remote, error = %e, "DERP handshake failed");
+                return;
+            }
+        };
+        self.metrics.handshake_seconds.record(start.elapsed().as_secs_f64());
+        tracing::debug!(remote = %info.remote, key = %conn.key.short(), id = conn.id, "DERP client connected");
+        if info.not_ideal {
+            self.metrics.current_notideal_connections.increment(1.0);
+        }
+
+        let settings = WriterSettings {
+            write_timeout: if conn.can_mesh {
+                Some(self.options.mesh_write_timeout)
+            } else {
+                self.config.write_timeout
+            },
+            keepalive: self.options.keepalive_interval + jitter(self.options.keepalive_jitter),
+        };
+        let mut seen = SeenSources::default();
+        let reader = async {
+            let r = Reader::new(&conn, &self.registry).run(&mut r, buf, dec).await;
+            conn.cancel.cancel();
+            r
+        };
+        let sender = async {
+            let r = writer::run_writer(&mut w, &conn, &self.registry, settings, &mut seen).await;
+            conn.cancel.cancel();
+            r
+        };
+        let (read_result, write_result) = tokio::join!(reader, sender);
+        conn.out.close();
+        self.registry.unregister(&conn, &seen);
+        if info.not_ideal {
+            self.metrics.current_notideal_connections.decrement(1.0);
+        }
+        let _ = w.shutdown().await;
+        match (read_result, write_result) {
+            (Err(e), _) => {
+                tracing::debug!(key = %conn.key.short(), id = conn.id, error = %e, "DERP reader closed")
+            }
+            (_, Err(e)) => {
+                tracing::debug!(key = %conn.key.short(), id = conn.id, error = %e, "DERP writer closed")
+            }
+            _ => tracing::debug!(key = %conn.key.short(), id = conn.id, "DERP client disconnected"),
+        }
     }
+
+    /// Handshake, admission, registration and ServerInfo: a registered connection, or why not.
+    async fn open<R, W>(
+        &self,
+        r: &mut R,
+        w: &mut W,
+        buf: &mut BytesMut,
+        dec: &mut FrameDecoder,
+        info: &ConnInfo,
+        deadline: Instant,
+    ) -> Result<Arc<Conn>, HandshakeFailure>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let (key, client) =
+            session::handshake(&self.config.private_key, &self.public_key, r, w, buf, dec, deadline).await?;
+        let can_mesh = match (&self.config.mesh_key, &client.mesh_key) {
+            (Some(ours), Some(theirs)) => ours.ct_eq(theirs),
+            _ => false,
+        };
+        if !can_mesh {
+            if let Some(AdmissionHook(check)) = &self.options.admission {
+                if let Admission::Reject(why) = check.check(key, &client, info).await {
+                    return Err(HandshakeFailure::Rejected(why));
+                }
+            }
+        }
+        let present_flags = {
+            let mut f = 0;
+            if can_mesh {
+                f |= flags::IS_MESH_PEER;
+            }
+            if client.is_prober {
+                f |= flags::IS_PROBER;
+            }
+            if info.not_ideal {
+                f |= flags::NOT_IDEAL;
+            }
+            if f == 0 {
+                flags::IS_REGULAR
+            } else {
+                f
+            }
+        };
+        let control_depth = if can_mesh { MESH_CONTROL_QUEUE_DEPTH } else { CONTROL_QUEUE_DEPTH };
+        let conn = Arc::new(Conn::new(
+            self.next_conn_id.fetch_add(1, Ordering::Relaxed),
+            key,
+            info.remote,
+            present_flags,
+            can_mesh,
+            Outbox::new(self.config.queue_depth, control_depth, self.metrics.clone()),
+            self.shutdown.child_token(),
+        ));
+        self.registry.register(&conn);
+        let mut frame = BytesMut::new();
+        let sealed = seal_server_info(&self.config.private_key, &key, &ServerInfo::default());
+        ServerToClient::ServerInfo(sealed).encode(&mut frame);
+        let written = tokio::time::timeout_at(deadline, async {
+            w.write_all(&frame).await?;
+            w.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => Ok(conn),
+            Ok(Err(e)) => {
+                self.abandon(&conn);
+                Err(e.into())
+            }
+            Err(_) => {
+                self.abandon(&conn);
+                Err(HandshakeFailure::Timeout)
+            }
+        }
+    }
+
+    fn abandon(&self, conn: &Arc<Conn>) {
+        conn.out.close();
+        self.registry.unregister(conn, &SeenSources::default());
+    }
+}
+
+/// A per-connection KeepAlive jitter, uniform in `[0, max)`.
+pub fn jitter(max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    Duration::from_nanos(rand::random::<u64>() % max.as_nanos().min(u64::MAX as u128) as u64)
 }

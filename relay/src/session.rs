@@ -1,1 +1,272 @@
-//! (under construction)
+//! One connection's handshake and reader loop (derper's `accept` and `run` halves, spec §1.3–§1.7).
+//!
+//! The handshake writes ServerKey, then reads exactly one frame under the handshake deadline: it
+//! must be a ClientInfo whose box opens and whose JSON parses, or the connection closes without a
+//! ServerInfo. The reader loop decodes frames from a read buffer and dispatches them to
+//! `handle_*`. Packets leave as `Bytes` slices of the read buffer (no copy here). The buffer is
+//! sized adaptively: 64 KiB while reads keep filling it, a fresh 2 KiB one when the connection
+//! goes quiet, so idle connections hold little memory and no shared block stays pinned.
+//! Malformed known frames end only this connection (an `Err` from the loop).
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use derpfleet_proto::frame::{FrameDecoder, FrameError, FrameType, RawFrame};
+use derpfleet_proto::handshake::{open_client_info, server_key_frame, ClientInfo, HandshakeError};
+use derpfleet_proto::msg::{ClientToServer, PeerGoneReason};
+use derpfleet_proto::{NodePrivate, NodePublic};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::metrics::{DropReason, Metrics, PacketKind};
+use crate::registry::{Conn, Registry, Routed};
+use crate::writer::Control;
+
+/// Read buffer while traffic keeps filling it.
+const READ_LARGE: usize = 64 << 10;
+/// Read buffer of a quiet connection.
+const READ_SMALL: usize = 2 << 10;
+
+/// Why a handshake failed. The connection is closed without a ServerInfo.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeFailure {
+    /// ServerKey could not be written, or ClientInfo read, before the deadline.
+    #[error("handshake deadline passed")]
+    Timeout,
+    /// The transport failed or closed.
+    #[error("transport: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed before sending a complete ClientInfo.
+    #[error("closed before ClientInfo")]
+    Eof,
+    /// The first frame has the wrong type or length.
+    #[error("first frame: {0}")]
+    Frame(#[from] FrameError),
+    /// The first frame is not a ClientInfo.
+    #[error("first frame has type {0:#04x}, not ClientInfo")]
+    NotClientInfo(u8),
+    /// The box or the JSON inside is bad.
+    #[error("ClientInfo: {0}")]
+    ClientInfo(#[from] HandshakeError),
+    /// The admission check refused the client.
+    #[error("client rejected: {0}")]
+    Rejected(String),
+    /// The server is shutting down.
+    #[error("server shutting down")]
+    Shutdown,
+}
+
+/// Writes ServerKey and reads the ClientInfo, both before `deadline`. Bytes the client sent after
+/// the ClientInfo stay in `buf` for the reader loop.
+pub async fn handshake<R, W>(
+    private_key: &NodePrivate,
+    server_key: &NodePublic,
+    r: &mut R,
+    w: &mut W,
+    buf: &mut BytesMut,
+    dec: &mut FrameDecoder,
+    deadline: Instant,
+) -> Result<(NodePublic, ClientInfo), HandshakeFailure>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let frame = server_key_frame(server_key);
+    tokio::time::timeout_at(deadline, async {
+        w.write_all(&frame).await?;
+        w.flush().await
+    })
+    .await
+    .map_err(|_| HandshakeFailure::Timeout)??;
+    let first = loop {
+        if let Some(f) = dec.decode(buf)? {
+            break f;
+        }
+        buf.reserve(READ_SMALL);
+        let n = tokio::time::timeout_at(deadline, r.read_buf(buf))
+            .await
+            .map_err(|_| HandshakeFailure::Timeout)??;
+        if n == 0 {
+            return Err(HandshakeFailure::Eof);
+        }
+    };
+    if first.ty != FrameType::ClientInfo as u8 {
+        return Err(HandshakeFailure::NotClientInfo(first.ty));
+    }
+    Ok(open_client_info(private_key, &first.payload)?)
+}
+
+/// Why a reader loop ended with an error. Only this connection closes.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The transport failed.
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// A known frame had a bad length or shape.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// A mesh-only frame from a client without the mesh key.
+    #[error("{0} without the mesh key: insufficient permissions")]
+    NotMeshPeer(&'static str),
+}
+
+/// The reader side of one connection.
+pub struct Reader<'a> {
+    conn: &'a Arc<Conn>,
+    registry: &'a Registry,
+    metrics: &'a Metrics,
+    /// Last NotePreferred value (the home-connections gauge follows it).
+    preferred: bool,
+    /// PeerGone(NotHere) limiter (1/s, burst 3), created on first use.
+    not_here_limiter: Option<DefaultDirectRateLimiter>,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader for `conn`.
+    pub fn new(conn: &'a Arc<Conn>, registry: &'a Registry) -> Self {
+        Self { conn, registry, metrics: &registry.metrics, preferred: false, not_here_limiter: None }
+    }
+
+    /// Reads and handles frames until EOF (Ok), cancellation (Ok) or an error. `buf` may hold
+    /// bytes already read during the handshake.
+    pub async fn run<R>(
+        mut self,
+        r: &mut R,
+        mut buf: BytesMut,
+        mut dec: FrameDecoder,
+    ) -> Result<(), SessionError>
+    where
+        R: AsyncRead + Unpin,
+    {
+        let result = self.read_loop(r, &mut buf, &mut dec).await;
+        if self.preferred {
+            self.metrics.current_home_connections.decrement(1.0);
+        }
+        result
+    }
+
+    async fn read_loop<R>(
+        &mut self,
+        r: &mut R,
+        buf: &mut BytesMut,
+        dec: &mut FrameDecoder,
+    ) -> Result<(), SessionError>
+    where
+        R: AsyncRead + Unpin,
+    {
+        let mut last_read_filled = false;
+        loop {
+            while let Some(f) = dec.decode(buf)? {
+                self.handle_frame(f)?;
+            }
+            if buf.is_empty() && !last_read_filled {
+                // Quiet: a fresh small buffer, so no large (possibly shared) block stays pinned.
+                if buf.capacity() != READ_SMALL {
+                    *buf = BytesMut::with_capacity(READ_SMALL);
+                }
+            } else {
+                buf.reserve(READ_LARGE);
+            }
+            let room = buf.capacity() - buf.len();
+            let n = tokio::select! {
+                biased;
+                _ = self.conn.cancel.cancelled() => return Ok(()),
+                n = r.read_buf(buf) => n?,
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            last_read_filled = n == room;
+        }
+    }
+
+    /// Dispatches one frame.
+    pub fn handle_frame(&mut self, f: RawFrame) -> Result<(), SessionError> {
+        if self.conn.is_dup() {
+            self.registry.note_activity(self.conn);
+        }
+        match ClientToServer::decode(f)? {
+            ClientToServer::SendPacket { dst, data } => self.handle_send_packet(dst, data),
+            ClientToServer::ForwardPacket { src, dst, data } => self.handle_forward_packet(src, dst, data)?,
+            ClientToServer::NotePreferred(p) => self.handle_note_preferred(p),
+            ClientToServer::WatchConns => {
+                self.require_mesh("WatchConns")?;
+                self.registry.watch(self.conn);
+            }
+            ClientToServer::ClosePeer(k) => {
+                self.require_mesh("ClosePeer")?;
+                let n = self.registry.close_peer(&k);
+                tracing::info!(peer = %k.short(), conns = n, "ClosePeer from mesh peer");
+            }
+            ClientToServer::Ping(d) => {
+                self.metrics.got_ping.increment(1);
+                self.conn.out.send_pong(d);
+            }
+            // A second ClientInfo, a Pong, KeepAlive, unknown types: skipped, as derper does.
+            ClientToServer::ClientInfo(_) | ClientToServer::Pong(_) | ClientToServer::Ignored(_) => {
+                self.metrics.unknown_frames.increment(1);
+            }
+        }
+        Ok(())
+    }
+
+    fn require_mesh(&self, what: &'static str) -> Result<(), SessionError> {
+        if self.conn.can_mesh {
+            Ok(())
+        } else {
+            Err(SessionError::NotMeshPeer(what))
+        }
+    }
+
+    fn handle_send_packet(&mut self, dst: NodePublic, data: Bytes) {
+        let kind = PacketKind::of(&data);
+        self.metrics.packet_received(kind, data.len());
+        if let Routed::Unknown(data) = self.registry.route(self.conn.key, dst, data, kind, true) {
+            self.metrics.drop_packet(DropReason::UnknownDest, kind, data.len());
+            if kind == PacketKind::Disco && self.allow_not_here() {
+                self.conn.out.send_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
+            }
+        }
+    }
+
+    /// Mesh-only; delivered locally and never forwarded again (exactly one hop).
+    fn handle_forward_packet(
+        &mut self,
+        src: NodePublic,
+        dst: NodePublic,
+        data: Bytes,
+    ) -> Result<(), SessionError> {
+        self.require_mesh("ForwardPacket")?;
+        let kind = PacketKind::of(&data);
+        self.metrics.packet_received(kind, data.len());
+        self.metrics.packets_forwarded_in.increment(1);
+        if let Routed::Unknown(data) = self.registry.route(src, dst, data, kind, false) {
+            self.metrics.drop_packet(DropReason::UnknownDestOnFwd, kind, data.len());
+        }
+        Ok(())
+    }
+
+    fn handle_note_preferred(&mut self, preferred: bool) {
+        if preferred != self.preferred {
+            self.preferred = preferred;
+            if preferred {
+                self.metrics.current_home_connections.increment(1.0);
+            } else {
+                self.metrics.current_home_connections.decrement(1.0);
+            }
+        }
+    }
+
+    fn allow_not_here(&mut self) -> bool {
+        self.not_here_limiter
+            .get_or_insert_with(|| {
+                RateLimiter::direct(
+                    Quota::per_second(NonZeroU32::MIN).allow_burst(NonZeroU32::new(3).expect("3 > 0")),
+                )
+            })
+            .check()
+            .is_ok()
+    }
+}
