@@ -116,6 +116,15 @@ pub enum Route {
 
 impl RequestHead {
     fn from_headers<'a>(path: &str, headers: impl Iterator<Item = (&'a str, &'a [u8])>) -> Self {
+        // An absolute-form target (`POST https://host/derp`, as some clients send) routes by its path.
+        let path = match path.split_once("://") {
+            Some((scheme, rest))
+                if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+            {
+                rest.find('/').map_or("/", |i| &rest[i..])
+            }
+            _ => path,
+        };
         let mut head =
             RequestHead { path: path.split('?').next().unwrap_or("").to_owned(), ..Default::default() };
         for (name, value) in headers {
@@ -573,6 +582,8 @@ mod tests {
         assert_eq!(head_of(legacy).await.unwrap().unwrap().0.route(true), Route::RawDerp);
         let other = b"GET /derp HTTP/1.1\r\nUpgrade: h2c\r\n\r\n";
         assert_eq!(head_of(other).await.unwrap().unwrap().0.route(true), Route::Http);
+        let absolute = b"POST https://127.0.0.1:1/derp HTTP/1.1\r\nUpgrade: DERP\r\n\r\n";
+        assert_eq!(head_of(absolute).await.unwrap().unwrap().0.route(true), Route::RawDerp);
         let probe = b"GET /derp/probe HTTP/1.1\r\nUpgrade: DERP\r\n\r\n";
         assert_eq!(head_of(probe).await.unwrap().unwrap().0.route(true), Route::Http);
     }
