@@ -22,7 +22,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use derpfleet_proto::consts::*;
 use derpfleet_proto::derpmap::{CertCheck, DerpRegion};
 use derpfleet_proto::frame::{FrameDecoder, FrameError, FrameType, Role};
-use derpfleet_proto::handshake::{open_server_info, seal_client_info, ClientInfo, HandshakeError, ServerInfo};
+use derpfleet_proto::handshake::{
+    open_server_info, seal_client_info, ClientInfo, HandshakeError, ServerInfo,
+};
 use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -252,7 +254,8 @@ async fn transport(target: &DerpTarget, opts: &ConnectOptions) -> Result<Transpo
         DerpTarget::Region(region) => {
             let (tcp, remote, idx) = dial::dial_region(region, opts.prefer_ipv6).await?;
             let node = &region.nodes[idx];
-            let (stream, meta_key) = tls_wrap(tcp, &node.host_name, &node.cert_check(), &opts.extra_roots).await?;
+            let (stream, meta_key) =
+                tls_wrap(tcp, &node.host_name, &node.cert_check(), &opts.extra_roots).await?;
             let first = &region.nodes[0].name;
             Ok(Transport {
                 stream,
@@ -266,8 +269,9 @@ async fn transport(target: &DerpTarget, opts: &ConnectOptions) -> Result<Transpo
             })
         }
         DerpTarget::Url(url) => {
-            let (tcp, remote) =
-                dial::dial_url(url).await.map_err(|e| ConnectError::Tcp(format!("{}:{}", url.host, url.port), e))?;
+            let (tcp, remote) = dial::dial_url(url)
+                .await
+                .map_err(|e| ConnectError::Tcp(format!("{}:{}", url.host, url.port), e))?;
             let (stream, meta_key) = if url.https {
                 tls_wrap(tcp, &url.host, &url.cert_check, &opts.extra_roots).await?
             } else {
@@ -547,7 +551,12 @@ impl DerpSender {
     }
 
     /// Mesh: delivers `data` from `src` to the server's local client `dst`.
-    pub async fn forward_packet(&self, src: NodePublic, dst: NodePublic, data: Bytes) -> Result<(), SendError> {
+    pub async fn forward_packet(
+        &self,
+        src: NodePublic,
+        dst: NodePublic,
+        data: Bytes,
+    ) -> Result<(), SendError> {
         self.send(ClientToServer::ForwardPacket { src, dst, data }).await
     }
 

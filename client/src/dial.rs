@@ -113,15 +113,14 @@ async fn connect_any(addrs: Vec<SocketAddr>) -> std::io::Result<(TcpStream, Sock
 
 /// Addresses of `node` for one family: fixed, resolved, or none when disabled.
 async fn family_addrs(node: &DerpNode, v6: bool, port: u16) -> Vec<SocketAddr> {
-    let usage = if v6 {
-        node.ipv6_usage().map_fixed(IpAddr::V6)
-    } else {
-        node.ipv4_usage().map_fixed(IpAddr::V4)
-    };
+    let usage =
+        if v6 { node.ipv6_usage().map_fixed(IpAddr::V6) } else { node.ipv4_usage().map_fixed(IpAddr::V4) };
     match usage {
         AddrUsage::Fixed(ip) => vec![SocketAddr::new(ip, port)],
         AddrUsage::Disabled => Vec::new(),
-        AddrUsage::Dns => resolve(&node.host_name, port).await.into_iter().filter(|a| a.is_ipv6() == v6).collect(),
+        AddrUsage::Dns => {
+            resolve(&node.host_name, port).await.into_iter().filter(|a| a.is_ipv6() == v6).collect()
+        }
     }
 }
 
@@ -238,7 +237,8 @@ mod tests {
         };
         let (_s, addr, idx) = dial_region(&region, false).await.unwrap();
         assert_eq!((idx, addr.port()), (2, port));
-        let only_dead = DerpRegion { region_id: 1, nodes: vec![node("b", dead_port, false)], ..Default::default() };
+        let only_dead =
+            DerpRegion { region_id: 1, nodes: vec![node("b", dead_port, false)], ..Default::default() };
         let e = dial_region(&only_dead, false).await.unwrap_err();
         assert!(e.to_string().contains("b:"), "{e}");
         let none = DerpRegion { region_id: 1, nodes: vec![node("a", port, true)], ..Default::default() };

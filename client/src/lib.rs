@@ -12,6 +12,7 @@
 
 pub mod conn;
 pub mod dial;
+pub mod region;
 pub mod tls;
 
 pub use conn::{ConnectError, ConnectOptions, DerpConn, DerpReceiver, DerpSender, DerpTarget, SendError};

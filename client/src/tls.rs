@@ -43,10 +43,9 @@ pub fn client_config(check: &CertCheck, extra_roots: &[CertificateDer<'static>])
         .expect("ring supports the default protocol versions");
     let verifier: Arc<dyn ServerCertVerifier> = match check {
         CertCheck::HostName => webpki(extra_roots),
-        CertCheck::Name(name) => Arc::new(OtherName {
-            inner: webpki(extra_roots),
-            name: ServerName::try_from(name.clone()).ok(),
-        }),
+        CertCheck::Name(name) => {
+            Arc::new(OtherName { inner: webpki(extra_roots), name: ServerName::try_from(name.clone()).ok() })
+        }
         CertCheck::Sha256Raw(hash) => Arc::new(PinnedSelfSigned { hash: *hash }),
         CertCheck::Insecure => Arc::new(NoVerification),
     };
@@ -60,10 +59,18 @@ fn webpki(extra_roots: &[CertificateDer<'static>]) -> Arc<WebPkiServerVerifier> 
         .expect("the bundled root store is not empty")
 }
 
-fn verify_12(m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, TlsError> {
+fn verify_12(
+    m: &[u8],
+    c: &CertificateDer<'_>,
+    d: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, TlsError> {
     verify_tls12_signature(m, c, d, &provider().signature_verification_algorithms)
 }
-fn verify_13(m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, TlsError> {
+fn verify_13(
+    m: &[u8],
+    c: &CertificateDer<'_>,
+    d: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, TlsError> {
     verify_tls13_signature(m, c, d, &provider().signature_verification_algorithms)
 }
 fn schemes() -> Vec<SignatureScheme> {
@@ -86,7 +93,8 @@ impl ServerCertVerifier for OtherName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let name = self.name.as_ref().ok_or_else(|| TlsError::General("CertName is not a valid name".into()))?;
+        let name =
+            self.name.as_ref().ok_or_else(|| TlsError::General("CertName is not a valid name".into()))?;
         self.inner.verify_server_cert(end_entity, intermediates, name, ocsp, now)
     }
     fn verify_tls12_signature(

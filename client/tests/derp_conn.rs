@@ -37,8 +37,12 @@ async fn recv_packet(r: &mut derpfleet_client::DerpReceiver) -> ServerToClient {
 async fn plain_http_relays_between_two_clients_and_pings() {
     let s = TestServer::start(Tls::default()).await;
     let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
-    let a = DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(ka.clone())).await.unwrap();
-    let b = DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(kb.clone())).await.unwrap();
+    let a = DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(ka.clone()))
+        .await
+        .unwrap();
+    let b = DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(kb.clone()))
+        .await
+        .unwrap();
     assert_eq!(a.info().server_key, s.key.public());
     assert_eq!(a.info().server_info.version, 2);
     assert!(!a.info().fast_start);
@@ -65,9 +69,15 @@ async fn plain_http_relays_between_two_clients_and_pings() {
 async fn many_packets_arrive_in_order_and_writes_are_batched() {
     let s = TestServer::start(Tls::default()).await;
     let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
-    let (sa, _ra) = DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(ka)).await.unwrap().split();
+    let (sa, _ra) = DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(ka))
+        .await
+        .unwrap()
+        .split();
     let (_sb, mut rb) =
-        DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(kb.clone())).await.unwrap().split();
+        DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(kb.clone()))
+            .await
+            .unwrap()
+            .split();
     const N: u32 = 20_000;
     let sender = tokio::spawn(async move {
         for i in 0..N {
@@ -99,7 +109,10 @@ async fn tls13_meta_cert_gives_fast_start_with_pinned_cert() {
     // And the connection works.
     let (tx, mut rx) = c.split();
     tx.send_ping(*b"fastfast").await.unwrap();
-    assert_eq!(tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(), ServerToClient::Pong(*b"fastfast"));
+    assert_eq!(
+        tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(),
+        ServerToClient::Pong(*b"fastfast")
+    );
 }
 
 #[tokio::test]
@@ -109,7 +122,9 @@ async fn tls12_or_no_meta_cert_means_no_fast_start() {
         Tls { enabled: true, meta_cert: false, tls12_only: false },
     ] {
         let s = TestServer::start(tls).await;
-        let c = DerpConn::connect(&url(&s, true, pin(&s)), &ConnectOptions::new(NodePrivate::generate())).await.unwrap();
+        let c = DerpConn::connect(&url(&s, true, pin(&s)), &ConnectOptions::new(NodePrivate::generate()))
+            .await
+            .unwrap();
         assert!(!c.info().fast_start);
         assert!(!s.requests.lock().unwrap()[0].contains("Derp-Fast-Start"));
     }
@@ -161,13 +176,18 @@ async fn region_target_falls_over_to_second_node_and_sends_ideal_node() {
 #[tokio::test]
 async fn server_ping_is_answered_with_pong() {
     let s = TestServer::start(Tls::default()).await;
-    let (_tx, mut rx) =
-        DerpConn::connect(&url(&s, false, CertCheck::HostName), &ConnectOptions::new(NodePrivate::generate()))
-            .await
-            .unwrap()
-            .split();
+    let (_tx, mut rx) = DerpConn::connect(
+        &url(&s, false, CertCheck::HostName),
+        &ConnectOptions::new(NodePrivate::generate()),
+    )
+    .await
+    .unwrap()
+    .split();
     s.push(ServerToClient::Ping(*b"pingping"));
-    assert_eq!(tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(), ServerToClient::Ping(*b"pingping"));
+    assert_eq!(
+        tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(),
+        ServerToClient::Ping(*b"pingping")
+    );
     let deadline = tokio::time::Instant::now() + T;
     loop {
         // The server-side decoder skips Pong frames (servers ignore them) and reports the type.

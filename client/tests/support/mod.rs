@@ -63,15 +63,17 @@ impl TestServer {
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = l.accept().await else { return };
-                let (k, rq, rc, hub, p, acc) = (k.clone(), rq.clone(), rc.clone(), hub.clone(), p.clone(), acceptor.clone());
+                // Subscribe here, so no connection task keeps a Sender: `stop` then ends them all.
+                let (k, rq, rc, hub, sub, acc) =
+                    (k.clone(), rq.clone(), rc.clone(), hub.clone(), p.subscribe(), acceptor.clone());
                 tokio::spawn(async move {
                     match acc {
                         Some(a) => {
                             if let Ok(s) = a.accept(tcp).await {
-                                serve(s, k, rq, rc, hub, p.subscribe()).await
+                                serve(s, k, rq, rc, hub, sub).await
                             }
                         }
-                        None => serve(tcp, k, rq, rc, hub, p.subscribe()).await,
+                        None => serve(tcp, k, rq, rc, hub, sub).await,
                     }
                 });
             }
