@@ -49,12 +49,14 @@ pub struct Flags {
 
     /// run in localhost development mode (127.0.0.1:3340, ephemeral key, plain HTTP; overrides -a)
     #[arg(long = "dev", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
+          value_name = "bool")]
     pub dev: bool,
 
     /// print version and exit
     #[arg(long = "version", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
+          value_name = "bool")]
     pub version: bool,
 
     /// The port on which to serve HTTP. Set to -1 to disable. The listener is bound to the same IP (if any)
@@ -64,7 +66,8 @@ pub struct Flags {
 
     /// whether to run a STUN server. It will bind to the same IP (if any) as the -a flag.
     #[arg(long = "stun", default_value = "true", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
+          value_name = "bool")]
     pub stun: bool,
 
     /// The UDP port on which to serve STUN. The listener is bound to the same IP (if any) as the -a flag.
@@ -74,7 +77,8 @@ pub struct Flags {
     /// whether to run a DERP server. The only reason to set this false is if you're decommissioning a
     /// server but want to keep its bootstrap DNS functionality still running.
     #[arg(long = "derp", default_value = "true", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
+          value_name = "bool")]
     pub derp: bool,
 
     /// mode for getting a cert. possible options: manual, letsencrypt (letsencrypt is not supported yet)
@@ -154,8 +158,9 @@ pub enum StartupError {
 pub struct Startup {
     /// The server configuration.
     pub config: ServerConfig,
-    /// The DERP node JSON to log when the certificate is pinned by `sha256-raw`.
-    pub derp_node_json: Option<String>,
+    /// `sha256-raw:<hex>` when the served certificate is pinned that way (IP-literal hostname);
+    /// log [`tls::derp_node_json`] with the bound port.
+    pub cert_name: Option<String>,
     /// Lines worth logging at start (key file created, certificate generated, dev mode...).
     pub notes: Vec<String>,
 }
@@ -192,7 +197,7 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
         other => return Err(StartupError::UnknownCertMode(other.to_owned())),
     };
     let serve_tls = port_is_https || manual;
-    let mut derp_node_json = None;
+    let mut cert_name = None;
     let tls = if !serve_tls {
         None
     } else if !manual {
@@ -203,9 +208,7 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
         if setup.generated {
             notes.push(format!("generated a self-signed certificate {}", setup.cert_path.display()));
         }
-        if let Some(name) = &setup.cert_name {
-            derp_node_json = Some(tls::derp_node_json(&flags.hostname, listen.port(), name));
-        }
+        cert_name = setup.cert_name.clone();
         Some(setup.config)
     };
     let http_port = (flags.http_port >= 0).then_some(flags.http_port as u16);
@@ -227,7 +230,7 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
             user_timeout: non_zero(flags.tcp_user_timeout),
         },
     };
-    Ok(Startup { config, derp_node_json, notes })
+    Ok(Startup { config, cert_name, notes })
 }
 
 /// `TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH`, else 32.

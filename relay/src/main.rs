@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use derpfleet_relay::cli::{self, Flags};
 use derpfleet_relay::server::Server;
+use derpfleet_relay::tls;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -51,7 +52,8 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     }
     let server = Server::spawn(startup.config).await?;
     tracing::info!(public_key = %server.derp().public_key(), addr = %server.local_addr(), "derpfleet-relay running");
-    if let Some(json) = &startup.derp_node_json {
+    if let Some(cert_name) = &startup.cert_name {
+        let json = tls::derp_node_json(&flags.hostname, server.local_addr().port(), cert_name);
         tracing::info!("self-signed certificate; use this DERP node in your DERP map: {json}");
     }
     wait_for_signal().await?;

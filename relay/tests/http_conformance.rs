@@ -28,7 +28,9 @@ async fn c31_derp_without_upgrade_is_426() {
 async fn c32_upgrade_derp_is_101_then_server_key() {
     let (relay, key) = plain_relay().await;
     let mut s = TcpStream::connect(relay.local_addr()).await.unwrap();
-    s.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
     let expect_head = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Version: 2\r\n\
          Derp-Public-Key: {}\r\n\r\n",
@@ -75,7 +77,8 @@ async fn c35_websocket_derp_with_frames_split_and_packed_across_messages() {
     let mut req = format!("ws://{addr}/derp").into_client_request().unwrap();
     req.headers_mut().insert("Sec-WebSocket-Protocol", "derp".parse().unwrap());
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut ws, resp) = tokio::time::timeout(STEP, tokio_tungstenite::client_async(req, tcp)).await.unwrap().unwrap();
+    let (mut ws, resp) =
+        tokio::time::timeout(STEP, tokio_tungstenite::client_async(req, tcp)).await.unwrap().unwrap();
     assert_eq!(resp.status(), 101);
     assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "derp");
     assert!(resp.headers().get("sec-websocket-extensions").is_none(), "no compression");
@@ -83,7 +86,8 @@ async fn c35_websocket_derp_with_frames_split_and_packed_across_messages() {
     // Read the server's byte stream (ServerKey) from however many messages it takes.
     let mut inbound = BytesMut::new();
     let mut dec = derpfleet_proto::FrameDecoder::new(derpfleet_proto::frame::Role::Client);
-    let mut next_frame = async |ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>, inbound: &mut BytesMut| loop {
+    let mut next_frame = async |ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
+                                inbound: &mut BytesMut| loop {
         if let Some(f) = dec.decode(inbound).unwrap() {
             return ServerToClient::decode(f).unwrap();
         }
@@ -107,7 +111,9 @@ async fn c35_websocket_derp_with_frames_split_and_packed_across_messages() {
     }
 
     // Two SendPackets packed into one message, then a third split in the middle of its header.
-    let p = |d: &[u8]| encode(&ClientToServer::SendPacket { dst: b_key.public(), data: Bytes::copy_from_slice(d) });
+    let p = |d: &[u8]| {
+        encode(&ClientToServer::SendPacket { dst: b_key.public(), data: Bytes::copy_from_slice(d) })
+    };
     let packed = [p(b"one"), p(b"two")].concat();
     ws.send(Message::Binary(packed.into())).await.unwrap();
     let third = p(b"three");
@@ -138,7 +144,9 @@ async fn c35_websocket_derp_with_frames_split_and_packed_across_messages() {
 async fn c36_legacy_websocket_upgrade_without_subprotocol_is_raw_derp() {
     let (relay, key) = plain_relay().await;
     let mut s = TcpStream::connect(relay.local_addr()).await.unwrap();
-    s.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
     let head = read_head(&mut s).await;
     assert_eq!(head.status, 101);
     assert_eq!(head.header("upgrade"), Some("DERP"));
@@ -173,7 +181,10 @@ async fn c38_generate_204_challenge_echo_rules() {
     let r = http(addr, "GET", "/generate_204", "X-Tailscale-Challenge: ts_derp1.example.com\r\n").await;
     assert_eq!(r.status, 204);
     assert_eq!(r.header("x-tailscale-response"), Some("response ts_derp1.example.com"));
-    assert_eq!(r.header("cache-control"), Some("no-cache, no-store, must-revalidate, no-transform, max-age=0"));
+    assert_eq!(
+        r.header("cache-control"),
+        Some("no-cache, no-store, must-revalidate, no-transform, max-age=0")
+    );
     let long = "a".repeat(65);
     for bad in [long.as_str(), "has space", "bad/slash"] {
         let r = http(addr, "GET", "/generate_204", &format!("X-Tailscale-Challenge: {bad}\r\n")).await;
@@ -181,7 +192,11 @@ async fn c38_generate_204_challenge_echo_rules() {
         assert_eq!(r.header("x-tailscale-response"), None, "{bad:?}");
     }
     // A NUL byte is not even a valid header value; the server must still not echo it or crash.
-    let raw = raw_exchange(addr, b"GET /generate_204 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Tailscale-Challenge: a\0b\r\n\r\n").await;
+    let raw = raw_exchange(
+        addr,
+        b"GET /generate_204 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Tailscale-Challenge: a\0b\r\n\r\n",
+    )
+    .await;
     assert!(!String::from_utf8_lossy(&raw).to_ascii_lowercase().contains("x-tailscale-response"));
     let ok64 = "b".repeat(64);
     let r = http(addr, "GET", "/generate_204", &format!("X-Tailscale-Challenge: {ok64}\r\n")).await;
@@ -213,7 +228,11 @@ async fn home_robots_and_404() {
 async fn home_blank_and_redirect() {
     for (home, status, location) in [
         (derpfleet_relay::http::HomePage::Blank, 200, None),
-        (derpfleet_relay::http::HomePage::Redirect("https://example.com/x".into()), 302, Some("https://example.com/x")),
+        (
+            derpfleet_relay::http::HomePage::Redirect("https://example.com/x".into()),
+            302,
+            Some("https://example.com/x"),
+        ),
     ] {
         let mut cfg = config(NodePrivate::generate());
         cfg.home = home;
@@ -236,7 +255,9 @@ async fn derp_upgrade_on_a_later_keepalive_request_works() {
     let head = read_head(&mut s).await;
     assert_eq!(head.status, 200);
     assert_eq!(head.header("content-length"), Some("0"));
-    s.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
     let head = read_head(&mut s).await;
     assert_eq!(head.status, 101);
     assert_eq!(head.header("derp-public-key"), Some(key.public().to_hex().as_str()));
@@ -261,7 +282,9 @@ async fn ideal_node_header_marks_the_connection_not_ideal() {
     // we check that the upgrade with the header still succeeds end to end.
     let (relay, key) = plain_relay().await;
     let mut s = TcpStream::connect(relay.local_addr()).await.unwrap();
-    s.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nIdeal-Node: derp1\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nIdeal-Node: derp1\r\n\r\n")
+        .await
+        .unwrap();
     assert_eq!(read_head(&mut s).await.status, 101);
     assert_eq!(RawDerp::new(s).handshake(&NodePrivate::generate()).await, key.public());
     relay.shutdown().await;

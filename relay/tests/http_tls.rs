@@ -91,7 +91,8 @@ async fn c47_sha256_raw_pin_accepts_one_leaf_plus_meta_and_rejects_two_leaves() 
     let keypem = std::fs::read(dir.0.join("127.0.0.1.key")).unwrap();
     let leaf: CertificateDer<'static> = rustls_pemfile::certs(&mut &crt[..]).next().unwrap().unwrap();
     let (other_pem, _) = tls::self_signed_ip_cert("127.0.0.1".parse().unwrap()).unwrap();
-    let other: CertificateDer<'static> = rustls_pemfile::certs(&mut other_pem.as_bytes()).next().unwrap().unwrap();
+    let other: CertificateDer<'static> =
+        rustls_pemfile::certs(&mut other_pem.as_bytes()).next().unwrap().unwrap();
     let pkey: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &keypem[..]).unwrap().unwrap();
     let chain = vec![leaf, other, tls::meta_cert(&key.public()).unwrap()];
     let cfg = rustls::ServerConfig::builder_with_provider(ring())
@@ -119,7 +120,9 @@ async fn generated_cert_is_saved_and_reused_across_restarts() {
     let key = NodePrivate::generate();
     let a = tls::manual(&dir.0, "127.0.0.1", &key.public()).unwrap();
     assert!(a.generated);
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.0.join("127.0.0.1.key")).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.0.join("127.0.0.1.key")).unwrap().permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
     let b = tls::manual(&dir.0, "127.0.0.1", &key.public()).unwrap();
     assert!(!b.generated);

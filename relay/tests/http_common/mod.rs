@@ -225,7 +225,9 @@ pub async fn read_head<S: AsyncRead + Unpin>(io: &mut S) -> HttpResp {
 /// `GET /derp` with `Upgrade: DERP` on a fresh connection; returns the stream after the 101.
 pub async fn derp_upgrade(addr: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /derp HTTP/1.1\r\nHost: relay\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /derp HTTP/1.1\r\nHost: relay\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
     let head = read_head(&mut s).await;
     assert_eq!(head.status, 101);
     s
@@ -317,7 +319,10 @@ pub fn pin_of(cert_name: &str) -> [u8; 32] {
 }
 
 /// A client config pinning `pin`, with the given protocol versions and no ALPN (like tailscaled).
-pub fn pinned_client(pin: [u8; 32], versions: &[&'static rustls::SupportedProtocolVersion]) -> rustls::ClientConfig {
+pub fn pinned_client(
+    pin: [u8; 32],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
     rustls::ClientConfig::builder_with_provider(ring())
         .with_protocol_versions(versions)
         .unwrap()

@@ -1,0 +1,264 @@
+//! Issue 2 acceptance 3: the real `derpfleet-relay` binary with derper command lines.
+
+mod http_common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use derpfleet_proto::NodePrivate;
+use http_common::*;
+use tokio::io::AsyncWriteExt;
+
+const BIN: &str = env!("CARGO_BIN_EXE_derpfleet-relay");
+
+/// A running relay process; killed on drop. Its stderr lines are collected.
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn start(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle`.
+    fn wait_for_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + STEP;
+        while Instant::now() < deadline {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no log line with {needle:?}; got {:#?}", self.lines.lock().unwrap());
+    }
+
+    /// Waits (bounded) for exit.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + STEP;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("process did not exit; log {:#?}", self.lines.lock().unwrap());
+    }
+
+    fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn sigterm(p: &Proc) {
+    let st = Command::new("kill").args(["-TERM", &p.child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+}
+
+#[tokio::test]
+async fn plain_http_with_key_file_and_blank_home() {
+    let dir = TempDir::new("cli-plain");
+    let keyfile = dir.0.join("derper.key");
+    let port = free_port();
+    let a = format!("127.0.0.1:{port}");
+    let mut p = Proc::start(&["-a", &a, "-c", keyfile.to_str().unwrap(), "-home", "blank"]);
+    p.wait_for_line("derpfleet-relay running");
+    let addr: SocketAddr = a.parse().unwrap();
+    let r = http(addr, "GET", "/", "").await;
+    assert_eq!((r.status, r.body.len()), (200, 0), "blank home");
+    // The key file was created (0600) and is the identity the server presents.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&keyfile).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let key = derpfleet_relay::keyfile::load_or_create(&keyfile).unwrap().0;
+    let (mut c, _) = derp_client(addr).await;
+    c.send(derpfleet_proto::msg::ClientToServer::Ping(*b"12345678")).await;
+    assert_eq!(c.next_data().await, Some(derpfleet_proto::msg::ServerToClient::Pong(*b"12345678")));
+    let mut s = derp_upgrade(addr).await;
+    let _ = s.flush().await;
+    assert_eq!(RawDerp::new(s).handshake(&NodePrivate::generate()).await, key.public());
+    sigterm(&p);
+    assert!(p.wait_exit().success(), "SIGTERM exits 0; log:\n{}", p.log());
+}
+
+#[tokio::test]
+async fn tls_manual_with_ip_hostname_generates_pinned_self_signed_cert() {
+    let dir = TempDir::new("cli-tls");
+    let keyfile = dir.0.join("k.key");
+    let certdir = dir.0.join("certs");
+    let port = free_port();
+    let a = format!("127.0.0.1:{port}");
+    let mut p = Proc::start(&[
+        "-a",
+        &a,
+        "-c",
+        keyfile.to_str().unwrap(),
+        "-certmode",
+        "manual",
+        "-hostname",
+        "127.0.0.1",
+        "-certdir",
+        certdir.to_str().unwrap(),
+        "-http-port",
+        "-1",
+    ]);
+    let line = p.wait_for_line("sha256-raw:");
+    let json = &line[line.find('{').unwrap()..];
+    let node: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(node["HostName"], "127.0.0.1");
+    assert_eq!(node["IPv4"], "127.0.0.1");
+    assert_eq!(node["DERPPort"], port);
+    let cert_name = node["CertName"].as_str().unwrap();
+    p.wait_for_line("derpfleet-relay running");
+    assert!(certdir.join("127.0.0.1.crt").exists() && certdir.join("127.0.0.1.key").exists());
+    let mut s = tls_connect(a.parse().unwrap(), pinned_client(pin_of(cert_name), rustls::DEFAULT_VERSIONS))
+        .await
+        .unwrap();
+    s.write_all(b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: DERP\r\n\r\n").await.unwrap();
+    assert_eq!(read_head(&mut s).await.status, 101);
+    let key = derpfleet_relay::keyfile::load_or_create(&keyfile).unwrap().0;
+    assert_eq!(RawDerp::new(s).handshake(&NodePrivate::generate()).await, key.public());
+    assert!(!p.log().contains("http_port_addr=Some"), "-http-port -1 disables port 80");
+    sigterm(&p);
+    assert!(p.wait_exit().success());
+}
+
+#[tokio::test]
+async fn go_flag_syntax_variants_parse() {
+    let dir = TempDir::new("cli-syntax");
+    let keyfile = dir.0.join("k.key");
+    let port = free_port();
+    // `-a=x`, `--c x`, `-stun=false`, bare bool `-derp`, `-tcp-write-timeout=500ms`.
+    let a = format!("-a=127.0.0.1:{port}");
+    let p = Proc::start(&[
+        &a,
+        "--c",
+        keyfile.to_str().unwrap(),
+        "-stun=false",
+        "-derp",
+        "-tcp-write-timeout=500ms",
+        "-tcp-keepalive-time",
+        "1h30m",
+        "--tcp-user-timeout=0",
+    ]);
+    p.wait_for_line("derpfleet-relay running");
+    let r = http(format!("127.0.0.1:{port}").parse().unwrap(), "GET", "/derp/probe", "").await;
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn dev_mode_uses_loopback_3340() {
+    let mut p = Proc::start(&["-dev"]);
+    // Either it serves on 127.0.0.1:3340, or (if something else holds that port) it says so.
+    let deadline = Instant::now() + STEP;
+    loop {
+        let log = p.log();
+        if log.contains("derpfleet-relay running") {
+            assert!(log.contains("127.0.0.1:3340"), "{log}");
+            assert!(log.contains("dev mode"), "{log}");
+            break;
+        }
+        if p.child.try_wait().unwrap().is_some() {
+            assert!(log.contains("127.0.0.1:3340"), "dev mode failed for another reason: {log}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "dev mode did not start: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sigterm(&p);
+    assert!(p.wait_exit().success());
+}
+
+#[test]
+fn version_help_and_bad_flags() {
+    let out = Command::new(BIN).arg("-version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("derpfleet-relay "));
+    let out = Command::new(BIN).arg("-help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--a",
+        "--c",
+        "--dev",
+        "--http-port",
+        "--certmode",
+        "--certdir",
+        "--hostname",
+        "--home",
+        "--tcp-keepalive-time",
+        "--tcp-user-timeout",
+        "--tcp-write-timeout",
+        "--version",
+        "--stun",
+    ] {
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}[")),
+            "{flag} missing:\n{help}"
+        );
+    }
+    let out = Command::new(BIN).args(["-no-such-flag"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(BIN).args(["-tcp-write-timeout", "soon"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid duration"));
+}
+
+#[test]
+fn startup_errors_are_clear() {
+    let dir = TempDir::new("cli-errors");
+    let keyfile = dir.0.join("k.key");
+    // letsencrypt (the default certmode) on 443 is refused before binding anything.
+    let out =
+        Command::new(BIN).args(["-a", "127.0.0.1:443", "-c", keyfile.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("letsencrypt") && err.contains("not supported"), "{err}");
+    // A broken key file is named, with the field.
+    std::fs::write(&keyfile, r#"{"PrivateKey":"nope"}"#).unwrap();
+    let port = free_port().to_string();
+    let out = Command::new(BIN)
+        .args(["-a", &format!("127.0.0.1:{port}"), "-c", keyfile.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(keyfile.to_str().unwrap()) && err.contains("PrivateKey"), "{err}");
+    // Manual mode with a DNS hostname and no files names the missing file.
+    let out = Command::new(BIN)
+        .args(["-a", &format!("127.0.0.1:{port}"), "-certmode", "manual", "-hostname", "derp.example.test"])
+        .args(["-certdir", dir.0.to_str().unwrap(), "-c", dir.0.join("k2.key").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("derp.example.test.crt"));
+}
