@@ -5,10 +5,12 @@
 //! - [`client`]: one request/response exchange with retries and RTT, on a dedicated socket or
 //!   through [`client::StunDemux`] on a socket shared with other traffic.
 //! - [`server`]: the responder ([`server::StunServer`]), its metrics and socket binding.
+//! - [`load`]: a batched load generator (the `stun-bench` example; reusable by the load-test tool).
 //! - [`batch`]: `recvmmsg`/`sendmmsg` behind a safe interface (also used by the load generator).
 
 pub mod batch;
 pub mod client;
+pub mod load;
 pub mod message;
 pub mod server;
 
