@@ -39,7 +39,7 @@ use crate::tls;
 /// Any byte stream a DERP connection can run over (TCP, TLS).
 pub trait DerpStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> DerpStream for T {}
-type BoxStream = Box<dyn DerpStream>;
+pub(crate) type BoxStream = Box<dyn DerpStream>;
 
 /// Largest HTTP response head we read before the DERP stream starts.
 const MAX_RESPONSE_HEAD: usize = 16 << 10;
@@ -212,11 +212,11 @@ impl DerpConn {
 }
 
 /// What the dial + TLS step produced.
-struct Transport {
-    stream: BoxStream,
+pub(crate) struct Transport {
+    pub(crate) stream: BoxStream,
     remote: SocketAddr,
     host: String,
-    host_header: String,
+    pub(crate) host_header: String,
     path: String,
     meta_key: Option<NodePublic>,
     ideal_node: Option<String>,
@@ -249,7 +249,7 @@ async fn tls_wrap(
     Ok((Box::new(tls), meta))
 }
 
-async fn transport(target: &DerpTarget, opts: &ConnectOptions) -> Result<Transport, ConnectError> {
+pub(crate) async fn transport(target: &DerpTarget, opts: &ConnectOptions) -> Result<Transport, ConnectError> {
     match target {
         DerpTarget::Region(region) => {
             let (tcp, remote, idx) = dial::dial_region(region, opts.prefer_ipv6).await?;

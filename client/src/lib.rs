@@ -12,6 +12,7 @@
 
 pub mod conn;
 pub mod dial;
+pub mod netcheck;
 pub mod region;
 pub mod tls;
 

@@ -1,0 +1,323 @@
+//! netcheck (spec §7): measure the latency to every region and pick the home region.
+//!
+//! The decisions are pure and unit-tested: [`plan`] (which probes, when), [`report`] (how answers
+//! fold into a [`Report`]) and [`home`] (home choice with `RegionScore` and hysteresis). This module
+//! is the small I/O part: it sends the planned STUN requests from **one UDP socket per family**
+//! (the socket a node will later use for WireGuard, so the mapping seen is the real one), matches
+//! answers by transaction ID, and — when no STUN answer arrives in the STUN phase — times one
+//! HTTPS `GET /derp/latency-check` per region over a TLS connection dialed like the DERP client.
+//!
+//! Timeouts: the STUN phase ends after 3 s (or earlier: when every probed region answered, or,
+//! once 3 regions answered, after twice the slowest latency seen); the whole report gets 5 s.
+
+pub mod home;
+pub mod plan;
+pub mod report;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use derpfleet_proto::derpmap::{AddrUsage, DerpMap, DerpNode, DerpRegion};
+use derpfleet_stun::message::{build_request, parse_response, TxId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::conn::{transport, ConnectOptions, DerpTarget};
+pub use home::{choose_home, HomeHistory, HomeState};
+pub use plan::{Family, Probe};
+pub use report::Report;
+
+/// Budget for the whole report.
+pub const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Budget for the STUN phase before falling back to HTTPS.
+pub const STUN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Tuning for [`Netchecker`].
+#[derive(Clone, Debug)]
+pub struct NetcheckConfig {
+    /// Budget for the whole report (5 s).
+    pub timeout: Duration,
+    /// Budget for the STUN phase (3 s).
+    pub stun_timeout: Duration,
+    /// Measure by HTTPS when no STUN answer arrives.
+    pub https_fallback: bool,
+    /// TLS roots and dialing preferences for the HTTPS fallback (the key is unused).
+    pub connect: ConnectOptions,
+}
+
+impl Default for NetcheckConfig {
+    fn default() -> Self {
+        Self {
+            timeout: REPORT_TIMEOUT,
+            stun_timeout: STUN_TIMEOUT,
+            https_fallback: true,
+            connect: ConnectOptions::new(derpfleet_proto::NodePrivate::generate()),
+        }
+    }
+}
+
+/// Runs netcheck reports and remembers what the home choice needs between them.
+pub struct Netchecker {
+    v4: Option<Arc<UdpSocket>>,
+    v6: Option<Arc<UdpSocket>>,
+    cfg: NetcheckConfig,
+    history: HomeHistory,
+    last: Option<Report>,
+    home: Option<i64>,
+}
+
+/// A STUN request in flight.
+struct Pending {
+    region: i64,
+    family: Family,
+    sent: Instant,
+}
+
+/// A STUN answer matched to its request.
+struct Answer {
+    region: i64,
+    family: Family,
+    rtt: Duration,
+    mapped: SocketAddr,
+}
+
+impl Netchecker {
+    /// Binds fresh sockets: `0.0.0.0:0` for IPv4 and `[::]:0` for IPv6 (if the OS allows).
+    pub async fn bind(cfg: NetcheckConfig) -> std::io::Result<Self> {
+        let v4 = UdpSocket::bind("0.0.0.0:0").await.ok().map(Arc::new);
+        let v6 = UdpSocket::bind("[::]:0").await.ok().map(Arc::new);
+        if v4.is_none() && v6.is_none() {
+            return Err(std::io::Error::other("cannot bind any UDP socket"));
+        }
+        Ok(Self::with_sockets(v4, v6, cfg))
+    }
+
+    /// Uses the given sockets (e.g. the node's WireGuard sockets). While a report runs, this
+    /// reads them; packets that are not STUN answers to our requests are ignored.
+    pub fn with_sockets(v4: Option<Arc<UdpSocket>>, v6: Option<Arc<UdpSocket>>, cfg: NetcheckConfig) -> Self {
+        Self { v4, v6, cfg, history: HomeHistory::default(), last: None, home: None }
+    }
+
+    /// The current home region.
+    pub fn home(&self) -> Option<i64> {
+        self.home
+    }
+
+    /// Sets the home region (e.g. restored from disk, or forced).
+    pub fn set_home(&mut self, home: Option<i64>) {
+        self.home = home;
+    }
+
+    /// Runs one report. `full` uses the full probe plan (otherwise incremental, from the last
+    /// report); `home_heard_ago` is how long ago the home region's DERP connection last delivered a
+    /// frame (it keeps a home that STUN cannot currently reach).
+    pub async fn run(&mut self, map: &DerpMap, full: bool, home_heard_ago: Option<Duration>) -> Report {
+        let start = Instant::now();
+        let mut report = Report {
+            os_has_ipv6: std::net::UdpSocket::bind("[::1]:0").is_ok(),
+            ..Default::default()
+        };
+        let (have4, have6) = (self.v4.is_some(), self.v6.is_some());
+        let probes = if full {
+            plan::full_plan(map, have4, have6, self.home)
+        } else {
+            plan::incremental_plan(map, self.last.as_ref(), have4, have6, self.home)
+        };
+        self.stun_phase(map, &probes, start, full, &mut report).await;
+        if !report.udp && self.cfg.https_fallback {
+            let deadline = start + self.cfg.timeout;
+            https_phase(map, self.home, &self.cfg.connect, deadline, &mut report).await;
+        }
+        self.history.push(std::time::Instant::now(), &report.region_latency);
+        let state = HomeState { old_home: self.home, old_home_heard_ago: home_heard_ago };
+        self.home = choose_home(map, &self.history, &report.region_latency, state);
+        report.preferred_derp = self.home.unwrap_or(0);
+        self.last = Some(report.clone());
+        report
+    }
+
+    async fn stun_phase(&self, map: &DerpMap, probes: &[Probe], start: Instant, full: bool, report: &mut Report) {
+        if probes.is_empty() {
+            return;
+        }
+        let pending: Arc<Mutex<HashMap<TxId, Pending>>> = Arc::default();
+        let answered: Arc<Mutex<HashSet<(i64, Family)>>> = Arc::default();
+        let (ans_tx, mut ans_rx) = mpsc::channel::<Answer>(256);
+        let (sent_tx, mut sent_rx) = mpsc::channel::<Family>(256);
+        let mut tasks = JoinSet::new();
+        for (sock, fam) in [(&self.v4, Family::V4), (&self.v6, Family::V6)] {
+            if let Some(sock) = sock.clone() {
+                tasks.spawn(read_answers(sock, fam, pending.clone(), ans_tx.clone()));
+            }
+        }
+        let wanted: HashSet<(i64, Family)> = probes.iter().map(|p| (p.region, p.family)).collect();
+        for p in probes.iter().cloned() {
+            let Some(node) = map.regions.get(&p.region).and_then(|r| r.nodes.get(p.node)).cloned() else {
+                continue;
+            };
+            let sock = match p.family {
+                Family::V4 => self.v4.clone(),
+                Family::V6 => self.v6.clone(),
+            };
+            let Some(sock) = sock else { continue };
+            let (pending, answered, sent_tx) = (pending.clone(), answered.clone(), sent_tx.clone());
+            tasks.spawn(async move {
+                tokio::time::sleep_until(start + p.delay).await;
+                if answered.lock().expect("answered lock").contains(&(p.region, p.family)) {
+                    return;
+                }
+                let Some(dst) = stun_addr(&node, p.family).await else { return };
+                let txid = TxId::random();
+                pending.lock().expect("pending lock").insert(
+                    txid,
+                    Pending { region: p.region, family: p.family, sent: Instant::now() },
+                );
+                if sock.send_to(&build_request(txid), dst).await.is_ok() {
+                    let _ = sent_tx.send(p.family).await;
+                }
+            });
+        }
+        drop((ans_tx, sent_tx));
+        let mut deadline = start + self.cfg.stun_timeout;
+        let mut slowest = Duration::ZERO;
+        let mut sent_open = true;
+        loop {
+            tokio::select! {
+                a = ans_rx.recv() => {
+                    let Some(a) = a else { break };
+                    answered.lock().expect("answered lock").insert((a.region, a.family));
+                    report.add_stun(a.region, a.family, a.rtt, a.mapped);
+                    slowest = slowest.max(a.rtt);
+                    if report.regions_answered() >= 3 {
+                        let extra = if full { slowest * 2 } else { slowest };
+                        deadline = deadline.min(Instant::now() + extra);
+                    }
+                    if answered.lock().expect("answered lock").is_superset(&wanted) {
+                        break;
+                    }
+                }
+                f = sent_rx.recv(), if sent_open => match f {
+                    Some(Family::V4) => report.ipv4_can_send = true,
+                    Some(Family::V6) => report.ipv6_can_send = true,
+                    None => sent_open = false,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        tasks.abort_all();
+    }
+}
+
+/// Reads STUN answers from `sock`, matching them to pending requests by transaction ID.
+async fn read_answers(
+    sock: Arc<UdpSocket>,
+    family: Family,
+    pending: Arc<Mutex<HashMap<TxId, Pending>>>,
+    out: mpsc::Sender<Answer>,
+) {
+    let mut buf = vec![0u8; 1500];
+    loop {
+        let Ok((n, _from)) = sock.recv_from(&mut buf).await else { return };
+        let now = Instant::now();
+        let Ok((txid, mapped)) = parse_response(&buf[..n]) else { continue };
+        let Some(p) = pending.lock().expect("pending lock").remove(&txid) else { continue };
+        debug_assert_eq!(p.family, family);
+        let a = Answer { region: p.region, family: p.family, rtt: now - p.sent, mapped };
+        if out.send(a).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Where to send STUN for `node` over `family` (STUNTestIP, the fixed address, or DNS).
+async fn stun_addr(node: &DerpNode, family: Family) -> Option<SocketAddr> {
+    let port = node.stun_port()?;
+    let want_v6 = family == Family::V6;
+    if let Ok(ip) = node.stun_test_ip.parse::<IpAddr>() {
+        return (ip.is_ipv6() == want_v6).then_some(SocketAddr::new(ip, port));
+    }
+    let fixed = match family {
+        Family::V4 => match node.ipv4_usage() {
+            AddrUsage::Fixed(a) => Some(Some(IpAddr::V4(a))),
+            AddrUsage::Disabled => return None,
+            AddrUsage::Dns => None,
+        },
+        Family::V6 => match node.ipv6_usage() {
+            AddrUsage::Fixed(a) => Some(Some(IpAddr::V6(a))),
+            AddrUsage::Disabled => return None,
+            AddrUsage::Dns => None,
+        },
+    };
+    if let Some(ip) = fixed {
+        return ip.map(|ip| SocketAddr::new(ip, port));
+    }
+    if let Ok(ip) = node.host_name.parse::<IpAddr>() {
+        return (ip.is_ipv6() == want_v6).then_some(SocketAddr::new(ip, port));
+    }
+    let addrs = tokio::net::lookup_host((node.host_name.as_str(), port)).await.ok()?;
+    addrs.into_iter().find(|a| a.is_ipv6() == want_v6)
+}
+
+/// HTTPS fallback: one timed `GET /derp/latency-check` per measurable region, in parallel.
+async fn https_phase(
+    map: &DerpMap,
+    home: Option<i64>,
+    opts: &ConnectOptions,
+    deadline: Instant,
+    report: &mut Report,
+) {
+    let mut set = JoinSet::new();
+    for r in map.regions.values() {
+        if !plan::measurable(r, home) || r.avoid || r.nodes.iter().all(|n| n.stun_only) {
+            continue;
+        }
+        let (r, opts) = (r.clone(), opts.clone());
+        set.spawn(async move { (r.region_id, https_latency(&r, &opts).await) });
+    }
+    let _ = tokio::time::timeout_at(deadline, async {
+        while let Some(res) = set.join_next().await {
+            match res {
+                Ok((id, Ok(d))) => report.add_https(id, d),
+                Ok((id, Err(e))) => tracing::debug!(region = id, "HTTPS latency check failed: {e}"),
+                Err(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// TLS-dials `region` like the DERP client and times one `GET /derp/latency-check` on it.
+pub async fn https_latency(region: &DerpRegion, opts: &ConnectOptions) -> Result<Duration, String> {
+    let mut t = transport(&DerpTarget::Region(region.clone()), opts).await.map_err(|e| e.to_string())?;
+    let req = format!(
+        "GET /derp/latency-check HTTP/1.1\r\nHost: {}\r\nUser-Agent: derpfleet-client\r\nConnection: close\r\n\r\n",
+        t.host_header
+    );
+    let start = Instant::now();
+    t.stream.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+    t.stream.flush().await.map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(_)) = resp.parse(&buf) {
+            let rtt = start.elapsed();
+            let code = resp.code.unwrap_or(0);
+            return if code > 299 { Err(format!("HTTP status {code}")) } else { Ok(rtt) };
+        }
+        if buf.len() > 16 << 10 {
+            return Err("response head too large".into());
+        }
+        let mut chunk = [0u8; 2048];
+        let n = t.stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed before the response".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
