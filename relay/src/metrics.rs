@@ -260,9 +260,17 @@ impl Metrics {
     /// Counts one received packet.
     #[inline]
     pub fn packet_received(&self, kind: PacketKind, bytes: usize) {
-        self.packets_received.increment(1);
-        self.packets_received_kind[kind as usize].increment(1);
+        self.packets_received_kind(kind, 1);
         self.bytes_received.increment(bytes as u64);
+    }
+
+    /// Counts `n` received packets of `kind` (bytes are counted separately).
+    #[inline]
+    pub fn packets_received_kind(&self, kind: PacketKind, n: u64) {
+        if n > 0 {
+            self.packets_received.increment(n);
+            self.packets_received_kind[kind as usize].increment(n);
+        }
     }
 
     /// Moves buffered histogram samples into their buckets (bounded memory).

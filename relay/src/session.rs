@@ -121,12 +121,47 @@ pub struct Reader<'a> {
     preferred: bool,
     /// PeerGone(NotHere) limiter (1/s, burst 3), created on first use.
     not_here_limiter: Option<DefaultDirectRateLimiter>,
+    /// Received-packet counts not yet added to the shared counters: they are published once
+    /// per read, not per packet, to keep shared cache lines out of the packet path.
+    tally: RecvTally,
+}
+
+/// Per-read tally of received packets by kind, and their bytes.
+#[derive(Default)]
+struct RecvTally {
+    packets: [u64; 2],
+    bytes: u64,
+}
+
+impl RecvTally {
+    #[inline]
+    fn add(&mut self, kind: PacketKind, bytes: usize) {
+        self.packets[kind as usize] += 1;
+        self.bytes += bytes as u64;
+    }
+
+    fn publish(&mut self, m: &Metrics) {
+        if self.packets != [0, 0] {
+            for kind in PacketKind::ALL {
+                m.packets_received_kind(kind, self.packets[kind as usize]);
+            }
+            m.bytes_received.increment(self.bytes);
+            *self = Self::default();
+        }
+    }
 }
 
 impl<'a> Reader<'a> {
     /// A reader for `conn`.
     pub fn new(conn: &'a Arc<Conn>, registry: &'a Registry) -> Self {
-        Self { conn, registry, metrics: &registry.metrics, preferred: false, not_here_limiter: None }
+        Self {
+            conn,
+            registry,
+            metrics: &registry.metrics,
+            preferred: false,
+            not_here_limiter: None,
+            tally: RecvTally::default(),
+        }
     }
 
     /// Reads and handles frames until EOF (Ok), cancellation (Ok) or an error. `buf` may hold
@@ -141,6 +176,7 @@ impl<'a> Reader<'a> {
         R: AsyncRead + Unpin,
     {
         let result = self.read_loop(r, &mut buf, &mut dec).await;
+        self.tally.publish(self.metrics);
         if self.preferred {
             self.metrics.current_home_connections.decrement(1.0);
         }
@@ -161,6 +197,7 @@ impl<'a> Reader<'a> {
             while let Some(f) = dec.decode(buf)? {
                 self.handle_frame(f)?;
             }
+            self.tally.publish(self.metrics);
             if buf.is_empty() && !last_read_filled {
                 // Quiet: a fresh small buffer, so no large (possibly shared) block stays pinned.
                 if buf.capacity() != READ_SMALL {
@@ -222,7 +259,7 @@ impl<'a> Reader<'a> {
 
     fn handle_send_packet(&mut self, dst: NodePublic, data: Bytes) {
         let kind = PacketKind::of(&data);
-        self.metrics.packet_received(kind, data.len());
+        self.tally.add(kind, data.len());
         if let Routed::Unknown(data) = self.registry.route(self.conn.key, dst, data, kind, true) {
             self.metrics.drop_packet(DropReason::UnknownDest, kind, data.len());
             if kind == PacketKind::Disco && self.allow_not_here() {
@@ -240,7 +277,7 @@ impl<'a> Reader<'a> {
     ) -> Result<(), SessionError> {
         self.require_mesh("ForwardPacket")?;
         let kind = PacketKind::of(&data);
-        self.metrics.packet_received(kind, data.len());
+        self.tally.add(kind, data.len());
         self.metrics.packets_forwarded_in.increment(1);
         if let Routed::Unknown(data) = self.registry.route(src, dst, data, kind, false) {
             self.metrics.drop_packet(DropReason::UnknownDestOnFwd, kind, data.len());

@@ -59,6 +59,22 @@ impl CoreRelay {
         self.server.public_key()
     }
 
+    /// Waits until the metric series `name{labels}` equals `value` (counters published in
+    /// batches, e.g. `derp_packets_received`, may trail what a client already observed).
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], value: f64) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + WANT_TIMEOUT;
+        loop {
+            let got = self.server.metrics().snapshot().get(name, labels);
+            if got == value {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{name}{labels:?} = {got}, expected {value}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Connects a new client with a fresh key and a typical tailscaled ClientInfo.
     pub async fn client(&self) -> Result<TestClient> {
         TestClient::connect(self.addr, self.key()).await
@@ -373,6 +389,12 @@ impl TestClient {
         })
         .await;
         r.map_err(|_| anyhow!("connection still open after {timeout:?}"))
+    }
+
+    /// The raw socket, for tests that frame by hand after the handshake (bytes already
+    /// buffered by this client are discarded).
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
     }
 
     /// Closes the client's side.

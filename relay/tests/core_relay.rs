@@ -38,11 +38,10 @@ async fn c09_send_packet_relayed_with_source_key() -> Result<()> {
     assert_eq!(b.want_packet(T).await?, (a.public(), data.clone()));
     b.send_packet(a.public(), b"reply").await?;
     assert_eq!(a.want_packet(T).await?, (b.public(), b"reply".to_vec()));
-    let s = relay.server.metrics().snapshot();
-    assert_eq!(s.get("derp_packets_received", &[]), 2.0);
-    assert_eq!(s.get("derp_packets_sent", &[]), 2.0);
-    assert_eq!(s.get("derp_bytes_sent", &[]), 1205.0);
-    assert_eq!(s.get("derp_packets_received_kind", &[("kind", "other")]), 2.0);
+    relay.wait_metric("derp_packets_received", &[], 2.0).await?;
+    relay.wait_metric("derp_packets_received_kind", &[("kind", "other")], 2.0).await?;
+    relay.wait_metric("derp_packets_sent", &[], 2.0).await?;
+    relay.wait_metric("derp_bytes_sent", &[], 1205.0).await?;
     Ok(())
 }
 
