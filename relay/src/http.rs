@@ -248,6 +248,8 @@ where
                 return;
             };
             buf.advance(head_len);
+            // Counted before the 101 goes out, so anyone who saw the 101 also sees the count.
+            ctx.derp.metrics().websocket_accepts.increment(1);
             let resp = websocket_101(key);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, write_and_flush(&mut io, resp.as_bytes())).await {
                 Ok(Ok(())) => {}
@@ -329,6 +331,9 @@ fn route_request(req: Request<Incoming>, remote: SocketAddr, ctx: &Arc<HttpConte
     if path == "/generate_204" {
         return generate_204(req.headers());
     }
+    if path.starts_with("/debug") {
+        return debug(&req, remote, ctx);
+    }
     if port == Port::Http80 {
         return port80(&req);
     }
@@ -361,6 +366,7 @@ fn derp_upgrade_via_hyper(mut req: Request<Incoming>, remote: SocketAddr, ctx: &
         let Some(key) = head.ws_key.as_deref() else {
             return plain_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
         };
+        ctx.derp.metrics().websocket_accepts.increment(1);
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("derp"));
         if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
@@ -443,6 +449,36 @@ fn port80(req: &Request<Incoming>) -> Resp {
             r
         }
         Err(_) => plain_error(StatusCode::BAD_REQUEST, "bad Host header"),
+    }
+}
+
+/// Debug pages are for the operator on the machine itself: loopback clients only, and never
+/// through a proxy (`X-Forwarded-For` present), as derper.
+pub fn debug_allowed(remote: SocketAddr, headers: &HeaderMap) -> bool {
+    let ip = match remote.ip() {
+        std::net::IpAddr::V6(v6) => {
+            v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(v6))
+        }
+        v4 => v4,
+    };
+    ip.is_loopback() && !headers.contains_key("x-forwarded-for")
+}
+
+/// `/debug/varz`: the core's metrics in Prometheus text format.
+fn debug(req: &Request<Incoming>, remote: SocketAddr, ctx: &HttpContext) -> Resp {
+    if !debug_allowed(remote, req.headers()) {
+        return plain_error(StatusCode::FORBIDDEN, "debug access denied");
+    }
+    match req.uri().path() {
+        "/debug/varz" => {
+            let mut r = Response::new(Full::new(Bytes::from(ctx.derp.render_metrics())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        _ => plain_error(StatusCode::NOT_FOUND, "404 page not found"),
     }
 }
 
@@ -595,6 +631,18 @@ mod tests {
         assert!(matches!(head_of(b"\x00\x01garbage\r\n\r\n").await, Err(HeadError::Malformed(_))));
         let big = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; MAX_HEAD_LEN]].concat();
         assert!(matches!(head_of(&big).await, Err(HeadError::TooLarge)));
+    }
+
+    #[test]
+    fn debug_access_is_loopback_only_and_never_proxied() {
+        let mut h = HeaderMap::new();
+        assert!(debug_allowed("127.0.0.1:1".parse().unwrap(), &h));
+        assert!(debug_allowed("[::1]:1".parse().unwrap(), &h));
+        assert!(debug_allowed("[::ffff:127.0.0.1]:1".parse().unwrap(), &h));
+        assert!(!debug_allowed("192.0.2.1:1".parse().unwrap(), &h));
+        assert!(!debug_allowed("[2001:db8::1]:1".parse().unwrap(), &h));
+        h.insert("X-Forwarded-For", HeaderValue::from_static("127.0.0.1"));
+        assert!(!debug_allowed("127.0.0.1:1".parse().unwrap(), &h));
     }
 
     #[test]

@@ -127,6 +127,7 @@ impl Server {
     /// Stops accepting, closes every connection and waits for all tasks to end.
     pub async fn shutdown(self) {
         self.cancel.cancel();
+        self.derp.close_all();
         self.tracker.close();
         self.tracker.wait().await;
     }
@@ -135,6 +136,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.cancel.cancel();
+        self.derp.close_all();
     }
 }
 

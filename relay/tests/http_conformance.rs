@@ -289,3 +289,51 @@ async fn ideal_node_header_marks_the_connection_not_ideal() {
     assert_eq!(RawDerp::new(s).handshake(&NodePrivate::generate()).await, key.public());
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn debug_varz_for_loopback_only_without_forwarding_and_counts_websocket_accepts() {
+    let (relay, _) = plain_relay().await;
+    let addr = relay.local_addr();
+    // One WebSocket DERP connection, counted by the HTTP layer.
+    let mut req = format!("ws://{addr}/derp").into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "derp".parse().unwrap());
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (_ws, _) =
+        tokio::time::timeout(STEP, tokio_tungstenite::client_async(req, tcp)).await.unwrap().unwrap();
+    let r = http(addr, "GET", "/debug/varz", "").await;
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(text.lines().any(|l| l.starts_with("derp_websocket_accepts") && l.ends_with(" 1")), "{text}");
+    assert!(text.contains("derp_accepts"), "{text}");
+    let r = http(addr, "GET", "/debug/varz", "X-Forwarded-For: 127.0.0.1\r\n").await;
+    assert_eq!(r.status, 403);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_upgrade_on_a_later_keepalive_request_works() {
+    let (relay, key) = plain_relay().await;
+    let addr = relay.local_addr();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /derp/probe HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert_eq!(read_head(&mut s).await.status, 200);
+    let mut req = format!("ws://{addr}/derp").into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "derp".parse().unwrap());
+    let (mut ws, resp) =
+        tokio::time::timeout(STEP, tokio_tungstenite::client_async(req, s)).await.unwrap().unwrap();
+    assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "derp");
+    let mut inbound = BytesMut::new();
+    let mut dec = derpfleet_proto::FrameDecoder::new(derpfleet_proto::frame::Role::Client);
+    let frame = loop {
+        if let Some(f) = dec.decode(&mut inbound).unwrap() {
+            break ServerToClient::decode(f).unwrap();
+        }
+        match tokio::time::timeout(STEP, ws.next()).await.unwrap() {
+            Some(Ok(Message::Binary(b))) => inbound.extend_from_slice(&b),
+            Some(Ok(_)) => {}
+            other => panic!("websocket ended: {other:?}"),
+        }
+    };
+    assert_eq!(frame, ServerToClient::ServerKey(key.public()));
+    relay.shutdown().await;
+}
