@@ -31,7 +31,8 @@ impl HomeHistory {
     /// Adds this report's latencies and forgets the ones older than [`HISTORY_RETENTION`].
     pub fn push(&mut self, now: Instant, latencies: &BTreeMap<i64, Duration>) {
         self.reports.push_back((now, latencies.clone()));
-        while self.reports.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) > HISTORY_RETENTION) {
+        while self.reports.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) > HISTORY_RETENTION)
+        {
             self.reports.pop_front();
         }
     }
@@ -142,7 +143,11 @@ mod tests {
         let now_lat = lat(&[(2, 35)]);
         h.push(t0 + Duration::from_secs(30), &now_lat);
         let st = HomeState { old_home: Some(1), old_home_heard_ago: Some(Duration::from_secs(2)) };
-        assert_eq!(choose_home(&DerpMap::default(), &h, &now_lat, st), Some(1), "heard 2 s ago: still reachable");
+        assert_eq!(
+            choose_home(&DerpMap::default(), &h, &now_lat, st),
+            Some(1),
+            "heard 2 s ago: still reachable"
+        );
         let st = HomeState { old_home: Some(1), old_home_heard_ago: Some(Duration::from_secs(20)) };
         assert_eq!(choose_home(&DerpMap::default(), &h, &now_lat, st), Some(2));
     }

@@ -118,10 +118,8 @@ impl Netchecker {
     /// frame (it keeps a home that STUN cannot currently reach).
     pub async fn run(&mut self, map: &DerpMap, full: bool, home_heard_ago: Option<Duration>) -> Report {
         let start = Instant::now();
-        let mut report = Report {
-            os_has_ipv6: std::net::UdpSocket::bind("[::1]:0").is_ok(),
-            ..Default::default()
-        };
+        let mut report =
+            Report { os_has_ipv6: std::net::UdpSocket::bind("[::1]:0").is_ok(), ..Default::default() };
         let (have4, have6) = (self.v4.is_some(), self.v6.is_some());
         let probes = if full {
             plan::full_plan(map, have4, have6, self.home)
@@ -141,7 +139,14 @@ impl Netchecker {
         report
     }
 
-    async fn stun_phase(&self, map: &DerpMap, probes: &[Probe], start: Instant, full: bool, report: &mut Report) {
+    async fn stun_phase(
+        &self,
+        map: &DerpMap,
+        probes: &[Probe],
+        start: Instant,
+        full: bool,
+        report: &mut Report,
+    ) {
         if probes.is_empty() {
             return;
         }
@@ -173,10 +178,10 @@ impl Netchecker {
                 }
                 let Some(dst) = stun_addr(&node, p.family).await else { return };
                 let txid = TxId::random();
-                pending.lock().expect("pending lock").insert(
-                    txid,
-                    Pending { region: p.region, family: p.family, sent: Instant::now() },
-                );
+                pending
+                    .lock()
+                    .expect("pending lock")
+                    .insert(txid, Pending { region: p.region, family: p.family, sent: Instant::now() });
                 if sock.send_to(&build_request(txid), dst).await.is_ok() {
                     let _ = sent_tx.send(p.family).await;
                 }
@@ -222,7 +227,22 @@ async fn read_answers(
 ) {
     let mut buf = vec![0u8; 1500];
     loop {
-        let Ok((n, _from)) = sock.recv_from(&mut buf).await else { return };
+        let n = match sock.recv_from(&mut buf).await {
+            Ok((n, _)) => n,
+            // ICMP errors surface on the socket; they concern one destination, not the socket.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::HostUnreachable
+                        | std::io::ErrorKind::NetworkUnreachable
+                ) =>
+            {
+                continue
+            }
+            Err(_) => return,
+        };
         let now = Instant::now();
         let Ok((txid, mapped)) = parse_response(&buf[..n]) else { continue };
         let Some(p) = pending.lock().expect("pending lock").remove(&txid) else { continue };

@@ -186,7 +186,11 @@ mod tests {
             r
         };
         assert_eq!(regions(full_plan(&m, true, false, None)), vec![4]);
-        assert_eq!(regions(full_plan(&m, true, false, Some(1))), vec![1, 4], "Avoid is measured when it is home");
+        assert_eq!(
+            regions(full_plan(&m, true, false, Some(1))),
+            vec![1, 4],
+            "Avoid is measured when it is home"
+        );
         m.regions.get_mut(&4).unwrap().nodes[0].ipv4 = "none".into();
         assert!(full_plan(&m, true, false, None).is_empty());
         assert_eq!(full_plan(&m, false, true, None).len(), 3);

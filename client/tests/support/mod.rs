@@ -46,7 +46,16 @@ impl TestServer {
         Self::start_on("127.0.0.1:0".parse().unwrap(), tls, NodePrivate::generate()).await
     }
 
+    /// A server whose `/derp/latency-check` answers after `delay`.
+    pub async fn start_delayed(tls: Tls, delay: std::time::Duration) -> Self {
+        Self::start_full("127.0.0.1:0".parse().unwrap(), tls, NodePrivate::generate(), delay).await
+    }
+
     pub async fn start_on(addr: SocketAddr, tls: Tls, key: NodePrivate) -> Self {
+        Self::start_full(addr, tls, key, std::time::Duration::ZERO).await
+    }
+
+    async fn start_full(addr: SocketAddr, tls: Tls, key: NodePrivate, delay: std::time::Duration) -> Self {
         let l = TcpListener::bind(addr).await.unwrap();
         let addr = l.local_addr().unwrap();
         let (acceptor, leaf_der) = if tls.enabled {
@@ -70,10 +79,10 @@ impl TestServer {
                     match acc {
                         Some(a) => {
                             if let Ok(s) = a.accept(tcp).await {
-                                serve(s, k, rq, rc, hub, sub).await
+                                serve(s, k, rq, rc, hub, sub, delay).await
                             }
                         }
-                        None => serve(tcp, k, rq, rc, hub, sub).await,
+                        None => serve(tcp, k, rq, rc, hub, sub, delay).await,
                     }
                 });
             }
@@ -120,6 +129,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     received: Arc<Mutex<Vec<ClientToServer>>>,
     hub: Hub,
     mut push: broadcast::Receiver<ServerToClient>,
+    latency_delay: std::time::Duration,
 ) {
     let mut buf = BytesMut::with_capacity(8192);
     let head_end = loop {
@@ -133,6 +143,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let _ = buf.split_to(head_end);
     requests.lock().unwrap().push(head.clone());
+    if head.starts_with("GET /derp/latency-check ") || head.starts_with("GET /derp/probe ") {
+        tokio::time::sleep(latency_delay).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: *\r\nContent-Length: 0\r\n\r\n")
+            .await;
+        return;
+    }
     if !head.to_ascii_lowercase().contains("upgrade: derp") {
         let _ = s.write_all(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 27\r\n\r\nDERP requires connection upgrade").await;
         return;
