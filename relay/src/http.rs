@@ -25,6 +25,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::derp_server::{ConnInfo, DerpServer};
 use crate::websocket;
@@ -69,6 +71,10 @@ pub struct HttpContext {
     pub home: HomePage,
     /// `-derp=false` serves `/derp` as 404.
     pub derp_enabled: bool,
+    /// Owns the tasks that serve connections upgraded through hyper (they outlive the request).
+    pub tasks: TaskTracker,
+    /// Stops those tasks at shutdown.
+    pub cancel: CancellationToken,
 }
 
 /// Why the first request could not be read; the connection is closed.
@@ -327,6 +333,10 @@ where
 type Resp = Response<Full<Bytes>>;
 
 fn route_request(req: Request<Incoming>, remote: SocketAddr, ctx: &Arc<HttpContext>, port: Port) -> Resp {
+    if req.method() == Method::CONNECT {
+        // derper's experimental CONNECT proxy (`-ace`) is not offered.
+        return plain_error(StatusCode::FORBIDDEN, "CONNECT not allowed");
+    }
     let path = req.uri().path().to_owned();
     if path == "/generate_204" {
         return generate_204(req.headers());
@@ -382,15 +392,26 @@ fn derp_upgrade_via_hyper(mut req: Request<Incoming>, remote: SocketAddr, ctx: &
     let info = ConnInfo { remote, not_ideal: head.ideal_node };
     let derp = ctx.derp.clone();
     let on_upgrade = hyper::upgrade::on(&mut req);
-    // The task ends when the DERP connection ends; it owns nothing but that connection.
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) if route == Route::WebSocketDerp => {
-                let ws = websocket::server_byte_stream(TokioIo::new(upgraded)).await;
-                derp.accept(ws, info).await;
+    // The task ends when the DERP connection ends, or at shutdown.
+    let cancel = ctx.cancel.clone();
+    ctx.tasks.spawn(async move {
+        let upgraded = tokio::select! {
+            _ = cancel.cancelled() => return,
+            u = on_upgrade => u,
+        };
+        let serve = async move {
+            match upgraded {
+                Ok(upgraded) if route == Route::WebSocketDerp => {
+                    let ws = websocket::server_byte_stream(TokioIo::new(upgraded)).await;
+                    derp.accept(ws, info).await;
+                }
+                Ok(upgraded) => derp.accept(TokioIo::new(upgraded), info).await,
+                Err(e) => tracing::debug!(%remote, "upgrade failed: {e}"),
             }
-            Ok(upgraded) => derp.accept(TokioIo::new(upgraded), info).await,
-            Err(e) => tracing::debug!(%remote, "upgrade failed: {e}"),
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = serve => {}
         }
     });
     resp

@@ -85,14 +85,16 @@ impl Server {
             _ => None,
         };
         let http_port_addr = port80.as_ref().and_then(|l| l.local_addr().ok());
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
         let ctx = Arc::new(HttpContext {
             derp: derp.clone(),
             server_public,
             home: config.home.clone(),
             derp_enabled: config.derp_enabled,
+            tasks: tracker.clone(),
+            cancel: cancel.clone(),
         });
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
         let tls = config.tls.clone().map(TlsAcceptor::from);
         tracker.spawn(accept_loop(
             main,

@@ -221,6 +221,12 @@ async fn home_robots_and_404() {
     assert_eq!((r.status, r.body.as_slice()), (200, &b"User-agent: *\nDisallow: /\n"[..]));
     assert_eq!(r.header("x-frame-options"), Some("DENY"));
     assert_eq!(http(addr, "GET", "/nope", "").await.status, 404);
+    let raw = raw_exchange(
+        addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(parse_response(&raw).status, 403);
     relay.shutdown().await;
 }
 
