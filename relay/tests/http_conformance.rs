@@ -76,6 +76,9 @@ async fn c35_websocket_derp_with_frames_split_and_packed_across_messages() {
     // Sender A over WebSocket with subprotocol derp.
     let mut req = format!("ws://{addr}/derp").into_client_request().unwrap();
     req.headers_mut().insert("Sec-WebSocket-Protocol", "derp".parse().unwrap());
+    // Offer compression: the server must not accept it.
+    req.headers_mut()
+        .insert("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits".parse().unwrap());
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (mut ws, resp) =
         tokio::time::timeout(STEP, tokio_tungstenite::client_async(req, tcp)).await.unwrap().unwrap();
