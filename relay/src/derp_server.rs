@@ -40,6 +40,8 @@ use crate::writer::{self, Outbox, SeenSources, WriterSettings};
 const CONTROL_QUEUE_DEPTH: usize = 512;
 /// Control-queue depth of a mesh peer: it may be flooded with one PeerPresent per connected key.
 const MESH_CONTROL_QUEUE_DEPTH: usize = 1 << 17;
+/// How long a closing connection may take to shut its write side down.
+const SHUTDOWN_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often buffered histogram samples are folded into buckets.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -291,7 +293,10 @@ impl DerpServer {
         if info.not_ideal {
             self.metrics.current_notideal_connections.decrement(1.0);
         }
-        let _ = w.shutdown().await;
+        if write_result.is_ok() {
+            // A polite close (TLS close_notify), but never wait on a peer that stopped reading.
+            let _ = tokio::time::timeout(SHUTDOWN_WRITE_TIMEOUT, w.shutdown()).await;
+        }
         match (read_result, write_result) {
             (Err(e), _) => {
                 tracing::debug!(key = %conn.key.short(), id = conn.id, error = %e, "DERP reader closed")

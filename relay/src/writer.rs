@@ -36,7 +36,7 @@ use crate::registry::{Conn, Registry};
 /// Write out the buffer (without flushing) once it holds this much, while still draining.
 const WRITE_CHUNK: usize = 64 << 10;
 /// After a flush, a write buffer that grew beyond this is released rather than kept.
-const WRITE_BUF_KEEP: usize = 16 << 10;
+const WRITE_BUF_KEEP: usize = 4 << 10;
 /// One packet in this many has its queue delay recorded.
 const QUEUE_DELAY_SAMPLE_MASK: u64 = 15;
 
@@ -209,6 +209,14 @@ impl SeenSources {
         self.keys.iter()
     }
 
+    /// Forgets `src` once the receiver is told it left, so that a later return is recorded again.
+    fn forget(&mut self, src: &NodePublic) {
+        if self.last.as_ref() == Some(src) {
+            self.last = None;
+        }
+        self.keys.remove(src);
+    }
+
     /// Records `src`; true when it is new.
     #[inline]
     fn note(&mut self, src: NodePublic) -> bool {
@@ -283,6 +291,9 @@ where
             let mut progressed = false;
             while let Some(c) = out.control.pop() {
                 encode_control(&mut buf, &c, metrics);
+                if let Control::PeerGone(key, PeerGoneReason::Disconnected) = &c {
+                    seen.forget(key);
+                }
                 frames += 1;
                 progressed = true;
                 if buf.len() >= WRITE_CHUNK {
@@ -343,6 +354,7 @@ where
                 keepalive_due = true;
                 keepalive.as_mut().reset(Instant::now() + settings.keepalive);
                 out.trim();
+                buf = BytesMut::new();
             }
         }
     }

@@ -256,3 +256,18 @@ async fn peer_gone_is_not_sent_for_a_key_that_still_has_a_connection() -> Result
     assert_eq!(b.want_peer_gone(T).await?, (key.public(), PeerGoneReason::Disconnected));
     Ok(())
 }
+
+#[tokio::test]
+async fn peer_gone_sent_again_when_a_returning_sender_leaves_again() -> Result<()> {
+    let relay = spawn_core_relay().await;
+    let key = NodePrivate::generate();
+    let mut b = relay.client().await?;
+    for round in 0..3u8 {
+        let mut a = TestClient::connect_with(relay.addr, key.clone(), tailscaled_info()).await?;
+        a.send_packet(b.public(), &[round; 10]).await?;
+        assert_eq!(b.want_packet(T).await?, (key.public(), vec![round; 10]));
+        a.close().await;
+        assert_eq!(b.want_peer_gone(T).await?, (key.public(), PeerGoneReason::Disconnected));
+    }
+    Ok(())
+}
