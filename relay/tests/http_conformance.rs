@@ -285,17 +285,33 @@ async fn derp_disabled_serves_404() {
     relay.shutdown().await;
 }
 
+async fn connect_with(
+    addr: std::net::SocketAddr,
+    server: derpfleet_proto::NodePublic,
+    extra: &str,
+) -> RawDerp<TcpStream> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n{extra}\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(read_head(&mut s).await.status, 101);
+    let mut c = RawDerp::new(s);
+    assert_eq!(c.handshake(&NodePrivate::generate()).await, server);
+    // A Pong proves the connection is fully set up (its gauges updated).
+    c.send(ClientToServer::Ping(*b"ideal?!!")).await;
+    assert_eq!(c.next_data().await, Some(ServerToClient::Pong(*b"ideal?!!")));
+    c
+}
+
 #[tokio::test]
 async fn ideal_node_header_marks_the_connection_not_ideal() {
-    // Observable through a mesh watcher (PeerPresent flag 0x08) once the core has mesh support; here
-    // we check that the upgrade with the header still succeeds end to end.
     let (relay, key) = plain_relay().await;
-    let mut s = TcpStream::connect(relay.local_addr()).await.unwrap();
-    s.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nIdeal-Node: derp1\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_head(&mut s).await.status, 101);
-    assert_eq!(RawDerp::new(s).handshake(&NodePrivate::generate()).await, key.public());
+    let notideal = |relay: &derpfleet_relay::server::Server| {
+        relay.derp().metrics().snapshot().get("derp_current_notideal_connections", &[])
+    };
+    let _plain = connect_with(relay.local_addr(), key.public(), "").await;
+    assert_eq!(notideal(&relay), 0.0);
+    let _not_ideal = connect_with(relay.local_addr(), key.public(), "Ideal-Node: derp1\r\n").await;
+    assert_eq!(notideal(&relay), 1.0);
     relay.shutdown().await;
 }
 
