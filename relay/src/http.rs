@@ -219,10 +219,7 @@ where
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::debug!(%remote, "bad first request: {e}");
-            let _ = io
-                .write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-                .await;
-            let _ = io.shutdown().await;
+            reject(&mut io).await;
             return;
         }
         Err(_) => {
@@ -248,9 +245,7 @@ where
         }
         Route::WebSocketDerp => {
             let Some(key) = head.ws_key.as_deref() else {
-                let _ = io
-                    .write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-                    .await;
+                reject(&mut io).await;
                 return;
             };
             buf.advance(head_len);
@@ -277,6 +272,16 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     serve_http(io, remote, ctx, Port::Http80).await;
+}
+
+/// Answers 400 and closes, giving a peer that does not read at most a second.
+async fn reject<S: AsyncWrite + Unpin>(io: &mut S) {
+    let bye = async {
+        write_and_flush(io, b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            .await?;
+        io.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
 }
 
 async fn write_and_flush<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) -> io::Result<()> {
