@@ -271,3 +271,42 @@ async fn peer_gone_sent_again_when_a_returning_sender_leaves_again() -> Result<(
     }
     Ok(())
 }
+
+/// Resident memory of this process, in bytes (Linux).
+fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux /proc");
+    let pages: usize = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("statm rss");
+    pages * 4096
+}
+
+#[tokio::test]
+async fn idle_connections_cost_little_memory() -> Result<()> {
+    const N: usize = 500;
+    let relay = spawn_core_relay().await;
+    // Bare sockets that complete the handshake by hand, so client-side memory stays tiny and
+    // the growth measured is the server's.
+    let mut ci_frames = Vec::new();
+    for _ in 0..N {
+        let key = NodePrivate::generate();
+        let payload = seal_client_info(&key, &relay.key(), &tailscaled_info());
+        let mut f = vec![0x02];
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        f.extend_from_slice(&payload);
+        ci_frames.push(f);
+    }
+    let before = rss_bytes();
+    let mut socks = Vec::with_capacity(N);
+    for f in &ci_frames {
+        let mut s = TcpStream::connect(relay.addr).await?;
+        s.write_all(f).await?;
+        socks.push(s);
+    }
+    relay.wait_metric("derp_current_connections", &[], N as f64).await?;
+    // Let every connection finish its ServerInfo write and settle into waiting.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let per_conn = rss_bytes().saturating_sub(before) / N;
+    println!("server memory per idle connection: ~{per_conn} bytes (RSS growth / {N})");
+    assert!(per_conn < 24 << 10, "idle connections cost {per_conn} bytes each");
+    drop(socks);
+    Ok(())
+}
