@@ -7,8 +7,9 @@
 //! answers by transaction ID, and — when no STUN answer arrives in the STUN phase — times one
 //! HTTPS `GET /derp/latency-check` per region over a TLS connection dialed like the DERP client.
 //!
-//! Timeouts: the STUN phase ends after 3 s (or earlier: when every probed region answered, or,
-//! once 3 regions answered, after twice the slowest latency seen); the whole report gets 5 s.
+//! Timeouts: the STUN phase ends after 3 s (or earlier: when every probe (full report) or every
+//! region (incremental) answered, or, once 3 regions answered, after twice the slowest latency
+//! seen); the whole report gets 5 s.
 
 pub mod home;
 pub mod plan;
@@ -173,7 +174,10 @@ impl Netchecker {
             let (pending, answered, sent_tx) = (pending.clone(), answered.clone(), sent_tx.clone());
             tasks.spawn(async move {
                 tokio::time::sleep_until(start + p.delay).await;
-                if answered.lock().expect("answered lock").contains(&(p.region, p.family)) {
+                // Incremental reports stop probing a region once it answered (as Go does); full
+                // reports send every try and keep the minimum, so one delayed answer (a busy
+                // host) does not become the region's latency.
+                if !full && answered.lock().expect("answered lock").contains(&(p.region, p.family)) {
                     return;
                 }
                 let Some(dst) = stun_addr(&node, p.family).await else { return };
@@ -191,6 +195,7 @@ impl Netchecker {
         let mut deadline = start + self.cfg.stun_timeout;
         let mut slowest = Duration::ZERO;
         let mut sent_open = true;
+        let mut answers = 0usize;
         loop {
             tokio::select! {
                 a = ans_rx.recv() => {
@@ -202,7 +207,13 @@ impl Netchecker {
                         let extra = if full { slowest * 2 } else { slowest };
                         deadline = deadline.min(Instant::now() + extra);
                     }
-                    if answered.lock().expect("answered lock").is_superset(&wanted) {
+                    answers += 1;
+                    let done = if full {
+                        answers >= probes.len()
+                    } else {
+                        answered.lock().expect("answered lock").is_superset(&wanted)
+                    };
+                    if done {
                         break;
                     }
                 }
