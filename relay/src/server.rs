@@ -240,3 +240,28 @@ fn tune(stream: &TcpStream, tcp: TcpTuning) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_get_keepalive_user_timeout_and_nodelay() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let tcp = TcpTuning {
+            keepalive_time: Some(Duration::from_secs(600)),
+            user_timeout: Some(Duration::from_secs(15)),
+        };
+        tune(&accepted, tcp).unwrap();
+        let sock = SockRef::from(&accepted);
+        assert!(accepted.nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(600));
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(Duration::from_secs(15)));
+        tune(&accepted, TcpTuning { keepalive_time: None, user_timeout: None }).unwrap();
+        assert!(!sock.keepalive().unwrap());
+    }
+}
