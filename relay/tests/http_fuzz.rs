@@ -82,3 +82,25 @@ fn random_and_truncated_requests_only_close_their_connection() {
     rt.block_on(relay.shutdown());
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a panic happened somewhere in the server");
 }
+
+#[test]
+fn random_bytes_at_the_tls_port_only_close_their_connection() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = TempDir::new("fuzz-tls");
+    let (relay, pin) = rt.block_on(async {
+        let (relay, _, setup) = tls_relay(&dir).await;
+        (relay, pin_of(setup.cert_name.as_deref().unwrap()))
+    });
+    let addr = relay.local_addr();
+    let config = ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() };
+    proptest!(config, |(bytes in proptest::collection::vec(any::<u8>(), 0..2048))| {
+        rt.block_on(throw(addr, &bytes));
+    });
+    // Still serving TLS afterwards.
+    rt.block_on(async {
+        let mut s = tls_connect(addr, pinned_client(pin, rustls::DEFAULT_VERSIONS)).await.unwrap();
+        s.write_all(b"GET /derp/probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        assert_eq!(read_head(&mut s).await.status, 200);
+        relay.shutdown().await;
+    });
+}
