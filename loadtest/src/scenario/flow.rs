@@ -1,0 +1,291 @@
+//! throughput / mesh / fleet: N sender→receiver pairs. Sender i talks to receiver i; with several
+//! targets, sender i is on target i mod T and its receiver on target (i+1) mod T, so every packet
+//! crosses between servers (a region's mesh, or regions of a fleet) when T > 1.
+//!
+//! Each payload carries a sequence number and its send time ([`crate::payload`]). In rate mode the
+//! time written is the *intended* send time from the schedule, so a stalled sender's late packets
+//! show the delay (coordinated omission corrected). Only packets whose send time falls inside the
+//! measurement window (after the warmup) count, on both sides.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use derpfleet_client::{DerpReceiver, DerpSender, DerpTarget};
+use derpfleet_proto::msg::ServerToClient;
+use derpfleet_proto::NodePublic;
+use tokio_util::sync::CancellationToken;
+
+use super::connect_all;
+use crate::cli::FlowArgs;
+use crate::payload::{Clock, Header, PayloadArena};
+use crate::progress::Progress;
+use crate::report::{r3, Report};
+use crate::stats::{LatencyHist, Timeline};
+
+/// The measurement window, in ns of the run's clock.
+#[derive(Clone, Copy)]
+struct Window {
+    start: u64,
+    end: u64,
+}
+
+impl Window {
+    fn contains(&self, ns: u64) -> bool {
+        ns >= self.start && ns < self.end
+    }
+}
+
+/// Runs the scenario named `name` (throughput, mesh or fleet).
+pub async fn run(
+    name: &str,
+    a: &FlowArgs,
+    targets: &[(String, DerpTarget)],
+    stop: CancellationToken,
+) -> Result<Report> {
+    let t = targets.len();
+    let pairs = a.pairs as usize;
+    let mut which = Vec::with_capacity(2 * pairs);
+    for i in 0..pairs {
+        which.push(i % t);
+        which.push((i + 1) % t);
+    }
+    let clients = connect_all(targets, which).await?;
+    // Let the relay(s) settle registrations before traffic starts (mesh peers learn of receivers).
+    tokio::time::sleep(Duration::from_millis(if t > 1 { 500 } else { 100 })).await;
+
+    let clock = Clock::start();
+    let warm = a.warmup.as_nanos() as u64;
+    let win = Window { start: warm, end: warm + a.duration.as_nanos() as u64 };
+    let timeline = Arc::new(Timeline::new((win.end / 1_000_000_000) as usize + 8));
+    let received_all = Arc::new(AtomicU64::new(0));
+    let sent_all = Arc::new(AtomicU64::new(0));
+
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    let mut closers: Vec<DerpSender> = Vec::new();
+    let mut it = clients.into_iter();
+    for i in 0..pairs {
+        let (Some(s), Some(r)) = (it.next(), it.next()) else { break };
+        closers.push(s.tx.clone());
+        closers.push(r.tx.clone());
+        // The sender's receiving half must stay read (dropping it closes the connection).
+        tokio::spawn(drain(s.rx));
+        senders.push(tokio::spawn(send_loop(
+            s.tx,
+            r.public,
+            i as u32,
+            a.size,
+            a.rate,
+            clock,
+            win,
+            stop.clone(),
+            sent_all.clone(),
+        )));
+        receivers.push(tokio::spawn(recv_loop(r.rx, clock, win, timeline.clone(), received_all.clone())));
+    }
+
+    let total_secs = win.end.div_ceil(1_000_000_000);
+    let progress =
+        Progress::start(total_secs, "pkt", move || clock.now_ns() / 1_000_000_000, received_all.clone());
+    let mut sent = 0u64;
+    for s in senders {
+        sent += s.await.unwrap_or(0);
+    }
+    // Drain: packets still in flight may arrive; wait until the count stops moving (≤ 2 s).
+    let drain_end = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut last = received_all.load(Ordering::Relaxed);
+    while tokio::time::Instant::now() < drain_end && !stop.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = received_all.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    progress.finish();
+    let end_ns = clock.now_ns().min(win.end).max(win.start + 1);
+    let stopped_early = stop.is_cancelled();
+    for c in &closers {
+        c.close();
+    }
+    let mut hist = LatencyHist::default();
+    let (mut received, mut reordered, mut foreign) = (0u64, 0u64, 0u64);
+    for r in receivers {
+        if let Ok(res) = r.await {
+            received += res.received;
+            reordered += res.reordered;
+            foreign += res.foreign;
+            hist.merge(&res.hist);
+        }
+    }
+
+    let elapsed = if stopped_early { (end_ns - win.start) as f64 / 1e9 } else { a.duration.as_secs_f64() };
+    let mut rep = Report::new(name, targets.iter().map(|(n, _)| n.clone()).collect());
+    rep.config
+        .put("pairs", a.pairs)
+        .put("size", a.size as u64)
+        .put("rate_per_sender", a.rate.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null))
+        .put("duration_s", a.duration.as_secs_f64())
+        .put("warmup_s", a.warmup.as_secs_f64());
+    rep.elapsed_s = r3(elapsed);
+    let loss = if sent == 0 { 0.0 } else { 100.0 * sent.saturating_sub(received) as f64 / sent as f64 };
+    rep.results
+        .put("sent_packets", sent)
+        .put("received_packets", received)
+        .put("sent_pps", r3(sent as f64 / elapsed))
+        .put("received_pps", r3(received as f64 / elapsed))
+        .put("sent_mbps", r3(sent as f64 * a.size as f64 * 8.0 / elapsed / 1e6))
+        .put("received_mbps", r3(received as f64 * a.size as f64 * 8.0 / elapsed / 1e6))
+        .put("loss_pct", r3(loss))
+        .put("reordered_packets", reordered)
+        .put(
+            "reordered_pct",
+            r3(if received == 0 { 0.0 } else { 100.0 * reordered as f64 / received as f64 }),
+        );
+    if foreign > 0 {
+        rep.results.put("unexpected_frames", foreign);
+    }
+    rep.latency_us = hist.summary();
+    rep.distribution = hist.distribution();
+    rep.timeline = timeline.counts();
+    if a.rate.is_some() {
+        rep.notes.push(
+            "one-way latency measured from the intended send time (coordinated omission corrected)".into(),
+        );
+    }
+    if stopped_early {
+        rep.notes.push("interrupted: figures cover the time run".into());
+    }
+    if received > sent {
+        rep.notes.push("more packets received than sent in the window (duplicates?)".into());
+    }
+    Ok(rep)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_loop(
+    tx: DerpSender,
+    dst: NodePublic,
+    sender: u32,
+    size: usize,
+    rate: Option<u64>,
+    clock: Clock,
+    win: Window,
+    stop: CancellationToken,
+    sent_all: Arc<AtomicU64>,
+) -> u64 {
+    let mut arena = PayloadArena::new(size);
+    let mut counted = 0u64;
+    let mut seq = 0u64;
+    let mut pending_progress = 0u64;
+    match rate {
+        None => loop {
+            let now = clock.now_ns();
+            if now >= win.end || (seq.is_multiple_of(64) && stop.is_cancelled()) {
+                break;
+            }
+            let p = arena.make(Header { seq, sent_ns: now, sender });
+            if tx.send_packet(dst, p).await.is_err() {
+                break;
+            }
+            seq += 1;
+            if win.contains(now) {
+                counted += 1;
+                pending_progress += 1;
+                if pending_progress == 256 {
+                    sent_all.fetch_add(pending_progress, Ordering::Relaxed);
+                    pending_progress = 0;
+                }
+            }
+        },
+        Some(rate) => {
+            let interval = 1e9 / rate as f64;
+            // Senders start spread over one interval so they do not all fire at once.
+            let offset = (sender as f64 * 0.618_033_988 % 1.0) * interval;
+            let due = |i: u64| (offset + i as f64 * interval) as u64;
+            'outer: loop {
+                let now = clock.now_ns();
+                while due(seq) <= now {
+                    let at = due(seq);
+                    if at >= win.end || stop.is_cancelled() {
+                        break 'outer;
+                    }
+                    let p = arena.make(Header { seq, sent_ns: at, sender });
+                    if tx.send_packet(dst, p).await.is_err() {
+                        break 'outer;
+                    }
+                    seq += 1;
+                    if win.contains(at) {
+                        counted += 1;
+                        pending_progress += 1;
+                    }
+                }
+                if due(seq) >= win.end {
+                    break;
+                }
+                sent_all.fetch_add(std::mem::take(&mut pending_progress), Ordering::Relaxed);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(clock.at(due(seq)).into()) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+        }
+    }
+    sent_all.fetch_add(pending_progress, Ordering::Relaxed);
+    counted
+}
+
+/// Reads and discards frames (keepalives, pings, PeerGone) until the connection closes.
+pub async fn drain(mut rx: DerpReceiver) {
+    while rx.recv().await.is_ok() {}
+}
+
+struct RecvResult {
+    received: u64,
+    reordered: u64,
+    foreign: u64,
+    hist: LatencyHist,
+}
+
+async fn recv_loop(
+    mut rx: DerpReceiver,
+    clock: Clock,
+    win: Window,
+    timeline: Arc<Timeline>,
+    received_all: Arc<AtomicU64>,
+) -> RecvResult {
+    let mut res = RecvResult { received: 0, reordered: 0, foreign: 0, hist: LatencyHist::default() };
+    let mut max_seq: Option<u64> = None;
+    let (mut bucket_sec, mut bucket_n, mut flushed_ns) = (0u64, 0u64, 0u64);
+    while let Ok(m) = rx.recv().await {
+        let ServerToClient::RecvPacket { data, .. } = m else { continue };
+        let Some(h) = Header::parse(&data) else {
+            res.foreign += 1;
+            continue;
+        };
+        let now = clock.now_ns();
+        let sec = now / 1_000_000_000;
+        // Shared counters are updated in batches (per second, 1024 packets or 50 ms).
+        if sec != bucket_sec || bucket_n >= 1024 || now - flushed_ns > 50_000_000 {
+            timeline.add(bucket_sec * 1_000_000_000, bucket_n);
+            received_all.fetch_add(bucket_n, Ordering::Relaxed);
+            bucket_sec = sec;
+            bucket_n = 0;
+            flushed_ns = now;
+        }
+        bucket_n += 1;
+        match max_seq {
+            Some(m) if h.seq < m => res.reordered += 1,
+            _ => max_seq = Some(h.seq),
+        }
+        if win.contains(h.sent_ns) {
+            res.received += 1;
+            res.hist.record_ns(now.saturating_sub(h.sent_ns));
+        }
+    }
+    timeline.add(bucket_sec * 1_000_000_000, bucket_n);
+    received_all.fetch_add(bucket_n, Ordering::Relaxed);
+    res
+}
