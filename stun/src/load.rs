@@ -174,6 +174,9 @@ async fn sender(
                 Err(_) => batch.consume(1),
             }
         }
+        // A socket is almost always writable, so without this a sender that cannot keep up with
+        // its rate would never yield and starve the receivers sharing its worker thread.
+        tokio::task::yield_now().await;
     }
     Ok(())
 }
