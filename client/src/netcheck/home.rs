@@ -162,8 +162,10 @@ mod tests {
 
     #[test]
     fn region_score_scales_latency() {
-        let mut m = DerpMap::default();
-        m.home_params = Some(HomeParams { region_score: [(1, 0.25), (2, -1.0)].into_iter().collect() });
+        let m = DerpMap {
+            home_params: Some(HomeParams { region_score: [(1, 0.25), (2, -1.0)].into_iter().collect() }),
+            ..Default::default()
+        };
         // 1: 40 × 0.25 = 10; 2: score ≤ 0 ignored, 20.
         assert_eq!(run(&m, &[(1, 40), (2, 20)], HomeState::default()), Some(1));
     }
