@@ -228,3 +228,97 @@ pub fn send_batch<const N: usize>(
 ) -> io::Result<usize> {
     sys::send(fd, batch)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn send_batch_consume_keeps_the_unsent_tail_in_order() {
+        let mut b = SendBatch::<4>::default();
+        for i in 0..5u8 {
+            let to = SocketAddr::from(([127, 0, 0, 1], 1000 + u16::from(i)));
+            assert!(b.push(to, |buf| {
+                buf[0] = i;
+                1
+            }));
+        }
+        b.consume(2);
+        assert_eq!(b.len(), 3);
+        let ports: Vec<u16> = b.destinations().map(|a| a.port()).collect();
+        assert_eq!(ports, [1002, 1003, 1004]);
+        assert_eq!((b.bufs[0][0], b.bufs[2][0]), (2, 4));
+        b.consume(10);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn send_batch_refuses_past_capacity() {
+        let mut b = SendBatch::<4>::default();
+        let to = SocketAddr::from(([127, 0, 0, 1], 1));
+        for _ in 0..BATCH {
+            assert!(b.push(to, |_| 4));
+        }
+        assert!(b.is_full());
+        assert!(!b.push(to, |_| 4));
+        assert_eq!(b.len(), BATCH);
+    }
+
+    #[test]
+    fn batched_round_trip_over_loopback() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut tx = SendBatch::<8>::default();
+        tx.push(c.local_addr().unwrap(), |buf| {
+            buf[..3].copy_from_slice(b"one");
+            3
+        });
+        tx.push(c.local_addr().unwrap(), |buf| {
+            buf[..3].copy_from_slice(b"two");
+            3
+        });
+        assert_eq!(send_batch(a.as_fd(), &mut tx).unwrap(), 2);
+        let mut tx6 = SendBatch::<8>::default();
+        let d = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        tx6.push(d.local_addr().unwrap(), |buf| {
+            buf[..5].copy_from_slice(b"three");
+            5
+        });
+        assert_eq!(send_batch(b.as_fd(), &mut tx6).unwrap(), 1);
+
+        let mut rx = RecvBatch::default();
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while got.len() < 2 && std::time::Instant::now() < deadline {
+            match recv_batch(c.as_fd(), &mut rx) {
+                Ok(_) => got.extend(rx.iter().map(|p| (p.data.to_vec(), p.from, p.truncated))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let a_addr = a.local_addr().unwrap();
+        assert_eq!(got, [(b"one".to_vec(), a_addr, false), (b"two".to_vec(), a_addr, false)]);
+        // Empty socket: WouldBlock, not a zero-length batch.
+        assert_eq!(recv_batch(c.as_fd(), &mut rx).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        // IPv6 source addresses decode, and oversized datagrams are flagged truncated.
+        let big = vec![7u8; RECV_BUF + 10];
+        b.send_to(&big, d.local_addr().unwrap()).unwrap();
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while seen.len() < 2 && std::time::Instant::now() < deadline {
+            match recv_batch(d.as_fd(), &mut rx) {
+                Ok(_) => seen.extend(rx.iter().map(|p| (p.data.len(), p.from, p.truncated))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let b_addr = b.local_addr().unwrap();
+        assert_eq!(seen, [(5, b_addr, false), (RECV_BUF, b_addr, true)]);
+    }
+}

@@ -26,8 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::{recv_batch, send_batch, RecvBatch, SendBatch};
 use crate::message::{parse_binding_request, parse_tailscale_request, write_response, MAX_RESPONSE_LEN};
 
-/// How often idle entries are pruned from the per-IP rate limiter.
-const LIMITER_PRUNE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often idle entries are pruned from the per-IP rate limiter. An entry becomes prunable once
+/// its bucket has refilled, so between prunes the map holds at most the source IPs seen in about
+/// this interval (plus sources still over their limit): bounded even under spoofed floods.
+const LIMITER_PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause after a failed receive call, so a persistent socket error cannot spin a core.
 const READ_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 /// Requested socket buffer size; the kernel caps it at `net.core.{r,w}mem_max`.
@@ -356,3 +358,42 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, ListenAddrError> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid listen address {0:?}: want :PORT, IP:PORT or [IPv6]:PORT")]
 pub struct ListenAddrError(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addr_forms() {
+        assert_eq!(parse_listen_addr(":3478").unwrap(), "[::]:3478".parse().unwrap());
+        assert_eq!(parse_listen_addr("127.0.0.1:1").unwrap(), "127.0.0.1:1".parse().unwrap());
+        assert_eq!(parse_listen_addr("[::1]:2").unwrap(), "[::1]:2".parse().unwrap());
+        for bad in ["", "3478", ":", ":99999", "localhost:3478", "::1:3478", "1.2.3.4"] {
+            assert!(parse_listen_addr(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn several_sockets_share_one_port() {
+        let socks = bind_sockets("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        assert_eq!(socks.len(), 3);
+        let port = socks[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert!(socks.iter().all(|s| s.local_addr().unwrap().port() == port));
+        // A socket without SO_REUSEPORT cannot take the port from under us.
+        assert!(std::net::UdpSocket::bind(("127.0.0.1", port)).is_err());
+    }
+
+    #[test]
+    fn unspecified_ipv6_is_dual_stack() {
+        let socks = bind_sockets("[::]:0".parse().unwrap(), 1).unwrap();
+        let port = socks[0].local_addr().unwrap().port();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"x", ("127.0.0.1", port)).unwrap();
+        socks[0].set_nonblocking(false).unwrap();
+        socks[0].set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 4];
+        let (_, from) = socks[0].recv_from(&mut buf).unwrap();
+        assert_eq!(from.ip().to_canonical(), client.local_addr().unwrap().ip());
+    }
+}
