@@ -24,6 +24,9 @@ provider "aws" {
 # Rotation: docs/operators.md ("Rotate the mesh key").
 resource "random_id" "mesh_key" {
   byte_length = 32
+  keepers = {
+    generation = var.mesh_key_generation
+  }
 }
 
 data "aws_route53_zone" "fleet" {

@@ -18,3 +18,9 @@ variable "verify_client_url" {
   type        = string
   default     = ""
 }
+
+variable "mesh_key_generation" {
+  description = "Bump to generate a new mesh key; then roll the nodes as docs/operators.md describes."
+  type        = number
+  default     = 1
+}
