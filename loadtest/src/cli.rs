@@ -154,8 +154,12 @@ pub struct PingArgs {
     pub timeout: Duration,
 }
 
+/// Local source addresses to spread connections over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceIps(pub Vec<IpAddr>);
+
 /// A list or range of local source addresses: `127.0.0.2-127.0.0.20` or `127.0.0.2,127.0.0.3`.
-pub fn parse_source_ips(s: &str) -> Result<Vec<IpAddr>, String> {
+pub fn parse_source_ips(s: &str) -> Result<SourceIps, String> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         if let Some((a, b)) = part.split_once('-') {
@@ -173,7 +177,7 @@ pub fn parse_source_ips(s: &str) -> Result<Vec<IpAddr>, String> {
     if out.is_empty() {
         return Err("no address given".into());
     }
-    Ok(out)
+    Ok(SourceIps(out))
 }
 
 /// Idle-connection scenario.
@@ -184,7 +188,7 @@ pub struct ConnArgs {
     pub count: u32,
     /// Local source addresses to spread connections over (past ~28k per source address).
     #[arg(long, value_parser = parse_source_ips, value_name = "IP-IP|IP,IP")]
-    pub source_ips: Option<Vec<IpAddr>>,
+    pub source_ips: Option<SourceIps>,
     /// The relay's process ID: report its resident memory before/after and per connection.
     #[arg(long, value_name = "PID")]
     pub relay_pid: Option<u32>,
@@ -207,7 +211,7 @@ pub struct ChurnArgs {
     pub duration: Duration,
     /// Local source addresses to spread connections over.
     #[arg(long, value_parser = parse_source_ips, value_name = "IP-IP|IP,IP")]
-    pub source_ips: Option<Vec<IpAddr>>,
+    pub source_ips: Option<SourceIps>,
     /// Handshakes in flight at most (beyond that the schedule slips and is reported).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub concurrency: u32,
@@ -253,12 +257,35 @@ mod tests {
 
     #[test]
     fn source_ip_ranges() {
-        let v = parse_source_ips("127.0.0.2-127.0.0.4,127.0.0.9").unwrap();
+        let v = parse_source_ips("127.0.0.2-127.0.0.4,127.0.0.9").unwrap().0;
         assert_eq!(v.len(), 4);
         assert_eq!(v[3], "127.0.0.9".parse::<IpAddr>().unwrap());
         assert!(parse_source_ips("127.0.0.4-127.0.0.2").is_err());
         assert!(parse_source_ips("nope").is_err());
         assert!(parse_source_ips("").is_err());
+    }
+
+    #[test]
+    fn every_subcommand_parses() {
+        use clap::Parser;
+        let u = ["--url", "http://127.0.0.1:1/derp"];
+        for args in [
+            vec!["throughput", "--pairs", "2", "--rate", "10", "--duration", "1s"],
+            vec!["pingpong", "--pairs", "2"],
+            vec!["connections", "--count", "5", "--source-ips", "127.0.0.2-127.0.0.3", "--relay-pid", "1"],
+            vec!["churn", "--rate", "5", "--source-ips", "127.0.0.2"],
+            vec!["mesh", "--pairs", "2"],
+            vec!["fleet"],
+            vec!["stun", "--server", "127.0.0.1:3478", "--rate", "10"],
+        ] {
+            let mut v = vec!["derpfleet-loadtest"];
+            v.extend(args.iter().copied());
+            v.extend(u);
+            let cli = Cli::try_parse_from(&v).unwrap_or_else(|e| panic!("{v:?}: {e}"));
+            if let Scenario::Connections(c) = cli.scenario {
+                assert_eq!(c.source_ips.unwrap().0.len(), 2);
+            }
+        }
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub async fn run(a: &ChurnArgs, targets: &[(String, DerpTarget)], stop: Cancella
     let target = LeanTarget::new(&as_url(&targets[0].1)).await?;
     let _ = crate::sys::raise_nofile_limit();
     let sources: Vec<Option<IpAddr>> = match &a.source_ips {
-        Some(v) => v.iter().copied().map(Some).collect(),
+        Some(v) => v.0.iter().copied().map(Some).collect(),
         None => vec![None],
     };
     let shared = Arc::new(Mutex::new(Shared::default()));

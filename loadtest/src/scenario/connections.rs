@@ -69,7 +69,7 @@ pub async fn run(a: &ConnArgs, targets: &[(String, DerpTarget)], stop: Cancellat
         Err(e) => rep.notes.push(format!("could not raise the open-file limit: {e}")),
     }
     let sources: Vec<Option<IpAddr>> = match &a.source_ips {
-        Some(v) => v.iter().copied().map(Some).collect(),
+        Some(v) => v.0.iter().copied().map(Some).collect(),
         None => vec![None],
     };
     if count > PORTS_PER_SOURCE * sources.len() as u64 {

@@ -90,8 +90,12 @@ pub async fn run(
     let progress =
         Progress::start(total_secs, "pkt", move || clock.now_ns() / 1_000_000_000, received_all.clone());
     let mut sent = 0u64;
+    let mut lag = LatencyHist::default();
     for s in senders {
-        sent += s.await.unwrap_or(0);
+        if let Ok((n, h)) = s.await {
+            sent += n;
+            lag.merge(&h);
+        }
     }
     // Drain: packets still in flight may arrive; wait until the count stops moving (≤ 2 s).
     let drain_end = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -150,7 +154,10 @@ pub async fn run(
     rep.latency_us = hist.summary();
     rep.distribution = hist.distribution();
     rep.timeline = timeline.counts();
-    if a.rate.is_some() {
+    if let (Some(_), Some(l)) = (a.rate, lag.summary()) {
+        // How late the sender ran behind its schedule (timer granularity, backpressure): this is
+        // included in the one-way latency.
+        rep.results.put("send_lag_p50_us", l.p50_us).put("send_lag_p99_us", l.p99_us);
         rep.notes.push(
             "one-way latency measured from the intended send time (coordinated omission corrected)".into(),
         );
@@ -175,8 +182,9 @@ async fn send_loop(
     win: Window,
     stop: CancellationToken,
     sent_all: Arc<AtomicU64>,
-) -> u64 {
+) -> (u64, LatencyHist) {
     let mut arena = PayloadArena::new(size);
+    let mut lag = LatencyHist::default();
     let mut counted = 0u64;
     let mut seq = 0u64;
     let mut pending_progress = 0u64;
@@ -220,6 +228,7 @@ async fn send_loop(
                     if win.contains(at) {
                         counted += 1;
                         pending_progress += 1;
+                        lag.record_ns(clock.now_ns().saturating_sub(at));
                     }
                 }
                 if due(seq) >= win.end {
@@ -234,7 +243,7 @@ async fn send_loop(
         }
     }
     sent_all.fetch_add(pending_progress, Ordering::Relaxed);
-    counted
+    (counted, lag)
 }
 
 /// Reads and discards frames (keepalives, pings, PeerGone) until the connection closes.

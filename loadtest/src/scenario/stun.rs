@@ -40,6 +40,7 @@ struct SockResult {
     answered: u64,
     invalid: u64,
     hist: LatencyHist,
+    lag: LatencyHist,
 }
 
 fn txid(prefix: u32, ts: u64) -> TxId {
@@ -96,6 +97,7 @@ pub async fn run(a: &StunArgs, stop: CancellationToken) -> Result<Report> {
         total.answered += r.answered;
         total.invalid += r.invalid;
         total.hist.merge(&r.hist);
+        total.lag.merge(&r.lag);
     }
     progress.finish();
     let elapsed = (clock.now_ns().min(run.end).saturating_sub(run.start)).max(1) as f64 / 1e9;
@@ -119,7 +121,8 @@ pub async fn run(a: &StunArgs, stop: CancellationToken) -> Result<Report> {
     rep.latency_us = total.hist.summary();
     rep.distribution = total.hist.distribution();
     rep.timeline = timeline.counts();
-    if a.rate.is_some() {
+    if let (Some(_), Some(l)) = (a.rate, total.lag.summary()) {
+        rep.results.put("send_lag_p50_us", l.p50_us).put("send_lag_p99_us", l.p99_us);
         rep.notes
             .push("latency measured from the intended send time (coordinated omission corrected)".into());
     }
@@ -139,6 +142,7 @@ async fn open_loop(
     let done = CancellationToken::new();
     let recv = tokio::spawn(receive(sock.clone(), prefix, run, done.clone(), tl, ans));
     let mut sent = 0u64;
+    let mut lag = LatencyHist::default();
     if rate > 0 {
         let interval = 1e9 / rate as f64;
         let mut i = 0u64;
@@ -156,6 +160,7 @@ async fn open_loop(
                 let _ = sock.send(&build_request(txid(prefix, at))).await;
                 if at >= run.start {
                     sent += 1;
+                    lag.record_ns(run.clock.now_ns().saturating_sub(at));
                 }
                 i += 1;
             }
@@ -172,6 +177,7 @@ async fn open_loop(
     done.cancel();
     let mut r = recv.await.context("STUN receiver")?;
     r.sent = sent;
+    r.lag = lag;
     Ok(r)
 }
 

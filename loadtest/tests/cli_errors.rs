@@ -1,0 +1,78 @@
+//! Bad arguments are refused with a clear message and exit code 2; a run that cannot connect
+//! fails with exit code 1 and says why.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn refused(args: &[&str], needle: &str) {
+    let out = run(args, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {}\n{err}", out.status);
+    assert!(err.contains(needle), "{args:?}: expected {needle:?} in:\n{err}");
+    assert!(out.stdout.is_empty(), "{args:?} printed a report");
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_message() {
+    let u = "http://127.0.0.1:9/derp";
+    refused(&["throughput"], "no target");
+    refused(&["throughput", "--url", u, "--size", "10"], "--size");
+    refused(&["throughput", "--url", u, "--rate", "0"], "--rate");
+    refused(&["throughput", "--url", u, "--pairs", "0"], "--pairs");
+    refused(&["throughput", "--url", u, "--duration", "soon"], "--duration");
+    refused(&["warp", "--url", u], "warp");
+    refused(&["throughput", "--url", "ftp://x/derp"], "scheme");
+    refused(&["throughput", "--url", u, "--websocket"], "WebSocket");
+    refused(&["connections", "--url", u, "--source-ips", "127.0.0.9-127.0.0.2"], "--source-ips");
+    refused(&["stun"], "--server");
+    refused(&["fleet", "--url", u], "--derp-map");
+    refused(&["throughput", "--derp-map", "/nonexistent/map.json", "--region", "1"], "/nonexistent/map.json");
+}
+
+#[test]
+fn derp_map_needs_a_known_region() {
+    let dir = TempDir::new("map");
+    let p = dir.0.join("m.json");
+    std::fs::write(&p, r#"{"Regions":{"1":{"RegionID":1,"RegionCode":"x","Nodes":[{"Name":"1a","RegionID":1,"HostName":"127.0.0.1"}]}}}"#)
+        .unwrap();
+    let p = p.to_str().unwrap();
+    refused(&["throughput", "--derp-map", p], "--region");
+    refused(&["throughput", "--derp-map", p, "--region", "7"], "not in the DERP map");
+}
+
+#[test]
+fn unreachable_server_fails_with_exit_1() {
+    // A port nobody listens on: bind, learn the port, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}/derp");
+    for args in [
+        vec!["throughput", "--url", &url, "--duration", "1s"],
+        vec!["connections", "--url", &url, "--count", "3"],
+    ] {
+        let out = run(&args, Duration::from_secs(30));
+        let err = String::from_utf8_lossy(&out.stderr);
+        // connections reports failures in its document; throughput cannot start at all.
+        if args[0] == "throughput" {
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert!(err.contains("error:") && err.contains("connect"), "{err}");
+        } else {
+            assert!(out.status.success(), "{err}");
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["results"]["failed"], 3, "{v:#}");
+            assert!(v["results"]["errors"].to_string().contains("connecting"), "{v:#}");
+        }
+    }
+}
+
+#[test]
+fn help_lists_every_scenario() {
+    let out = loadtest().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    for name in ["throughput", "pingpong", "connections", "churn", "mesh", "fleet", "stun"] {
+        assert!(s.contains(name), "{name} missing from --help:\n{s}");
+    }
+}
