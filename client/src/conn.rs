@@ -72,6 +72,8 @@ pub struct ConnectOptions {
     pub prefer_ipv6: bool,
     /// Use the meta-certificate fast start when offered (on by default).
     pub fast_start: bool,
+    /// Speak DERP inside a WebSocket (subprotocol `derp`) instead of `Upgrade: DERP`.
+    pub websocket: bool,
     /// Frames that may wait for the writer; beyond that `send_*` waits and `try_send_*` drops.
     pub send_queue: usize,
     /// A server silent this long is dead (120 s, as the Go client; the server sends KeepAlive every 60 s).
@@ -91,6 +93,7 @@ impl ConnectOptions {
             extra_roots: Vec::new(),
             prefer_ipv6: false,
             fast_start: true,
+            websocket: false,
             send_queue: 1024,
             read_timeout: CLIENT_READ_TIMEOUT,
             connect_timeout: HANDSHAKE_TIMEOUT,
@@ -309,8 +312,12 @@ fn upgrade_request(t: &Transport, fast: bool) -> Vec<u8> {
     r.into_bytes()
 }
 
-/// Reads the HTTP response head; returns with `buf` holding whatever followed it.
-async fn read_upgrade_response(s: &mut BoxStream, buf: &mut BytesMut) -> Result<(), ConnectError> {
+/// Reads the HTTP response head (status must be 101); returns its headers, with `buf` holding
+/// whatever followed the head.
+async fn read_upgrade_response(
+    s: &mut BoxStream,
+    buf: &mut BytesMut,
+) -> Result<Vec<(String, String)>, ConnectError> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
@@ -318,8 +325,13 @@ async fn read_upgrade_response(s: &mut BoxStream, buf: &mut BytesMut) -> Result<
             Ok(httparse::Status::Complete(n)) => {
                 let status = resp.code.unwrap_or(0);
                 if status == 101 {
+                    let headers = resp
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+                        .collect();
                     let _ = buf.split_to(n);
-                    return Ok(());
+                    return Ok(headers);
                 }
                 let content_len = resp
                     .headers
@@ -348,6 +360,34 @@ async fn read_upgrade_response(s: &mut BoxStream, buf: &mut BytesMut) -> Result<
             Err(e) => return Err(ConnectError::Http(e.to_string())),
         }
     }
+}
+
+/// Upgrades to a WebSocket with subprotocol `derp`; returns the byte stream over it.
+async fn websocket_upgrade(t: &mut Transport, buf: &mut BytesMut) -> Result<BoxStream, ConnectError> {
+    let key = crate::ws::new_key();
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: derpfleet-client/{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
+        t.path,
+        t.host_header,
+        env!("CARGO_PKG_VERSION"),
+        crate::ws::SUBPROTOCOL,
+    );
+    t.stream.write_all(req.as_bytes()).await?;
+    t.stream.flush().await?;
+    let headers = read_upgrade_response(&mut t.stream, buf).await?;
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.trim().to_string());
+    if get("sec-websocket-accept") != Some(crate::ws::accept_for(&key)) {
+        return Err(ConnectError::Http("WebSocket upgrade without a valid Sec-WebSocket-Accept".into()));
+    }
+    if get("sec-websocket-protocol").as_deref() != Some(crate::ws::SUBPROTOCOL) {
+        return Err(ConnectError::Http("server did not accept the `derp` WebSocket subprotocol".into()));
+    }
+    let stream = std::mem::replace(&mut t.stream, Box::new(tokio::io::duplex(1).0));
+    let already = buf.split().to_vec();
+    Ok(Box::new(
+        crate::ws::WsBytes::new(stream, tokio_tungstenite::tungstenite::protocol::Role::Client, already)
+            .await,
+    ))
 }
 
 async fn read_frame(
@@ -383,7 +423,10 @@ async fn connect_inner(target: &DerpTarget, opts: &ConnectOptions) -> Result<Der
     let mut t = transport(target, opts).await?;
     let mut buf = BytesMut::with_capacity(64 << 10);
     let mut dec = FrameDecoder::new(Role::Client);
-    let fast_key = t.meta_key.filter(|_| opts.fast_start);
+    if opts.websocket {
+        t.stream = websocket_upgrade(&mut t, &mut buf).await?;
+    }
+    let fast_key = t.meta_key.filter(|_| opts.fast_start && !opts.websocket);
     let server_key = match fast_key {
         Some(key) => {
             let mut out = upgrade_request(&t, true);
@@ -393,9 +436,11 @@ async fn connect_inner(target: &DerpTarget, opts: &ConnectOptions) -> Result<Der
             key
         }
         None => {
-            t.stream.write_all(&upgrade_request(&t, false)).await?;
-            t.stream.flush().await?;
-            read_upgrade_response(&mut t.stream, &mut buf).await?;
+            if !opts.websocket {
+                t.stream.write_all(&upgrade_request(&t, false)).await?;
+                t.stream.flush().await?;
+                read_upgrade_response(&mut t.stream, &mut buf).await?;
+            }
             let key = match read_frame(&mut t.stream, &mut buf, &mut dec).await? {
                 ServerToClient::ServerKey(k) => k,
                 other => return Err(ConnectError::NoServerKey(frame_type_of(&other))),

@@ -15,6 +15,7 @@ pub mod dial;
 pub mod netcheck;
 pub mod region;
 pub mod tls;
+pub mod ws;
 
 pub use conn::{ConnectError, ConnectOptions, DerpConn, DerpReceiver, DerpSender, DerpTarget, SendError};
 pub use derpfleet_proto::derpmap;

@@ -54,6 +54,9 @@ enum Cmd {
         /// Node private key (`privkey:<hex>`); random when absent.
         #[arg(long)]
         key: Option<String>,
+        /// Carry DERP in a WebSocket (subprotocol `derp`).
+        #[arg(long)]
+        websocket: bool,
     },
 }
 
@@ -65,8 +68,8 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Netcheck { derp_map, json, no_https } => netcheck(&derp_map, json, no_https).await,
-        Cmd::Connect { url, insecure, cert_name, ping, key } => {
-            connect(&url, insecure, cert_name, ping, key).await
+        Cmd::Connect { url, insecure, cert_name, ping, key, websocket } => {
+            connect(&url, insecure, cert_name, ping, key, websocket).await
         }
     }
 }
@@ -134,6 +137,7 @@ async fn connect(
     cert_name: Option<String>,
     pings: u32,
     key: Option<String>,
+    websocket: bool,
 ) -> Result<()> {
     let mut u: DerpUrl = url.parse()?;
     if insecure {
@@ -150,7 +154,8 @@ async fn connect(
         None => NodePrivate::generate(),
     };
     let t0 = Instant::now();
-    let conn = DerpConn::connect(&DerpTarget::Url(u), &ConnectOptions::new(key)).await?;
+    let opts = ConnectOptions { websocket, ..ConnectOptions::new(key) };
+    let conn = DerpConn::connect(&DerpTarget::Url(u), &opts).await?;
     let info = conn.info().clone();
     println!(
         "connected to {} in {}: server key {} (fast start: {})",

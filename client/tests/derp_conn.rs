@@ -244,3 +244,40 @@ async fn connect_to_nothing_fails_fast_with_a_clear_error() {
     let e = DerpConn::connect(&t, &ConnectOptions::new(NodePrivate::generate())).await.err().unwrap();
     assert!(matches!(e, ConnectError::Tcp(..)), "{e}");
 }
+
+#[tokio::test]
+async fn websocket_transport_relays_and_pings() {
+    for tls in [Tls::default(), Tls { enabled: true, meta_cert: true, tls12_only: false }] {
+        let s = TestServer::start(tls).await;
+        let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
+        let check = if tls.enabled { pin(&s) } else { CertCheck::HostName };
+        let opts = |k: &NodePrivate| ConnectOptions { websocket: true, ..ConnectOptions::new(k.clone()) };
+        let a = DerpConn::connect(&url(&s, tls.enabled, check.clone()), &opts(&ka)).await.unwrap();
+        let b = DerpConn::connect(&url(&s, tls.enabled, check), &opts(&kb)).await.unwrap();
+        assert!(!a.info().fast_start, "no fast start over WebSocket");
+        let head = s.requests.lock().unwrap()[0].clone();
+        assert!(
+            head.contains("Upgrade: websocket\r\n") && head.contains("Sec-WebSocket-Protocol: derp\r\n"),
+            "{head}"
+        );
+        let (sa, mut ra) = a.split();
+        let (_sb, mut rb) = b.split();
+        for i in 0..100u32 {
+            sa.send_packet(kb.public(), i.to_be_bytes().to_vec()).await.unwrap();
+        }
+        for i in 0..100u32 {
+            match recv_packet(&mut rb).await {
+                ServerToClient::RecvPacket { src, data } => {
+                    assert_eq!(src, ka.public());
+                    assert_eq!(&data[..], &i.to_be_bytes());
+                }
+                _ => unreachable!(),
+            }
+        }
+        sa.send_ping(*b"wsping!!").await.unwrap();
+        assert_eq!(
+            tokio::time::timeout(T, ra.recv()).await.unwrap().unwrap(),
+            ServerToClient::Pong(*b"wsping!!")
+        );
+    }
+}

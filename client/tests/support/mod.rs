@@ -128,7 +128,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     requests: Arc<Mutex<Vec<String>>>,
     received: Arc<Mutex<Vec<ClientToServer>>>,
     hub: Hub,
-    mut push: broadcast::Receiver<ServerToClient>,
+    push: broadcast::Receiver<ServerToClient>,
     latency_delay: std::time::Duration,
 ) {
     let mut buf = BytesMut::with_capacity(8192);
@@ -150,18 +150,56 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             .await;
         return;
     }
-    if !head.to_ascii_lowercase().contains("upgrade: derp") {
+    let lower = head.to_ascii_lowercase();
+    if lower.contains("upgrade: websocket") && lower.contains("sec-websocket-protocol: derp") {
+        let ws_key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: derp\r\n\r\n",
+            derpfleet_client::ws::accept_for(&ws_key)
+        );
+        if s.write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+        let ws = derpfleet_client::ws::WsBytes::new(
+            s,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            buf.to_vec(),
+        )
+        .await;
+        return session(ws, BytesMut::new(), false, key, requests, received, hub, push).await;
+    }
+    if !lower.contains("upgrade: derp") {
         let _ = s.write_all(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 27\r\n\r\nDERP requires connection upgrade").await;
         return;
     }
+    let fast = head.contains("Derp-Fast-Start: 1");
+    session(s, buf, !fast, key, requests, received, hub, push).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    mut buf: BytesMut,
+    send_101: bool,
+    key: NodePrivate,
+    _requests: Arc<Mutex<Vec<String>>>,
+    received: Arc<Mutex<Vec<ClientToServer>>>,
+    hub: Hub,
+    mut push: broadcast::Receiver<ServerToClient>,
+) {
     let mut out = Vec::new();
-    if !head.contains("Derp-Fast-Start: 1") {
+    if send_101 {
         out.extend_from_slice(
             format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Version: 2\r\nDerp-Public-Key: {}\r\n\r\n", key.public().to_hex()).as_bytes(),
         );
     }
     out.extend_from_slice(&server_key_frame(&key.public()));
-    if s.write_all(&out).await.is_err() {
+    if s.write_all(&out).await.is_err() || s.flush().await.is_err() {
         return;
     }
     let mut dec = FrameDecoder::new(Role::Server);
@@ -184,7 +222,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut w = BytesMut::new();
     ServerToClient::ServerInfo(seal_server_info(&key, &client, &ServerInfo::default())).encode(&mut w);
-    if s.write_all(&w).await.is_err() {
+    if s.write_all(&w).await.is_err() || s.flush().await.is_err() {
         return;
     }
     let (tx, mut rx) = mpsc::channel::<ServerToClient>(4096);
@@ -214,7 +252,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
-        if !w.is_empty() && s.write_all(&w).await.is_err() {
+        if !w.is_empty() && (s.write_all(&w).await.is_err() || s.flush().await.is_err()) {
             break;
         }
     }
