@@ -13,6 +13,8 @@
 pub mod conn;
 pub mod dial;
 pub mod netcheck;
+#[cfg(feature = "node")]
+pub mod node;
 pub mod region;
 pub mod tls;
 pub mod ws;

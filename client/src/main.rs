@@ -4,6 +4,9 @@
 //!   `tailscale netcheck` (or as JSON with Go's field names).
 //! - `connect --url URL [--insecure | --cert-name NAME] [--ping N]`: one DERP connection; prints
 //!   the server key and, with `--ping`, N ping round trips.
+//! - `up --config FILE` (feature `node`): the WireGuard node (see `derpfleet_client::node`).
+//! - `status [--control PATH | --iface NAME] [--json]`: the running node's per-peer paths.
+//! - `keygen`: a node key and a disco key for a config file.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -58,6 +61,9 @@ enum Cmd {
         #[arg(long)]
         websocket: bool,
     },
+    #[cfg(feature = "node")]
+    #[command(flatten)]
+    Node(derpfleet_client::node::cli::NodeCmd),
 }
 
 #[tokio::main]
@@ -71,6 +77,8 @@ async fn main() -> Result<()> {
         Cmd::Connect { url, insecure, cert_name, ping, key, websocket } => {
             connect(&url, insecure, cert_name, ping, key, websocket).await
         }
+        #[cfg(feature = "node")]
+        Cmd::Node(c) => c.run().await,
     }
 }
 

@@ -1,0 +1,573 @@
+//! The running node: ties the TUN device, the shared UDP socket, the DERP region clients and
+//! each peer's `Tunn` + path state together.
+//!
+//! Every send is non-blocking (`try_send` on UDP, the DERP queue and the TUN fd): a full queue drops
+//! the datagram and counts it, like a congested link, so no lock is held across an await and memory
+//! stays bounded. Lock order where both are taken: a peer's `tunn` before its `path`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::{Tunn, TunnResult};
+use bytes::Bytes;
+use derpfleet_proto::derpmap::DerpMap;
+use derpfleet_proto::key::NodePublic;
+use derpfleet_proto::msg::ServerToClient;
+use parking_lot::{Mutex, RwLock};
+use tokio::net::UdpSocket;
+use tracing::{debug, info, warn};
+
+use super::config::{IpNet, NodeConfig, PeerConfig};
+use super::disco::{sender_key, DiscoMessage, DiscoPublic, SharedBox};
+use super::endpoint::{Endpoint, PongOutcome, SendPath};
+use super::magicsock::{classify, Kind, OwnEndpoints};
+use super::status::{PeerStatus, Status};
+use super::tun::Tun;
+use super::wg::{src_ip, WgIdentity, WgSender, WG_BUF_LEN};
+use crate::conn::{ConnectOptions, DerpSender, DerpTarget};
+use crate::region::{DerpRegionClient, RegionClientConfig, RegionEvent};
+
+/// How often timers run (boringtun timers, disco pings, STUN).
+pub const TICK: Duration = Duration::from_millis(100);
+/// CallMeMaybe is sent at most this often per peer.
+const CALL_ME_MAYBE_INTERVAL: Duration = Duration::from_secs(5);
+/// Tailscale's placeholder IP for "via DERP" in a Pong's source field (port = region id).
+const DERP_MAGIC_IP: Ipv4Addr = Ipv4Addr::new(127, 3, 3, 40);
+
+/// Drop counters for the whole node.
+#[derive(Default)]
+pub struct Drops {
+    /// UDP sends that failed (would block or error)
+    pub udp: AtomicU64,
+    /// DERP sends that failed (queue full or disconnected)
+    pub derp: AtomicU64,
+    /// TUN writes that failed
+    pub tun: AtomicU64,
+    /// inner packets from a peer with a source outside its allowed IPs
+    pub not_allowed: AtomicU64,
+}
+
+/// One peer.
+pub struct Peer {
+    cfg: PeerConfig,
+    tunn: Mutex<Tunn>,
+    path: Mutex<Endpoint>,
+    disco: Option<SharedBox>,
+    /// Static endpoint (plain WireGuard peers); follows the peer when it roams.
+    static_ep: Mutex<Option<SocketAddr>>,
+    derp_region: AtomicI64,
+    last_call_me_maybe: Mutex<Option<Instant>>,
+    derp_tx: AtomicU64,
+    udp_tx: AtomicU64,
+}
+
+impl Peer {
+    fn uses_disco(&self) -> bool {
+        self.disco.is_some()
+    }
+}
+
+/// The node.
+pub struct Node {
+    cfg_home: i64,
+    map: DerpMap,
+    node_key: NodePublic,
+    disco_pub: DiscoPublic,
+    wg: WgIdentity,
+    sock: Arc<UdpSocket>,
+    tun: Tun,
+    peers: Vec<Peer>,
+    by_node: HashMap<NodePublic, usize>,
+    by_disco: HashMap<DiscoPublic, usize>,
+    derp: HashMap<i64, RwLock<Option<DerpSender>>>,
+    own: Mutex<OwnEndpoints>,
+    drops: Drops,
+}
+
+impl Node {
+    /// Builds the node; `home` is the chosen home region.
+    pub fn new(cfg: &NodeConfig, home: i64, sock: Arc<UdpSocket>, tun: Tun) -> Self {
+        let wg = WgIdentity::new(&cfg.private_key);
+        let mut peers = Vec::new();
+        let (mut by_node, mut by_disco) = (HashMap::new(), HashMap::new());
+        for (i, p) in cfg.peers.iter().enumerate() {
+            let mut path = Endpoint::default();
+            if let (Some(_), Some(ep)) = (p.disco_key, p.endpoint) {
+                path.add_advertised(&[ep], false);
+            }
+            by_node.insert(p.public_key, i);
+            if let Some(d) = p.disco_key {
+                by_disco.insert(d, i);
+            }
+            peers.push(Peer {
+                cfg: p.clone(),
+                tunn: Mutex::new(wg.tunnel(&p.public_key, i as u32, p.keepalive)),
+                path: Mutex::new(path),
+                disco: p.disco_key.map(|d| cfg.disco_key.shared(&d)),
+                static_ep: Mutex::new(if p.disco_key.is_none() { p.endpoint } else { None }),
+                derp_region: AtomicI64::new(p.home_region.unwrap_or(home)),
+                last_call_me_maybe: Mutex::new(None),
+                derp_tx: AtomicU64::new(0),
+                udp_tx: AtomicU64::new(0),
+            });
+        }
+        let mut regions: Vec<i64> = peers.iter().map(|p| p.derp_region.load(Relaxed)).collect();
+        regions.push(home);
+        let derp = regions.into_iter().map(|r| (r, RwLock::new(None))).collect();
+        Self {
+            cfg_home: home,
+            map: cfg.derp_map.clone(),
+            node_key: cfg.private_key.public(),
+            disco_pub: cfg.disco_key.public(),
+            wg,
+            sock,
+            tun,
+            peers,
+            by_node,
+            by_disco,
+            derp,
+            own: Mutex::new(OwnEndpoints::default()),
+            drops: Drops::default(),
+        }
+    }
+
+    /// Our endpoint list (for tests and status).
+    pub fn own_endpoints(&self) -> &Mutex<OwnEndpoints> {
+        &self.own
+    }
+
+    /// Regions we keep a DERP connection to.
+    pub fn regions(&self) -> Vec<i64> {
+        self.derp.keys().copied().collect()
+    }
+
+    fn peer_for_ip(&self, dst: IpAddr) -> Option<&Peer> {
+        let mut best: Option<(&Peer, u8)> = None;
+        for p in &self.peers {
+            for n in &p.cfg.allowed_ips {
+                if n.contains(dst) && best.is_none_or(|(_, l)| n.len > l) {
+                    best = Some((p, n.len));
+                }
+            }
+        }
+        best.map(|(p, _)| p)
+    }
+
+    fn udp_send(&self, data: &[u8], to: SocketAddr) -> bool {
+        if self.sock.try_send_to(data, to).is_err() {
+            self.drops.udp.fetch_add(1, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn derp_send(&self, region: i64, dst: NodePublic, data: &[u8]) -> bool {
+        let sent = self
+            .derp
+            .get(&region)
+            .and_then(|s| s.read().clone())
+            .is_some_and(|s| s.try_send_packet(dst, Bytes::copy_from_slice(data)).is_ok());
+        if !sent {
+            self.drops.derp.fetch_add(1, Relaxed);
+        }
+        sent
+    }
+
+    /// Sends one WireGuard datagram to `peer` by its current path (spec §8 "Send path").
+    fn send_wg(&self, peer: &Peer, data: &[u8]) {
+        if let Some(ep) = *peer.static_ep.lock() {
+            peer.udp_tx.fetch_add(1, Relaxed);
+            self.udp_send(data, ep);
+            return;
+        }
+        let path = if peer.uses_disco() {
+            peer.path.lock().send_path(Instant::now())
+        } else {
+            SendPath::DerpAnd(None)
+        };
+        match path {
+            SendPath::Direct(a) => {
+                peer.udp_tx.fetch_add(1, Relaxed);
+                self.udp_send(data, a);
+            }
+            SendPath::DerpAnd(a) => {
+                if let Some(a) = a {
+                    peer.udp_tx.fetch_add(1, Relaxed);
+                    self.udp_send(data, a);
+                }
+                peer.derp_tx.fetch_add(1, Relaxed);
+                self.derp_send(peer.derp_region.load(Relaxed), peer.cfg.public_key, data);
+            }
+        }
+    }
+
+    fn write_tun(&self, peer: &Peer, pkt: &[u8], src: IpAddr) {
+        if !peer.cfg.allowed_ips.iter().any(|n| n.contains(src)) {
+            self.drops.not_allowed.fetch_add(1, Relaxed);
+            return;
+        }
+        if self.tun.try_send(pkt).is_err() {
+            self.drops.tun.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// An IP packet read from the TUN device.
+    pub fn on_tun_packet(&self, pkt: &[u8], buf: &mut [u8]) {
+        let Some(dst) = Tunn::dst_address(pkt) else { return };
+        let Some(peer) = self.peer_for_ip(dst) else { return };
+        let mut t = peer.tunn.lock();
+        match t.encapsulate(pkt, buf) {
+            TunnResult::WriteToNetwork(d) => self.send_wg(peer, d),
+            TunnResult::Err(e) => debug!("encapsulate: {e:?}"),
+            _ => {}
+        }
+    }
+
+    /// A WireGuard datagram from `peer`, via UDP from `from` or via DERP (`from` = None).
+    fn on_wg(&self, peer: &Peer, from: Option<SocketAddr>, data: &[u8], buf: &mut [u8]) {
+        let mut t = peer.tunn.lock();
+        let mut ok = false;
+        match t.decapsulate(src_ip(from), data, buf) {
+            TunnResult::WriteToNetwork(d) => {
+                ok = true;
+                self.send_wg(peer, d);
+                while let TunnResult::WriteToNetwork(d) = t.decapsulate(None, &[], buf) {
+                    self.send_wg(peer, d);
+                }
+            }
+            TunnResult::WriteToTunnelV4(p, src) => {
+                ok = true;
+                self.write_tun(peer, p, IpAddr::V4(src));
+            }
+            TunnResult::WriteToTunnelV6(p, src) => {
+                ok = true;
+                self.write_tun(peer, p, IpAddr::V6(src));
+            }
+            TunnResult::Done => ok = true,
+            TunnResult::Err(e) => debug!(peer = %peer.cfg.public_key.short(), "decapsulate: {e:?}"),
+        }
+        drop(t);
+        // WireGuard roaming for plain peers: follow an authenticated source address.
+        if let (true, Some(from)) = (ok, from) {
+            let mut ep = peer.static_ep.lock();
+            if ep.is_some() && *ep != Some(from) {
+                info!(peer = %peer.cfg.public_key.short(), %from, "peer roamed");
+                *ep = Some(from);
+            }
+        }
+    }
+
+    /// A datagram on the shared UDP socket.
+    pub fn on_udp(&self, data: &[u8], from: SocketAddr, buf: &mut [u8]) {
+        match classify(data) {
+            Kind::Stun => {
+                if let Some(m) = self.own.lock().on_stun(data, Instant::now()) {
+                    info!(mapped = %m, "STUN: new endpoint");
+                }
+            }
+            Kind::Disco => self.on_disco(data, DiscoVia::Udp(from)),
+            Kind::WireGuard => {
+                let idx = match self.wg.sender_of(data) {
+                    Some(WgSender::Key(k)) => self.by_node.get(&k).copied(),
+                    Some(WgSender::Index(i)) => Some(i as usize).filter(|&i| i < self.peers.len()),
+                    None => None,
+                };
+                if let Some(i) = idx {
+                    self.on_wg(&self.peers[i], Some(from), data, buf);
+                }
+            }
+        }
+    }
+
+    /// A packet relayed by DERP region `region` from node `src`.
+    pub fn on_derp_packet(&self, region: i64, src: NodePublic, data: &[u8], buf: &mut [u8]) {
+        if derpfleet_proto::disco::looks_like_disco(data) {
+            self.on_disco(data, DiscoVia::Derp { region, node: src });
+            return;
+        }
+        let Some(&i) = self.by_node.get(&src) else { return };
+        let peer = &self.peers[i];
+        peer.derp_region.store(region, Relaxed);
+        self.on_wg(peer, None, data, buf);
+    }
+
+    fn send_disco(&self, peer: &Peer, msg: &DiscoMessage, via: DiscoVia) {
+        let Some(b) = &peer.disco else { return };
+        let pkt = b.seal(&self.disco_pub, msg);
+        match via {
+            DiscoVia::Udp(a) => {
+                self.udp_send(&pkt, a);
+            }
+            DiscoVia::Derp { region, node } => {
+                self.derp_send(region, node, &pkt);
+            }
+        }
+    }
+
+    fn send_ping(&self, peer: &Peer, to: SocketAddr) {
+        let tx_id: [u8; 12] = rand::random();
+        peer.path.lock().note_ping_sent(to, tx_id, Instant::now());
+        self.send_disco(
+            peer,
+            &DiscoMessage::Ping { tx_id, node_key: Some(self.node_key.0) },
+            DiscoVia::Udp(to),
+        );
+    }
+
+    fn on_disco(&self, pkt: &[u8], via: DiscoVia) {
+        let Some(sender) = sender_key(pkt) else { return };
+        let Some(&i) = self.by_disco.get(&sender) else { return };
+        let peer = &self.peers[i];
+        let Some(b) = &peer.disco else { return };
+        let Ok(msg) = b.open(pkt) else { return };
+        if let DiscoVia::Derp { node, .. } = via {
+            if node != peer.cfg.public_key {
+                return;
+            }
+        }
+        let now = Instant::now();
+        match msg {
+            DiscoMessage::Ping { tx_id, .. } => {
+                let src = match via {
+                    DiscoVia::Udp(a) => a,
+                    DiscoVia::Derp { region, .. } => {
+                        SocketAddr::new(IpAddr::V4(DERP_MAGIC_IP), u16::try_from(region).unwrap_or(0))
+                    }
+                };
+                self.send_disco(peer, &DiscoMessage::Pong { tx_id, src }, via);
+                if let DiscoVia::Udp(a) = via {
+                    if peer.path.lock().note_ping_from(a, now) {
+                        self.send_ping(peer, a);
+                    }
+                }
+            }
+            DiscoMessage::Pong { tx_id, .. } => {
+                if let DiscoVia::Udp(a) = via {
+                    let out = peer.path.lock().on_pong(tx_id, a, now);
+                    if out == PongOutcome::NewBest {
+                        info!(peer = %peer.cfg.public_key.short(), addr = %a, "direct path");
+                    }
+                }
+            }
+            DiscoMessage::CallMeMaybe { endpoints } => {
+                if matches!(via, DiscoVia::Udp(_)) {
+                    return; // only valid over DERP
+                }
+                debug!(peer = %peer.cfg.public_key.short(), ?endpoints, "call-me-maybe");
+                peer.path.lock().add_advertised(&endpoints, true);
+                for e in endpoints {
+                    self.send_ping(peer, e);
+                }
+            }
+        }
+    }
+
+    /// Periodic work: boringtun timers, disco pings/CallMeMaybe, re-STUN.
+    pub fn tick(&self, buf: &mut [u8]) {
+        let now = Instant::now();
+        let stun = self.own.lock().stun_due(self.map.regions.get(&self.cfg_home), now);
+        for (to, req) in stun {
+            self.udp_send(&req, to);
+        }
+        let own = self.own.lock().list(now);
+        for peer in &self.peers {
+            {
+                let mut t = peer.tunn.lock();
+                if let TunnResult::WriteToNetwork(d) = t.update_timers(buf) {
+                    self.send_wg(peer, d);
+                }
+            }
+            if !peer.uses_disco() {
+                continue;
+            }
+            let (due, round) = peer.path.lock().pings_due(now);
+            for a in due {
+                self.send_ping(peer, a);
+            }
+            if round && !own.is_empty() {
+                let mut last = peer.last_call_me_maybe.lock();
+                if last.is_none_or(|t| now.duration_since(t) >= CALL_ME_MAYBE_INTERVAL) {
+                    *last = Some(now);
+                    drop(last);
+                    let via =
+                        DiscoVia::Derp { region: peer.derp_region.load(Relaxed), node: peer.cfg.public_key };
+                    self.send_disco(peer, &DiscoMessage::CallMeMaybe { endpoints: own.clone() }, via);
+                }
+            }
+        }
+    }
+
+    /// Resets the shared handshake limiter (once a second).
+    pub fn reset_rate_limit(&self) {
+        self.wg.reset_rate_limit();
+    }
+
+    /// Records the current sender of `region` (None while disconnected).
+    pub fn set_derp_sender(&self, region: i64, s: Option<DerpSender>) {
+        if let Some(slot) = self.derp.get(&region) {
+            *slot.write() = s;
+        }
+    }
+
+    /// The status document.
+    pub fn status(&self) -> Status {
+        let now = Instant::now();
+        let peers = self
+            .peers
+            .iter()
+            .map(|p| {
+                let (hs, tx, rx, _, _) = p.tunn.lock().stats();
+                let path = p.path.lock();
+                let region = p.derp_region.load(Relaxed);
+                let (path_s, latency) = match *p.static_ep.lock() {
+                    Some(ep) => (format!("direct {ep}"), None),
+                    None => match path.peek_path(now) {
+                        SendPath::Direct(a) => {
+                            (format!("direct {a}"), path.best().map(|b| b.latency.as_secs_f64() * 1e3))
+                        }
+                        SendPath::DerpAnd(_) => (format!("derp-{region}"), None),
+                    },
+                };
+                PeerStatus {
+                    node_key: p.cfg.public_key.to_string(),
+                    path: path_s,
+                    latency_ms: latency,
+                    tx_bytes: tx as u64,
+                    rx_bytes: rx as u64,
+                    last_handshake_secs: hs.map(|d| d.as_secs_f64()),
+                    derp_tx_packets: p.derp_tx.load(Relaxed),
+                    udp_tx_packets: p.udp_tx.load(Relaxed),
+                    candidates: path.candidate_count(),
+                }
+            })
+            .collect();
+        Status {
+            node_key: self.node_key.to_string(),
+            disco_key: self.disco_pub.to_string(),
+            home_region: self.cfg_home,
+            home_connected: self.derp.get(&self.cfg_home).is_some_and(|s| s.read().is_some()),
+            listen: self.sock.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            endpoints: self.own.lock().list(now),
+            peers,
+        }
+    }
+
+    /// The TUN device.
+    pub fn tun(&self) -> &Tun {
+        &self.tun
+    }
+
+    /// The shared socket.
+    pub fn socket(&self) -> &Arc<UdpSocket> {
+        &self.sock
+    }
+
+    /// Drop counters.
+    pub fn drops(&self) -> &Drops {
+        &self.drops
+    }
+}
+
+/// Where a disco message came from / goes to.
+#[derive(Clone, Copy, Debug)]
+enum DiscoVia {
+    Udp(SocketAddr),
+    Derp { region: i64, node: NodePublic },
+}
+
+/// Starts the background tasks: UDP reader, TUN reader, timers, DERP regions.
+pub fn spawn_tasks(node: Arc<Node>, opts: ConnectOptions) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    let n = node.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut rbuf = vec![0u8; 65536];
+        let mut wbuf = vec![0u8; WG_BUF_LEN];
+        loop {
+            match n.sock.recv_from(&mut rbuf).await {
+                Ok((len, from)) => n.on_udp(&rbuf[..len], from, &mut wbuf),
+                Err(e) => {
+                    // ICMP errors surface here on Linux; keep reading.
+                    debug!("udp recv: {e}");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }));
+    let n = node.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut rbuf = vec![0u8; 65536];
+        let mut wbuf = vec![0u8; WG_BUF_LEN];
+        loop {
+            match n.tun.recv(&mut rbuf).await {
+                Ok(len) => n.on_tun_packet(&rbuf[..len], &mut wbuf),
+                Err(e) => {
+                    warn!("tun read: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }));
+    let n = node.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut buf = vec![0u8; WG_BUF_LEN];
+        let mut iv = tokio::time::interval(TICK);
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_reset = Instant::now();
+        loop {
+            iv.tick().await;
+            n.tick(&mut buf);
+            if last_reset.elapsed() >= Duration::from_secs(1) {
+                last_reset = Instant::now();
+                n.reset_rate_limit();
+            }
+        }
+    }));
+    for region in node.regions() {
+        let Some(r) = node.map.regions.get(&region).cloned() else { continue };
+        let mut cfg = RegionClientConfig::new(DerpTarget::Region(r), opts.clone());
+        cfg.is_home = region == node.cfg_home;
+        let mut client = DerpRegionClient::spawn(cfg);
+        let n = node.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; WG_BUF_LEN];
+            while let Some(ev) = client.recv().await {
+                match ev {
+                    RegionEvent::Connected(info) => {
+                        info!(region, remote = %info.remote, "DERP connected");
+                        n.set_derp_sender(region, client.wait_connected(Duration::from_secs(1)).await);
+                    }
+                    RegionEvent::Disconnected { error, .. } | RegionEvent::ConnectFailed { error, .. } => {
+                        warn!(region, "DERP: {error}");
+                        n.set_derp_sender(region, None);
+                    }
+                    RegionEvent::Message(ServerToClient::RecvPacket { src, data }) => {
+                        n.on_derp_packet(region, src, &data, &mut buf)
+                    }
+                    RegionEvent::Message(_) => {}
+                }
+            }
+        }));
+    }
+    tasks
+}
+
+/// Allowed-IP prefixes not already covered by the TUN's own address prefixes (they need routes).
+pub fn extra_routes(cfg: &NodeConfig) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for p in &cfg.peers {
+        for n in &p.allowed_ips {
+            let covered = cfg.tun_addresses.iter().any(|a| {
+                a.len <= n.len
+                    && a.addr.is_ipv4() == n.addr.is_ipv4()
+                    && IpNet { addr: a.addr, len: a.len }.contains(n.addr)
+            });
+            if !covered && !out.contains(n) {
+                out.push(*n);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,152 @@
+//! The reference node: WireGuard (boringtun) over DERP with Tailscale-style direct-path upgrade.
+//!
+//! `derpfleet-client up --config FILE` runs [`run`]. The pieces, one job each:
+//! - [`config`]: the TOML file (keys, DERP map, TUN, peers).
+//! - [`disco`]: disco keys and the Ping/Pong/CallMeMaybe codec in NaCl boxes.
+//! - [`endpoint`]: per-peer path state (candidates, trust 6.5 s, heartbeat 3 s, betterAddr).
+//! - [`magicsock`]: the shared UDP socket's demux (STUN / disco / WireGuard) and our endpoints.
+//! - [`wg`]: boringtun adapter (one `Tunn` per peer, shared rate limiter, peer lookup).
+//! - [`tun`]: the TUN device.
+//! - [`engine`]: the running node gluing them together.
+//! - [`status`]: the control socket and `derpfleet-client status`.
+
+#[cfg(feature = "cli")]
+pub mod cli;
+pub mod config;
+pub mod disco;
+pub mod endpoint;
+pub mod engine;
+pub mod magicsock;
+pub mod status;
+pub mod tun;
+pub mod wg;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tracing::{info, warn};
+
+use crate::conn::ConnectOptions;
+use crate::netcheck::{NetcheckConfig, Netchecker};
+use config::NodeConfig;
+use engine::Node;
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    /// Binding the UDP socket failed.
+    #[error("binding UDP port {port}: {source}")]
+    Bind {
+        /// the port
+        port: u16,
+        /// why
+        source: std::io::Error,
+    },
+    /// TUN setup failed.
+    #[error(transparent)]
+    Tun(#[from] tun::TunError),
+    /// The control socket could not be bound.
+    #[error("control socket {path}: {source}")]
+    Control {
+        /// the path
+        path: std::path::PathBuf,
+        /// why
+        source: std::io::Error,
+    },
+    /// No home region: netcheck found none and the config names none.
+    #[error("no home DERP region: netcheck got no answer and home_region is not set")]
+    NoHome,
+}
+
+/// A started node; dropping it stops every task and removes the control socket.
+pub struct RunningNode {
+    /// the node
+    pub node: Arc<Node>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    control: std::path::PathBuf,
+}
+
+impl Drop for RunningNode {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.control);
+    }
+}
+
+/// Starts the node: UDP socket, netcheck (for the home region and our STUN mapping, when the
+/// config does not force a home), TUN, DERP connections, timers and the control socket.
+pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
+    let sock = UdpSocket::bind(("0.0.0.0", cfg.listen_port))
+        .await
+        .map_err(|source| UpError::Bind { port: cfg.listen_port, source })?;
+    let sock = Arc::new(sock);
+    let port = sock.local_addr().map(|a| a.port()).unwrap_or(cfg.listen_port);
+    let mut first_mapping = None;
+    let home = match cfg.home_region {
+        Some(h) => h,
+        None => {
+            // netcheck reads the shared socket, so it runs before the node's reader starts.
+            let nc_cfg = NetcheckConfig { https_fallback: true, ..Default::default() };
+            let mut nc = Netchecker::with_sockets(Some(sock.clone()), None, nc_cfg);
+            let report = nc.run(&cfg.derp_map, true, None).await;
+            first_mapping = report.global_v4;
+            info!(home = report.preferred_derp, global_v4 = ?report.global_v4, "netcheck");
+            if report.preferred_derp == 0 {
+                return Err(UpError::NoHome);
+            }
+            report.preferred_derp
+        }
+    };
+    let tun = tun::Tun::create(&cfg.tun_name)?;
+    tun.configure(&cfg.tun_addresses, cfg.mtu)?;
+    for r in engine::extra_routes(&cfg) {
+        tun.add_route(&r)?;
+    }
+    let node = Arc::new(Node::new(&cfg, home, sock, tun));
+    {
+        let mut own = node.own_endpoints().lock();
+        own.set_local(magicsock::local_addresses(port, &cfg.tun_name));
+        if let Some(m) = first_mapping {
+            own.add_stun(m, Instant::now());
+        }
+    }
+    let mut opts = ConnectOptions::new(cfg.private_key.clone());
+    opts.app_name = Some("derpfleet-node".into());
+    let mut tasks = engine::spawn_tasks(node.clone(), opts);
+    let listener = status::bind(&cfg.control)
+        .map_err(|source| UpError::Control { path: cfg.control.clone(), source })?;
+    let n = node.clone();
+    tasks.push(tokio::spawn(status::serve(listener, move || n.status())));
+    Ok(RunningNode { node, tasks, control: cfg.control })
+}
+
+/// Runs until SIGINT/SIGTERM.
+pub async fn run(cfg: NodeConfig) -> Result<(), UpError> {
+    if cfg.disco_key_generated {
+        warn!("no disco_key in the config: using a random one; peers cannot upgrade to a direct path");
+    }
+    let (node_key, disco_key, iface) =
+        (cfg.private_key.public(), cfg.disco_key.public(), cfg.tun_name.clone());
+    let control = cfg.control.clone();
+    let running = start(cfg).await?;
+    let st = running.node.status();
+    println!(
+        "up: {iface} node {node_key} disco {disco_key} listen {} home derp-{} control {}",
+        st.listen,
+        st.home_region,
+        control.display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| UpError::Control { path: control.clone(), source })?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down");
+    drop(running);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    Ok(())
+}

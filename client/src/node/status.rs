@@ -1,0 +1,136 @@
+//! `derpfleet-client status`: what the running `up` process reports over its control socket.
+//!
+//! Protocol: connect to the unix socket (default `/run/derpfleet-client/<iface>.sock`); the server
+//! writes one JSON [`Status`] document and closes. No request is read, so the socket is read-only
+//! by design; its file mode (0600, root) is the access control.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Whole-node status.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// our node key
+    pub node_key: String,
+    /// our disco key
+    pub disco_key: String,
+    /// home DERP region
+    pub home_region: i64,
+    /// whether the home region connection is up
+    pub home_connected: bool,
+    /// the shared UDP socket
+    pub listen: SocketAddr,
+    /// endpoints we advertise
+    pub endpoints: Vec<SocketAddr>,
+    /// per-peer state
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One peer's state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// node key
+    pub node_key: String,
+    /// `direct <ip:port>` or `derp-<region>`
+    pub path: String,
+    /// last disco round trip on the direct path, milliseconds
+    pub latency_ms: Option<f64>,
+    /// WireGuard bytes sent (ciphertext, as boringtun counts)
+    pub tx_bytes: u64,
+    /// WireGuard bytes received
+    pub rx_bytes: u64,
+    /// seconds since the last completed handshake
+    pub last_handshake_secs: Option<f64>,
+    /// datagrams sent over DERP
+    pub derp_tx_packets: u64,
+    /// datagrams sent over direct UDP
+    pub udp_tx_packets: u64,
+    /// known direct candidates
+    pub candidates: usize,
+}
+
+/// Why the status could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// Connecting or reading failed (is `up` running?).
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// the socket path
+        path: PathBuf,
+        /// why
+        source: std::io::Error,
+    },
+    /// The answer was not a status document.
+    #[error("bad status document: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Binds the control socket (replacing a stale one; creating its directory).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serves `make()` to every connection until the task is dropped.
+pub async fn serve(listener: UnixListener, make: impl Fn() -> Status + Send + 'static) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else { continue };
+        let body = serde_json::to_vec(&make()).unwrap_or_default();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                let _ = s.write_all(&body).await;
+                let _ = s.shutdown().await;
+            })
+            .await;
+        });
+    }
+}
+
+/// Fetches the status from a control socket.
+pub async fn fetch(path: &Path) -> Result<Status, StatusError> {
+    let io = |source| StatusError::Io { path: path.to_path_buf(), source };
+    let mut s = UnixStream::connect(path).await.map_err(io)?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer")))?
+        .map_err(io)?;
+    Ok(serde_json::from_slice(&buf)?)
+}
+
+/// Human-readable status, one line per peer.
+pub fn render(s: &Status) -> String {
+    let mut out = format!(
+        "node {}  disco {}\nhome derp-{} ({})  listen {}  endpoints {}\n",
+        s.node_key,
+        s.disco_key,
+        s.home_region,
+        if s.home_connected { "connected" } else { "not connected" },
+        s.listen,
+        s.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(","),
+    );
+    out += "peer             path                       latency   tx bytes   rx bytes  handshake\n";
+    for p in &s.peers {
+        let short = p.node_key.strip_prefix("nodekey:").unwrap_or(&p.node_key);
+        out += &format!(
+            "{:<16} {:<26} {:>8} {:>10} {:>10}  {}\n",
+            &short[..short.len().min(16)],
+            p.path,
+            p.latency_ms.map(|l| format!("{l:.1}ms")).unwrap_or_else(|| "-".into()),
+            p.tx_bytes,
+            p.rx_bytes,
+            p.last_handshake_secs.map(|s| format!("{s:.0}s ago")).unwrap_or_else(|| "never".into()),
+        );
+    }
+    out
+}

@@ -1,0 +1,162 @@
+//! A Linux TUN device (`/dev/net/tun`, `IFF_TUN | IFF_NO_PI`) read and written asynchronously.
+//!
+//! The unsafe part is two `libc` calls (open is safe through std; `ioctl(TUNSETIFF)` and the
+//! raw read/write on a non-blocking fd). Addresses, MTU and link state are set with `ip`, the tool an
+//! operator would use, so the interface looks exactly as if configured by hand.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::Command;
+
+use tokio::io::unix::AsyncFd;
+
+use super::config::IpNet;
+
+/// Why the TUN device could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    /// Opening `/dev/net/tun` or `TUNSETIFF` failed (root or CAP_NET_ADMIN needed).
+    #[error("creating TUN {name}: {source}")]
+    Create {
+        /// interface name
+        name: String,
+        /// why
+        source: io::Error,
+    },
+    /// An `ip` command failed.
+    #[error("configuring {name}: `ip {args}`: {msg}")]
+    Ip {
+        /// interface name
+        name: String,
+        /// the arguments
+        args: String,
+        /// stderr
+        msg: String,
+    },
+}
+
+/// An open TUN interface.
+pub struct Tun {
+    fd: AsyncFd<OwnedFd>,
+    name: String,
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+impl Tun {
+    /// Creates (or attaches to) interface `name`. Needs a tokio runtime.
+    pub fn create(name: &str) -> Result<Self, TunError> {
+        let err = |source| TunError::Create { name: name.to_string(), source };
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(err(io::Error::new(io::ErrorKind::InvalidInput, "bad interface name")));
+        }
+        let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(err)?;
+        let fd: OwnedFd = file.into();
+        let mut req =
+            IfReq { name: [0; libc::IFNAMSIZ], flags: (libc::IFF_TUN | libc::IFF_NO_PI) as _, _pad: [0; 22] };
+        for (d, s) in req.name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        // SAFETY: fd is an open /dev/net/tun descriptor and req is a properly sized ifreq.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
+        if rc < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        // SAFETY: fcntl on an fd we own.
+        let rc = unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK)
+        };
+        if rc < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a valid open descriptor owned by the OwnedFd we move into the AsyncFd, so it
+        // stays open and unchanged for the AsyncFd's lifetime.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| err(e.into()))?;
+        Ok(Self { fd, name: name.to_string() })
+    }
+
+    /// Sets MTU, addresses (each also installs its on-link route) and brings the link up.
+    pub fn configure(&self, addresses: &[IpNet], mtu: u16) -> Result<(), TunError> {
+        self.ip(&["link", "set", "dev", &self.name, "mtu", &mtu.to_string()])?;
+        for a in addresses {
+            self.ip(&["addr", "add", &a.to_string(), "dev", &self.name])?;
+        }
+        self.ip(&["link", "set", "dev", &self.name, "up"])
+    }
+
+    /// Adds a route to `net` through this interface (for allowed IPs outside the address prefixes).
+    pub fn add_route(&self, net: &IpNet) -> Result<(), TunError> {
+        self.ip(&["route", "replace", &net.to_string(), "dev", &self.name])
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<(), TunError> {
+        let fail = |msg: String| TunError::Ip { name: self.name.clone(), args: args.join(" "), msg };
+        let out = Command::new("ip").args(args).output().map_err(|e| fail(e.to_string()))?;
+        if !out.status.success() {
+            return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        Ok(())
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one IP packet.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut g = self.fd.readable().await?;
+            // SAFETY: reading into a valid mutable buffer of buf.len() bytes.
+            match g.try_io(|fd| {
+                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Writes one IP packet without waiting; fails with `WouldBlock` when the device queue is full.
+    pub fn try_send(&self, pkt: &[u8]) -> io::Result<usize> {
+        // SAFETY: writing from a valid buffer of pkt.len() bytes to a non-blocking fd we own.
+        let n = unsafe { libc::write(self.fd.get_ref().as_raw_fd(), pkt.as_ptr().cast(), pkt.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Writes one IP packet.
+    pub async fn send(&self, pkt: &[u8]) -> io::Result<usize> {
+        loop {
+            let mut g = self.fd.writable().await?;
+            // SAFETY: writing from a valid buffer of pkt.len() bytes.
+            match g.try_io(|fd| {
+                let n = unsafe { libc::write(fd.as_raw_fd(), pkt.as_ptr().cast(), pkt.len()) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}

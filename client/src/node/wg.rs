@@ -1,0 +1,132 @@
+//! The boringtun adapter: one `Tunn` per peer, our node key as the WireGuard static key.
+//!
+//! Node keys are Curve25519 keys, exactly what WireGuard uses, so a peer's `nodekey:` is also its
+//! WireGuard public key and a DERP `RecvPacket.src` names the WireGuard peer directly. Keys cross
+//! into boringtun's x25519-dalek 2 types as raw bytes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use derpfleet_proto::key::{NodePrivate, NodePublic};
+
+/// Handshakes per second above which the shared limiter answers with cookies.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Largest buffer any boringtun call writes into (a maximal IP packet plus WireGuard overhead).
+pub const WG_BUF_LEN: usize = 65536 + 148;
+
+/// Our WireGuard identity, shared by every peer's `Tunn`.
+pub struct WgIdentity {
+    secret: StaticSecret,
+    public: PublicKey,
+    limiter: Arc<RateLimiter>,
+}
+
+/// Which peer an incoming UDP WireGuard datagram belongs to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WgSender {
+    /// A handshake initiation from this static key.
+    Key(NodePublic),
+    /// A message addressed to our session index of this peer.
+    Index(u32),
+}
+
+impl WgIdentity {
+    /// Builds the identity from our node key.
+    pub fn new(key: &NodePrivate) -> Self {
+        let secret = StaticSecret::from(key.to_bytes());
+        let public = PublicKey::from(&secret);
+        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        Self { secret, public, limiter }
+    }
+
+    /// A tunnel to `peer`; `index` (< 2^24) is the peer's slot, recovered from session indices.
+    pub fn tunnel(&self, peer: &NodePublic, index: u32, keepalive: Option<u16>) -> Tunn {
+        Tunn::new(
+            self.secret.clone(),
+            PublicKey::from(peer.0),
+            None,
+            keepalive,
+            index,
+            Some(self.limiter.clone()),
+        )
+    }
+
+    /// Resets the handshake rate-limit counter; call once a second.
+    pub fn reset_rate_limit(&self) {
+        self.limiter.reset_count();
+    }
+
+    /// Identifies the peer of a UDP datagram without decrypting data: initiations name the sender's
+    /// static key (one DH), everything else carries our index (peer slot in the top 24 bits).
+    pub fn sender_of(&self, datagram: &[u8]) -> Option<WgSender> {
+        match Tunn::parse_incoming_packet(datagram).ok()? {
+            Packet::HandshakeInit(init) => parse_handshake_anon(&self.secret, &self.public, &init)
+                .ok()
+                .map(|h| WgSender::Key(NodePublic(h.peer_static_public))),
+            Packet::HandshakeResponse(p) => Some(WgSender::Index(p.receiver_idx >> 8)),
+            Packet::PacketCookieReply(p) => Some(WgSender::Index(p.receiver_idx >> 8)),
+            Packet::PacketData(p) => Some(WgSender::Index(p.receiver_idx >> 8)),
+        }
+    }
+}
+
+/// The address boringtun wants for cookie decisions.
+pub fn src_ip(a: Option<SocketAddr>) -> Option<IpAddr> {
+    a.map(|a| a.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boringtun::noise::TunnResult;
+
+    /// Two identities complete a handshake in memory and carry an IPv4 packet; each side finds the
+    /// other's datagrams by key (initiation) and by index (response, data).
+    #[test]
+    fn handshake_and_data_between_two_identities() {
+        let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
+        let (ia, ib) = (WgIdentity::new(&ka), WgIdentity::new(&kb));
+        let mut ta = ia.tunnel(&kb.public(), 7, None);
+        let mut tb = ib.tunnel(&ka.public(), 3, None);
+        let mut pkt = vec![0u8; 40];
+        pkt[0] = 0x45;
+        pkt[2..4].copy_from_slice(&40u16.to_be_bytes());
+        pkt[8] = 64;
+        pkt[12..16].copy_from_slice(&[100, 64, 0, 1]);
+        pkt[16..20].copy_from_slice(&[100, 64, 0, 2]);
+        let (mut b1, mut b2) = (vec![0u8; WG_BUF_LEN], vec![0u8; WG_BUF_LEN]);
+        let init = match ta.encapsulate(&pkt, &mut b1) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ib.sender_of(&init), Some(WgSender::Key(ka.public())));
+        let resp = match tb.decapsulate(None, &init, &mut b2) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ia.sender_of(&resp), Some(WgSender::Index(7)));
+        // The response releases the queued packet on A's side.
+        let data = match ta.decapsulate(None, &resp, &mut b1) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let data = match ta.decapsulate(None, &[], &mut b1) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            TunnResult::Done => data,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ib.sender_of(&data), Some(WgSender::Index(3)));
+        match tb.decapsulate(None, &data, &mut b2) {
+            TunnResult::WriteToTunnelV4(p, src) => {
+                assert_eq!(src, std::net::Ipv4Addr::new(100, 64, 0, 1));
+                assert_eq!(&p[..], &pkt[..]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ia.sender_of(b"junk"), None);
+    }
+}
