@@ -9,10 +9,19 @@
 //!   ephemeral key and ignores `-a` and `-c`.
 //! - `-hostname` defaults to `derp.tailscale.com`, as derper.
 //! - `-tcp-keepalive-time 0` turns keepalive off; `-tcp-user-timeout 0` leaves the kernel default.
-//! - `-stun` and `-stun-port` are accepted so derper command lines parse; STUN is served by
-//!   the STUN component (not by this crate's [`crate::server::Server`]).
+//! - `-stun` (default true) serves STUN from the `derpfleet-stun` responder on `-stun-port`
+//!   at the IP of `-a` (with `-dev`: 127.0.0.1); `-stun-strict` answers only Tailscale-style
+//!   requests; `-stun-rate-limit`/`-stun-rate-burst` limit requests per source IP (0 = off).
+//! - Admission: `-verify-client-url` (derper's protocol) and `-allowlist FILE`; `-verify-clients`
+//!   (tailscaled's LocalAPI) is refused at start: it cannot be tested here, use the URL instead.
+//! - `-accept-connection-limit-per-ip`/`-burst-per-ip` add a per-source-IP accept limit next to
+//!   derper's global one; both apply to the main listener, TLS or not.
+//! - Graceful restart: `-drain-timeout`, `-restart-reconnect-in` (+ `-restart-reconnect-jitter`),
+//!   `-restart-try-for` (see [`crate::server::Server::drain`]).
+//! - `-config FILE`: a TOML file with any flag as a key ([`crate::config`]); flags win over it.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,10 +29,14 @@ use clap::{ArgAction, Parser};
 use derpfleet_proto::goflag::parse_go_bool;
 use derpfleet_proto::NodePrivate;
 
+use derpfleet_stun::{PerIpLimit, StunConfig};
+
+use crate::admission::{Allowlist, AllowlistError, VerifyUrl, VerifyUrlError};
 use crate::derp_server::DerpServerConfig;
 use crate::http::HomePage;
 use crate::keyfile::{self, KeyFileError};
-use crate::server::{ServerConfig, TcpTuning};
+use crate::ratelimit::{load_rate_config, AcceptRate, RateConfigError, RecvRate};
+use crate::server::{DrainOptions, OpsConfig, ServerConfig, StunSettings, TcpTuning};
 use crate::tls::{self, TlsError};
 
 /// The relay's command-line flags (derper's names; write them as `-name value`, `-name=value`
@@ -34,7 +47,8 @@ use crate::tls::{self, TlsError};
     version,
     about = "A Tailscale DERP v2 relay server, wire-compatible with tailscaled and Go derper.",
     disable_help_flag = true,
-    disable_version_flag = true
+    disable_version_flag = true,
+    args_override_self = true
 )]
 pub struct Flags {
     /// server HTTP/HTTPS listen address, in form ":port", "ip:port", or for IPv6 "[ip]:port". If the IP is
@@ -115,6 +129,119 @@ pub struct Flags {
           value_name = "duration")]
     pub tcp_write_timeout: Duration,
 
+    /// TOML file whose keys are these flags' names (e.g. stun-port = 3478); command-line flags
+    /// override it
+    #[arg(long = "config", value_name = "file")]
+    pub config_file: Option<PathBuf>,
+
+    /// verify clients through a local tailscaled (NOT SUPPORTED: refused at start; use
+    /// -verify-client-url)
+    #[arg(long = "verify-clients", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
+          value_name = "bool")]
+    pub verify_clients: bool,
+
+    /// tailscaled LocalAPI socket for -verify-clients (accepted for derper compatibility; unused)
+    #[arg(long = "socket", default_value = "", value_name = "string")]
+    pub socket: String,
+
+    /// if non-empty, an admission controller URL (http or https): each client's key is POSTed as
+    /// {"NodePublic":"nodekey:…","Source":"ip"} and admitted only on HTTP 200 with {"Allow":true}
+    #[arg(long = "verify-client-url", default_value = "", value_parser = check_verify_url,
+          value_name = "string")]
+    pub verify_client_url: String,
+
+    /// whether -verify-client-url admits clients when the controller cannot be reached (only
+    /// transport errors and timeouts; any answer other than an allow rejects)
+    #[arg(long = "verify-client-url-fail-open", default_value = "true", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", value_parser = parse_go_bool,
+          action = ArgAction::Set, value_name = "bool")]
+    pub verify_client_url_fail_open: bool,
+
+    /// file of node keys allowed to connect (one nodekey:<hex> per line, # comments), reloaded on
+    /// SIGHUP; unset = everyone. Mesh peers are always admitted
+    #[arg(long = "allowlist", value_name = "file")]
+    pub allowlist: Option<PathBuf>,
+
+    /// rate limit (connections per second) for accepting connections on the main port; over it a
+    /// connection is accepted and closed at once. +Inf = no limit
+    #[arg(long = "accept-connection-limit", default_value = "+Inf", value_parser = parse_rate,
+          value_name = "float")]
+    pub accept_connection_limit: f64,
+
+    /// burst for -accept-connection-limit
+    #[arg(long = "accept-connection-burst", default_value_t = i64::MAX, value_parser = parse_burst,
+          value_name = "int")]
+    pub accept_connection_burst: i64,
+
+    /// rate limit (connections per second) per source IP for accepting connections; +Inf = no limit
+    #[arg(long = "accept-connection-limit-per-ip", default_value = "+Inf", value_parser = parse_rate,
+          value_name = "float")]
+    pub accept_connection_limit_per_ip: f64,
+
+    /// burst for -accept-connection-limit-per-ip
+    #[arg(long = "accept-connection-burst-per-ip", default_value_t = 20, value_parser = parse_burst,
+          value_name = "int")]
+    pub accept_connection_burst_per_ip: i64,
+
+    /// JSON file {"PerClientRateLimitBytesPerSec":N,"PerClientRateBurstBytes":M} limiting what each
+    /// client may send (reads pause; nothing is dropped); reloaded on SIGHUP; N=0 = off; mesh
+    /// peers exempt
+    #[arg(long = "rate-config", value_name = "file")]
+    pub rate_config: Option<PathBuf>,
+
+    /// listen address of the /metrics (Prometheus) and /healthz endpoints; empty = off
+    #[arg(long = "metrics-addr", default_value = "127.0.0.1:9090", value_parser = check_metrics_addr,
+          value_name = "addr")]
+    pub metrics_addr: String,
+
+    /// on SIGTERM/SIGINT: how long to wait for clients to leave after Restarting before closing
+    /// the rest (Go duration)
+    #[arg(long = "drain-timeout", default_value = "5s", value_parser = parse_go_duration,
+          value_name = "duration")]
+    pub drain_timeout: Duration,
+
+    /// Restarting frame at shutdown: when clients should reconnect (Go duration; each client gets
+    /// a random extra delay up to -restart-reconnect-jitter)
+    #[arg(long = "restart-reconnect-in", default_value = "1s", value_parser = parse_go_duration,
+          value_name = "duration")]
+    pub restart_reconnect_in: Duration,
+
+    /// upper bound of the random per-client delay added to -restart-reconnect-in
+    #[arg(long = "restart-reconnect-jitter", default_value = "2s", value_parser = parse_go_duration,
+          value_name = "duration")]
+    pub restart_reconnect_jitter: Duration,
+
+    /// Restarting frame at shutdown: how long clients should keep trying to reconnect
+    #[arg(long = "restart-try-for", default_value = "30s", value_parser = parse_go_duration,
+          value_name = "duration")]
+    pub restart_try_for: Duration,
+
+    /// how often -certmode manual certificate files are checked for changes (Go duration; 0 = never)
+    #[arg(long = "cert-reload-interval", default_value = "5s", value_parser = parse_go_duration,
+          value_name = "duration")]
+    pub cert_reload_interval: Duration,
+
+    /// answer only Tailscale-style STUN requests (derper's rules); otherwise any RFC 5389 Binding
+    /// request is answered too
+    #[arg(long = "stun-strict", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
+          value_name = "bool")]
+    pub stun_strict: bool,
+
+    /// STUN requests per second allowed per source IP (0 = no limit)
+    #[arg(long = "stun-rate-limit", default_value_t = 100, value_name = "int")]
+    pub stun_rate_limit: u32,
+
+    /// STUN requests a source IP may send back to back
+    #[arg(long = "stun-rate-burst", default_value_t = 200, value_name = "int")]
+    pub stun_rate_burst: u32,
+
+    /// packet drops are logged at most once per this interval, one line per reason with counts
+    #[arg(long = "drop-log-interval", default_value = "10s", value_parser = parse_go_duration,
+          value_name = "duration")]
+    pub drop_log_interval: Duration,
+
     /// print this help
     #[arg(long = "help", visible_alias = "h", action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -129,6 +256,72 @@ impl Flags {
     {
         Flags::try_parse_from(derpfleet_proto::goflag::normalize_args(args))
     }
+
+    /// Parses a command line that may name a `-config` TOML file: the file's settings come
+    /// first, the command line overrides them.
+    pub fn parse_with_config<I, T>(args: I) -> Result<Flags, FlagsError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString>,
+    {
+        let args: Vec<std::ffi::OsString> = derpfleet_proto::goflag::normalize_args(args);
+        let Some(path) = crate::config::config_arg(&args) else {
+            return Ok(Flags::try_parse_from(args)?);
+        };
+        let from_file = crate::config::load_args(&path)?;
+        let mut all: Vec<std::ffi::OsString> = Vec::with_capacity(args.len() + from_file.len());
+        all.extend(args.first().cloned());
+        all.extend(from_file.into_iter().map(Into::into));
+        all.extend(args.into_iter().skip(1));
+        Ok(Flags::try_parse_from(all)?)
+    }
+}
+
+/// Why the command line (with its config file) could not be parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagsError {
+    /// A bad flag (clap prints it with usage; `--help` and `--version` land here too).
+    #[error(transparent)]
+    Flags(#[from] clap::Error),
+    /// A bad config file.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// `+Inf`/`Inf`/`inf` or a non-negative number (connections per second).
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim_start_matches('+').to_ascii_lowercase().as_str() {
+        "inf" | "infinity" => return Ok(f64::INFINITY),
+        _ => {}
+    }
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number (or +Inf)"))?;
+    if v.is_nan() || v < 0.0 {
+        return Err(format!("{s:?}: must be >= 0"));
+    }
+    Ok(v)
+}
+
+/// A burst: a positive integer.
+pub fn parse_burst(s: &str) -> Result<i64, String> {
+    let v: i64 = s.parse().map_err(|_| format!("{s:?} is not an integer"))?;
+    if v < 1 {
+        return Err(format!("{s:?}: must be at least 1"));
+    }
+    Ok(v)
+}
+
+fn check_verify_url(s: &str) -> Result<String, String> {
+    if !s.is_empty() {
+        VerifyUrl::parse(s).map_err(|e| e.to_string())?;
+    }
+    Ok(s.to_owned())
+}
+
+fn check_metrics_addr(s: &str) -> Result<String, String> {
+    if !s.is_empty() {
+        parse_listen_addr(s)?;
+    }
+    Ok(s.to_owned())
 }
 
 /// Why the relay cannot start with the given flags.
@@ -151,6 +344,16 @@ pub enum StartupError {
     KeyFile(#[from] KeyFileError),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("-verify-clients is not supported (it needs tailscaled's LocalAPI); use -verify-client-url")]
+    VerifyClientsUnsupported,
+    #[error("-verify-client-url: {0}")]
+    VerifyUrl(#[from] VerifyUrlError),
+    #[error("-allowlist: {0}")]
+    Allowlist(#[from] AllowlistError),
+    #[error("-rate-config: {0}")]
+    RateConfig(#[from] RateConfigError),
+    #[error("-metrics-addr {addr:?}: {reason}")]
+    MetricsAddr { addr: String, reason: String },
 }
 
 /// What the binary needs to start and to tell the operator.
@@ -163,6 +366,10 @@ pub struct Startup {
     pub cert_name: Option<String>,
     /// Lines worth logging at start (key file created, certificate generated, dev mode...).
     pub notes: Vec<String>,
+    /// Admission, limits, metrics, STUN, certificate reload.
+    pub ops: OpsConfig,
+    /// What a graceful shutdown does.
+    pub drain: DrainOptions,
 }
 
 /// Turns flags into a server configuration: resolves the address, loads or creates the key file,
@@ -198,6 +405,7 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
     };
     let serve_tls = port_is_https || manual;
     let mut cert_name = None;
+    let mut cert_reloader = None;
     let tls = if !serve_tls {
         None
     } else if !manual {
@@ -209,6 +417,7 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
             notes.push(format!("generated a self-signed certificate {}", setup.cert_path.display()));
         }
         cert_name = setup.cert_name.clone();
+        cert_reloader = setup.reloader.clone();
         Some(setup.config)
     };
     let http_port = (flags.http_port >= 0).then_some(flags.http_port as u16);
@@ -230,7 +439,77 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
             user_timeout: non_zero(flags.tcp_user_timeout),
         },
     };
-    Ok(Startup { config, cert_name, notes })
+    let ops = ops_config(flags, listen, cert_reloader, &mut notes)?;
+    let drain = DrainOptions {
+        reconnect_in: flags.restart_reconnect_in,
+        reconnect_jitter: flags.restart_reconnect_jitter,
+        try_for: flags.restart_try_for,
+        deadline: flags.drain_timeout,
+    };
+    Ok(Startup { config, cert_name, notes, ops, drain })
+}
+
+/// The operations part of the flags (admission, limits, metrics, STUN, reload).
+fn ops_config(
+    flags: &Flags,
+    listen: SocketAddr,
+    cert_reloader: Option<std::sync::Arc<crate::tls::CertReloader>>,
+    notes: &mut Vec<String>,
+) -> Result<OpsConfig, StartupError> {
+    if flags.verify_clients {
+        return Err(StartupError::VerifyClientsUnsupported);
+    }
+    let verify_url =
+        (!flags.verify_client_url.is_empty()).then(|| VerifyUrl::parse(&flags.verify_client_url)).transpose()?;
+    let allowlist = match &flags.allowlist {
+        Some(path) => {
+            let list = Allowlist::load(path)?;
+            notes.push(format!("allowlist {}: {} keys", path.display(), list.len()));
+            Some(std::sync::Arc::new(list))
+        }
+        None => None,
+    };
+    let recv_rate = match &flags.rate_config {
+        Some(path) => load_rate_config(path)?,
+        None => RecvRate::default(),
+    };
+    let metrics_addr = if flags.metrics_addr.is_empty() {
+        None
+    } else {
+        let (addr, _) = parse_listen_addr(&flags.metrics_addr)
+            .map_err(|reason| StartupError::MetricsAddr { addr: flags.metrics_addr.clone(), reason })?;
+        Some(addr)
+    };
+    let stun = flags.stun.then(|| StunSettings {
+        addr: SocketAddr::new(listen.ip(), flags.stun_port),
+        config: StunConfig {
+            strict: flags.stun_strict,
+            per_ip_limit: NonZeroU32::new(flags.stun_rate_limit).map(|per_second| PerIpLimit {
+                per_second,
+                burst: NonZeroU32::new(flags.stun_rate_burst).unwrap_or(per_second),
+            }),
+        },
+    });
+    Ok(OpsConfig {
+        metrics_addr,
+        accept_limit: AcceptRate {
+            per_second: flags.accept_connection_limit,
+            burst: flags.accept_connection_burst as u64,
+        },
+        accept_limit_per_ip: AcceptRate {
+            per_second: flags.accept_connection_limit_per_ip,
+            burst: flags.accept_connection_burst_per_ip as u64,
+        },
+        allowlist,
+        verify_url,
+        verify_fail_open: flags.verify_client_url_fail_open,
+        recv_rate,
+        rate_config_path: flags.rate_config.clone(),
+        stun,
+        cert_reloader,
+        cert_reload_interval: (!flags.cert_reload_interval.is_zero()).then_some(flags.cert_reload_interval),
+        drop_log_interval: flags.drop_log_interval.max(Duration::from_millis(100)),
+    })
 }
 
 /// `TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH`, else 32.

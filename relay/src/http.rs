@@ -75,6 +75,8 @@ pub struct HttpContext {
     pub tasks: TaskTracker,
     /// Stops those tasks at shutdown.
     pub cancel: CancellationToken,
+    /// `/healthz` and the metrics text of `/debug/varz`.
+    pub status: Arc<crate::metrics_http::Status>,
 }
 
 /// Why the first request could not be read; the connection is closed.
@@ -354,6 +356,7 @@ fn route_request(req: Request<Incoming>, remote: SocketAddr, ctx: &Arc<HttpConte
     }
     match path.as_str() {
         "/derp/probe" | "/derp/latency-check" => probe(req.method()),
+        "/healthz" => crate::metrics_http::healthz_response(&ctx.status),
         "/derp" if ctx.derp_enabled => derp_upgrade_via_hyper(req, remote, ctx),
         "/robots.txt" => with_browser_headers(text(
             StatusCode::OK,
@@ -497,7 +500,7 @@ fn debug(req: &Request<Incoming>, remote: SocketAddr, ctx: &HttpContext) -> Resp
     }
     match req.uri().path() {
         "/debug/varz" => {
-            let mut r = Response::new(Full::new(Bytes::from(ctx.derp.render_metrics())));
+            let mut r = Response::new(Full::new(Bytes::from(ctx.status.render_metrics())));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

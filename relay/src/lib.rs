@@ -19,13 +19,21 @@
 //! - [`keyfile`]: derper's `-c` JSON key file.
 //! - [`cli`]: derper-compatible flags (Go flag syntax) turned into a [`server::ServerConfig`].
 //! - [`server`]: `Server::spawn(config)`: owns listeners and tasks; graceful shutdown.
+//! - Operations (issue 4): [`admission`] (allowlist, `-verify-client-url`), [`ratelimit`]
+//!   (accept limits, per-client receive rate), [`ops_metrics`] and [`metrics_http`] (`/metrics`,
+//!   `/healthz`, drop log), [`config`] (the TOML file), certificate reload in [`tls`].
 
+pub mod admission;
 pub mod cli;
+pub mod config;
 pub mod derp_server;
 pub mod http;
 pub mod keyfile;
 pub mod metrics;
+pub mod metrics_http;
+pub mod ops_metrics;
 pub mod queue;
+pub mod ratelimit;
 pub mod registry;
 pub mod server;
 pub mod session;

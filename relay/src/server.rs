@@ -3,21 +3,35 @@
 //! Structured concurrency: every accept loop and connection task is tracked by one
 //! [`TaskTracker`] and stopped by one [`CancellationToken`]; [`Server::shutdown`] cancels and waits.
 //! Dropping a [`Server`] cancels too, so a forgotten handle leaks nothing but a brief wind-down.
+//!
+//! Around the core it runs the operations parts ([`OpsConfig`], issue 4): accept limits, the
+//! admission policy, the per-client receive rate, the metrics listener, the embedded STUN
+//! responder, certificate reloading and the drop log; [`Server::reload`] is SIGHUP.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use derpfleet_proto::consts::HANDSHAKE_TIMEOUT;
+use derpfleet_stun::{StunConfig, StunMetrics, StunServer};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::derp_server::{DerpServer, DerpServerConfig};
+use crate::admission::{Admitter, Allowlist, VerifyUrl};
+use crate::derp_server::{CoreOptions, DerpServer, DerpServerConfig};
 use crate::http::{self, HomePage, HttpContext};
+use crate::metrics_http::{self, Status};
+use crate::ops_metrics::OpsMetrics;
+use crate::ratelimit::{load_rate_config, AcceptLimiter, AcceptRate, RecvRate, SharedRecvRate};
+use crate::tls::CertReloader;
+
+/// How often per-IP accept buckets that refilled are forgotten.
+const ACCEPT_LIMITER_PRUNE: Duration = Duration::from_secs(10);
 
 /// Socket options applied to every accepted TCP connection.
 #[derive(Clone, Copy, Debug)]
@@ -53,18 +67,123 @@ pub struct ServerConfig {
     pub tcp: TcpTuning,
 }
 
+/// The embedded STUN responder (`-stun`).
+#[derive(Clone, Debug)]
+pub struct StunSettings {
+    /// UDP address: the IP of `-a` and `-stun-port` (0 = ephemeral).
+    pub addr: SocketAddr,
+    /// Strictness and per-IP limit.
+    pub config: StunConfig,
+}
+
+/// The operations side of a relay (issue 4). `Default` = everything off except nothing: no
+/// limits, no admission checks, no metrics listener, no STUN, no certificate reload.
+#[derive(Clone, Debug)]
+pub struct OpsConfig {
+    /// `/metrics` and `/healthz` listener (`-metrics-addr`).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Global accept rate (`-accept-connection-limit`/`-burst`).
+    pub accept_limit: AcceptRate,
+    /// Per-source-IP accept rate.
+    pub accept_limit_per_ip: AcceptRate,
+    /// Node keys allowed to connect (`-allowlist`).
+    pub allowlist: Option<Arc<Allowlist>>,
+    /// Admission controller (`-verify-client-url`).
+    pub verify_url: Option<VerifyUrl>,
+    /// `-verify-client-url-fail-open`.
+    pub verify_fail_open: bool,
+    /// Per-client receive rate at start.
+    pub recv_rate: RecvRate,
+    /// `-rate-config` file, re-read by [`Server::reload`].
+    pub rate_config_path: Option<PathBuf>,
+    /// The embedded STUN responder.
+    pub stun: Option<StunSettings>,
+    /// Manual certificate files to watch.
+    pub cert_reloader: Option<Arc<CertReloader>>,
+    /// How often to look at them.
+    pub cert_reload_interval: Option<Duration>,
+    /// At most one drop-log line per reason per this interval.
+    pub drop_log_interval: Duration,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        let unlimited = AcceptRate { per_second: f64::INFINITY, burst: u64::MAX };
+        Self {
+            metrics_addr: None,
+            accept_limit: unlimited,
+            accept_limit_per_ip: unlimited,
+            allowlist: None,
+            verify_url: None,
+            verify_fail_open: true,
+            recv_rate: RecvRate::default(),
+            rate_config_path: None,
+            stun: None,
+            cert_reloader: None,
+            cert_reload_interval: None,
+            drop_log_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a graceful shutdown does ([`Server::drain`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DrainOptions {
+    /// Restarting's reconnect-in before jitter.
+    pub reconnect_in: Duration,
+    /// Upper bound of the random per-client extra delay.
+    pub reconnect_jitter: Duration,
+    /// Restarting's try-for.
+    pub try_for: Duration,
+    /// Total time allowed; connections still open then are closed.
+    pub deadline: Duration,
+}
+
+impl Default for DrainOptions {
+    fn default() -> Self {
+        Self {
+            reconnect_in: Duration::from_secs(1),
+            reconnect_jitter: Duration::from_secs(2),
+            try_for: Duration::from_secs(30),
+            deadline: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error("listening on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("metrics listener on {addr}: {source}")]
+    MetricsBind { addr: SocketAddr, source: io::Error },
+    #[error("STUN on {addr}: {source}")]
+    StunBind { addr: SocketAddr, source: io::Error },
+}
+
+/// What [`Server::reload`] did.
+#[derive(Debug, Default)]
+pub struct ReloadReport {
+    /// Keys now on the allowlist (None: no allowlist).
+    pub allowlist_keys: Option<usize>,
+    /// The receive rate now in force (None: off).
+    pub recv_rate: Option<RecvRate>,
+    /// Problems; the affected setting kept its previous value.
+    pub errors: Vec<String>,
 }
 
 /// A running relay. Dropping it stops it (without waiting); prefer [`Server::shutdown`].
 pub struct Server {
     local_addr: SocketAddr,
     http_port_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    stun_addr: Option<SocketAddr>,
     derp: Arc<DerpServer>,
+    status: Arc<Status>,
+    ops: OpsConfig,
+    recv_rate: Arc<SharedRecvRate>,
+    /// Stops the accept loops only (the first step of a drain).
+    accept_cancel: CancellationToken,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -72,8 +191,27 @@ pub struct Server {
 impl Server {
     /// Binds the listeners and starts serving. Must be called inside a tokio runtime.
     pub async fn spawn(config: ServerConfig) -> Result<Server, SpawnError> {
+        Self::spawn_with(config, OpsConfig::default()).await
+    }
+
+    /// [`Server::spawn`] with the operations parts (limits, admission, metrics, STUN...).
+    pub async fn spawn_with(config: ServerConfig, ops: OpsConfig) -> Result<Server, SpawnError> {
         let server_public = config.derp.private_key.public();
-        let derp = DerpServer::new(config.derp.clone());
+        let ops_metrics = Arc::new(OpsMetrics::new());
+        let admitter = Admitter::new(
+            ops.allowlist.clone(),
+            ops.verify_url.clone(),
+            ops.verify_fail_open,
+            ops_metrics.admission(),
+        );
+        let recv_rate = SharedRecvRate::new(ops.recv_rate);
+        ops_metrics.set_recv_rate(recv_rate.get());
+        let options = CoreOptions {
+            admission: admitter.is_active().then(|| admitter.into_hook()),
+            ..CoreOptions::default()
+        };
+        let derp = DerpServer::with_options(config.derp.clone(), options);
+        let status = Status::new(derp.clone(), ops_metrics.clone());
         let main = bind(config.listen)?;
         let local_addr =
             main.local_addr().map_err(|source| SpawnError::Bind { addr: config.listen, source })?;
@@ -85,7 +223,35 @@ impl Server {
             _ => None,
         };
         let http_port_addr = port80.as_ref().and_then(|l| l.local_addr().ok());
+        let metrics_listener = match ops.metrics_addr {
+            Some(addr) => Some(
+                bind_one(addr)
+                    .or_else(|e| match addr.ip() {
+                        IpAddr::V6(v6) if v6.is_unspecified() => {
+                            bind_one(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port()))
+                        }
+                        _ => Err(e),
+                    })
+                    .map_err(|source| SpawnError::MetricsBind { addr, source })?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let stun_sockets = match &ops.stun {
+            Some(st) => {
+                // "Same IP as -a": the bound main address, so `[::]` falling back to IPv4 agrees.
+                let addr = SocketAddr::new(local_addr.ip(), st.addr.port());
+                let socks = derpfleet_stun::bind_sockets(addr, 1)
+                    .map_err(|source| SpawnError::StunBind { addr, source })?;
+                Some((socks, st.config))
+            }
+            None => None,
+        };
+        let stun_addr =
+            stun_sockets.as_ref().and_then(|(s, _)| s.first()).and_then(|s| s.local_addr().ok());
+
         let cancel = CancellationToken::new();
+        let accept_cancel = cancel.child_token();
         let tracker = TaskTracker::new();
         let ctx = Arc::new(HttpContext {
             derp: derp.clone(),
@@ -94,21 +260,119 @@ impl Server {
             derp_enabled: config.derp_enabled,
             tasks: tracker.clone(),
             cancel: cancel.clone(),
+            status: status.clone(),
         });
-        let tls = config.tls.clone().map(TlsAcceptor::from);
-        tracker.spawn(accept_loop(
-            main,
-            Listener::Main(tls),
-            ctx.clone(),
-            config.tcp,
-            cancel.clone(),
-            tracker.clone(),
-        ));
-        if let Some(l) = port80 {
-            tracker.spawn(accept_loop(l, Listener::Http80, ctx, config.tcp, cancel.clone(), tracker.clone()));
+        let limiter = Arc::new(AcceptLimiter::new(ops.accept_limit, ops.accept_limit_per_ip));
+        if !limiter.is_unlimited() {
+            let (limiter, cancel) = (limiter.clone(), cancel.clone());
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval(ACCEPT_LIMITER_PRUNE);
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tick.tick() => limiter.prune(),
+                    }
+                }
+            });
         }
-        tracing::info!(%local_addr, tls = config.tls.is_some(), ?http_port_addr, "relay listening");
-        Ok(Server { local_addr, http_port_addr, derp, cancel, tracker })
+        let tls = config.tls.clone().map(TlsAcceptor::from);
+        let main_loop = AcceptLoop {
+            ctx: ctx.clone(),
+            tcp: config.tcp,
+            limiter: Some(limiter),
+            ops: ops_metrics.clone(),
+            accept_cancel: accept_cancel.clone(),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+        };
+        tracker.spawn(accept_loop(main, Listener::Main(tls), main_loop));
+        if let Some(l) = port80 {
+            let port80_loop = AcceptLoop {
+                ctx,
+                tcp: config.tcp,
+                limiter: None,
+                ops: ops_metrics.clone(),
+                accept_cancel: accept_cancel.clone(),
+                cancel: cancel.clone(),
+                tracker: tracker.clone(),
+            };
+            tracker.spawn(accept_loop(l, Listener::Http80, port80_loop));
+        }
+        if let Some(l) = metrics_listener {
+            tracker.spawn(metrics_http::serve(l, status.clone(), cancel.clone(), tracker.clone()));
+        }
+        if let Some((socks, stun_config)) = stun_sockets {
+            let stun = StunServer::new(stun_config, StunMetrics::register(ops_metrics.recorder()));
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                if let Err(e) = stun.serve(socks, cancel).await {
+                    tracing::error!("STUN responder stopped: {e}");
+                }
+            });
+        }
+        if let (Some(reloader), Some(every)) = (ops.cert_reloader.clone(), ops.cert_reload_interval) {
+            tracker.spawn(watch_certificates(reloader, every, ops_metrics.clone(), cancel.clone()));
+        }
+        tracker.spawn(metrics_http::drop_log(derp.clone(), ops.drop_log_interval, cancel.clone()));
+        tracing::info!(
+            %local_addr, tls = config.tls.is_some(), ?http_port_addr, ?metrics_addr, ?stun_addr,
+            "relay listening"
+        );
+        Ok(Server {
+            local_addr,
+            http_port_addr,
+            metrics_addr,
+            stun_addr,
+            derp,
+            status,
+            ops,
+            recv_rate,
+            accept_cancel,
+            cancel,
+            tracker,
+        })
+    }
+
+    /// The bound metrics listener address, if one is served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The bound STUN address, if STUN is served.
+    pub fn stun_addr(&self) -> Option<SocketAddr> {
+        self.stun_addr
+    }
+
+    /// What `/metrics` and `/healthz` report.
+    pub fn status(&self) -> &Arc<Status> {
+        &self.status
+    }
+
+    /// The per-client receive rate in force (shared with every connection).
+    pub fn recv_rate(&self) -> &Arc<SharedRecvRate> {
+        &self.recv_rate
+    }
+
+    /// SIGHUP: re-reads the allowlist and the `-rate-config` file. A file that fails to load
+    /// keeps the previous setting (reported in `errors` and counted). Connected clients stay.
+    pub fn reload(&self) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        if let Some(list) = &self.ops.allowlist {
+            match list.reload() {
+                Ok(n) => report.allowlist_keys = Some(n),
+                Err(e) => report.errors.push(format!("-allowlist: {e}")),
+            }
+        }
+        if let Some(path) = &self.ops.rate_config_path {
+            match load_rate_config(path) {
+                Ok(rate) => self.recv_rate.set(rate),
+                Err(e) => report.errors.push(format!("-rate-config: {e}")),
+            }
+        }
+        report.recv_rate = self.recv_rate.get();
+        self.status.ops.set_recv_rate(report.recv_rate);
+        self.status.ops.reload_errors.increment(report.errors.len() as u64);
+        report
     }
 
     /// The bound main address (with the real port when 0 was asked).
@@ -173,18 +437,27 @@ enum Listener {
     Http80,
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    kind: Listener,
+/// What one accept loop needs.
+struct AcceptLoop {
     ctx: Arc<HttpContext>,
     tcp: TcpTuning,
+    /// Accept limits (main listener only).
+    limiter: Option<Arc<AcceptLimiter>>,
+    ops: Arc<OpsMetrics>,
+    /// Stops accepting (drain); connections go on.
+    accept_cancel: CancellationToken,
+    /// Stops everything.
     cancel: CancellationToken,
     tracker: TaskTracker,
-) {
+}
+
+async fn accept_loop(listener: TcpListener, kind: Listener, l: AcceptLoop) {
+    let AcceptLoop { ctx, tcp, limiter, ops, accept_cancel, cancel, tracker } = l;
     let kind = Arc::new(kind);
+    let is_main = matches!(*kind, Listener::Main(_));
     loop {
         let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = accept_cancel.cancelled() => return,
             r = listener.accept() => r,
         };
         let (stream, remote) = match accepted {
@@ -196,6 +469,18 @@ async fn accept_loop(
                 continue;
             }
         };
+        if is_main {
+            ops.tls_listener_accepted_connections.increment(1);
+        }
+        if let Some(limiter) = &limiter {
+            if let Err(why) = limiter.check(remote.ip()) {
+                // derper: accept, then close at once (an RST-free close; nothing is read).
+                ops.accept_refused(why);
+                tracing::debug!(%remote, ?why, "connection over the accept limit closed");
+                drop(stream);
+                continue;
+            }
+        }
         if let Err(e) = tune(&stream, tcp) {
             tracing::debug!(%remote, "setting socket options: {e}");
         }
@@ -219,6 +504,36 @@ async fn serve(stream: TcpStream, remote: SocketAddr, kind: &Listener, ctx: Arc<
                 Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake: {e}"),
                 Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
             }
+        }
+    }
+}
+
+/// Polls the certificate files and swaps in a changed pair.
+async fn watch_certificates(
+    reloader: Arc<CertReloader>,
+    every: Duration,
+    ops: Arc<OpsMetrics>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let r = reloader.clone();
+        match tokio::task::spawn_blocking(move || r.check()).await {
+            Ok(Ok(true)) => {
+                ops.cert_reloads_ok.increment(1);
+                tracing::info!("certificate files changed: new TLS connections get the new certificate");
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                ops.cert_reloads_failed.increment(1);
+                tracing::warn!("certificate files changed but cannot be used (keeping the old one): {e}");
+            }
+            Err(e) => tracing::warn!("certificate reload task: {e}"),
         }
     }
 }

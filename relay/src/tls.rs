@@ -8,6 +8,11 @@
 //! Generated self-signed certificates are written to the cert directory (like derper), so the
 //! `sha256-raw:` pin stays valid across restarts. If the directory is not writable the
 //! certificate is still served, from memory, and a warning is logged.
+//!
+//! Certificate files are reloaded without a restart ([`CertReloader`], polled by the server):
+//! when the `.crt` or `.key` file changes (mtime or size), the pair is loaded and checked again
+//! and swapped into the resolver; new handshakes get it, established connections keep theirs.
+//! A bad pair (e.g. caught half-written) is logged and the old certificate stays.
 
 use std::fmt;
 use std::fs;
@@ -16,6 +21,9 @@ use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::{Mutex, RwLock};
 
 use derpfleet_proto::consts::{META_CERT_CN_PREFIX, PROTOCOL_VERSION};
 use derpfleet_proto::NodePublic;
@@ -66,6 +74,8 @@ pub struct TlsSetup {
     pub generated: bool,
     /// The certificate file served.
     pub cert_path: PathBuf,
+    /// Reloads the certificate files when they change (None when served from memory).
+    pub reloader: Option<Arc<CertReloader>>,
 }
 
 impl fmt::Debug for TlsSetup {
@@ -101,16 +111,24 @@ pub fn manual(certdir: &Path, hostname: &str, server_public: &NodePublic) -> Res
             return Err(TlsError::Missing { crt: crt_path, key: key_path });
         };
         let (crt_pem, key_pem) = self_signed_ip_cert(ip)?;
-        if let Err(e) = write_cert_files(certdir, &crt_path, &crt_pem, &key_path, &key_pem) {
-            tracing::warn!(
-                "cannot save the generated certificate in {}: {e}; serving it from memory",
-                certdir.display()
-            );
-        }
+        let saved = match write_cert_files(certdir, &crt_path, &crt_pem, &key_path, &key_pem) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot save the generated certificate in {}: {e}; serving it from memory",
+                    certdir.display()
+                );
+                false
+            }
+        };
         generated = true;
         let chain = parse_certs(&crt_path, crt_pem.as_bytes())?;
         let key = parse_key(&key_path, key_pem.as_bytes())?;
-        return build(chain, key, Some(ip), hostname, server_public, crt_path, &key_path, generated);
+        let mut setup = build(chain, key, Some(ip), hostname, server_public, crt_path, &key_path, generated)?;
+        if !saved {
+            setup.reloader = None;
+        }
+        return Ok(setup);
     }
     let crt_pem = fs::read(&crt_path).map_err(|source| TlsError::Read { path: crt_path.clone(), source })?;
     let key_pem = fs::read(&key_path).map_err(|source| TlsError::Read { path: key_path.clone(), source })?;
@@ -133,17 +151,103 @@ fn build(
 ) -> Result<TlsSetup, TlsError> {
     let cert_name = (ip.is_some() && chain.len() == 1).then(|| sha256_raw_name(&chain[0]));
     let required_sni = if ip.is_some() { None } else { Some(hostname.trim_end_matches('.').to_owned()) };
-    let provider = provider();
-    let signing_key = provider
+    let meta = meta_cert(server_public)?;
+    let certified = certified_key(chain, key, key_path, &meta)?;
+    let slot = Arc::new(RwLock::new(certified));
+    let resolver = Arc::new(HostnameResolver { required_sni, certified: slot.clone() });
+    let config = server_config(resolver)?;
+    let reloader = Arc::new(CertReloader {
+        crt_path: cert_path.clone(),
+        key_path: key_path.to_owned(),
+        hostname: hostname.to_owned(),
+        check_name: ip.is_none(),
+        meta,
+        slot,
+        stamp: Mutex::new(file_stamp(&cert_path, key_path)),
+    });
+    Ok(TlsSetup { config, cert_name, generated, cert_path, reloader: Some(reloader) })
+}
+
+/// The served chain (the real one plus the meta-certificate) with its signing key.
+fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    key_path: &Path,
+    meta: &CertificateDer<'static>,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let signing_key = provider()
         .key_provider
         .load_private_key(key)
         .map_err(|source| TlsError::Key { path: key_path.to_owned(), source })?;
     let mut served = chain;
-    served.push(meta_cert(server_public)?);
-    let certified = Arc::new(CertifiedKey::new(served, signing_key));
-    let resolver = Arc::new(HostnameResolver { required_sni, certified });
-    let config = server_config(resolver)?;
-    Ok(TlsSetup { config, cert_name, generated, cert_path })
+    served.push(meta.clone());
+    let certified = CertifiedKey::new(served, signing_key);
+    // A key that does not belong to the certificate would fail every handshake: refuse it here.
+    if let Err(source @ rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+        certified.keys_match()
+    {
+        return Err(TlsError::Key { path: key_path.to_owned(), source });
+    }
+    Ok(Arc::new(certified))
+}
+
+/// (mtime, size) of both files; None when either cannot be read.
+type FileStamp = Option<[(SystemTime, u64); 2]>;
+
+fn file_stamp(crt: &Path, key: &Path) -> FileStamp {
+    let one = |p: &Path| fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+    Some([one(crt)?, one(key)?])
+}
+
+/// Reloads a manual certificate pair when its files change.
+pub struct CertReloader {
+    crt_path: PathBuf,
+    key_path: PathBuf,
+    hostname: String,
+    check_name: bool,
+    meta: CertificateDer<'static>,
+    slot: Arc<RwLock<Arc<CertifiedKey>>>,
+    stamp: Mutex<FileStamp>,
+}
+
+impl fmt::Debug for CertReloader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertReloader").field("crt_path", &self.crt_path).finish_non_exhaustive()
+    }
+}
+
+impl CertReloader {
+    /// Reloads the pair if either file changed since the last look. `Ok(true)`: a new
+    /// certificate is now served; `Ok(false)`: nothing changed; `Err`: the files changed but are
+    /// unusable (the old certificate stays; the same files are not retried until they change).
+    pub fn check(&self) -> Result<bool, TlsError> {
+        let now = file_stamp(&self.crt_path, &self.key_path);
+        {
+            let mut stamp = self.stamp.lock();
+            if now.is_none() || *stamp == now {
+                return Ok(false);
+            }
+            *stamp = now;
+        }
+        self.load().map(|()| true)
+    }
+
+    fn load(&self) -> Result<(), TlsError> {
+        let read = |p: &Path| fs::read(p).map_err(|source| TlsError::Read { path: p.to_owned(), source });
+        let chain = parse_certs(&self.crt_path, &read(&self.crt_path)?)?;
+        let key = parse_key(&self.key_path, &read(&self.key_path)?)?;
+        if self.check_name {
+            check_hostname(&self.crt_path, &chain[0], &self.hostname)?;
+        }
+        let certified = certified_key(chain, key, &self.key_path, &self.meta)?;
+        *self.slot.write() = certified;
+        Ok(())
+    }
+
+    /// The leaf certificate currently served.
+    pub fn current_leaf(&self) -> CertificateDer<'static> {
+        self.slot.read().cert[0].clone()
+    }
 }
 
 /// A server config with safe versions (TLS 1.2 and 1.3), no client auth and ALPN `http/1.1`.
@@ -160,16 +264,17 @@ pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<rustls
 #[derive(Debug)]
 struct HostnameResolver {
     required_sni: Option<String>,
-    certified: Arc<CertifiedKey>,
+    certified: Arc<RwLock<Arc<CertifiedKey>>>,
 }
 
 impl ResolvesServerCert for HostnameResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let current = || self.certified.read().clone();
         match &self.required_sni {
-            None => Some(self.certified.clone()),
+            None => Some(current()),
             Some(want) => {
                 let sni = hello.server_name()?;
-                sni.trim_end_matches('.').eq_ignore_ascii_case(want).then(|| self.certified.clone())
+                sni.trim_end_matches('.').eq_ignore_ascii_case(want).then(current)
             }
         }
     }
