@@ -19,8 +19,8 @@ pub const RECV_BUF: usize = 2048;
 pub struct Received<'a> {
     /// Payload (at most [`RECV_BUF`] bytes).
     pub data: &'a [u8],
-    /// Source address.
-    pub from: SocketAddr,
+    /// Source address (`None` only for a non-IP source, which a UDP/IP socket never reports).
+    pub from: Option<SocketAddr>,
     /// The datagram was larger than the buffer and was cut.
     pub truncated: bool,
 }
@@ -49,12 +49,10 @@ impl Default for RecvBatch {
 impl RecvBatch {
     /// The datagrams filled by the last successful [`recv`](Self::recv).
     pub fn iter(&self) -> impl Iterator<Item = Received<'_>> {
-        (0..self.count).filter_map(move |i| {
-            Some(Received {
-                data: &self.bufs[i][..self.lens[i]],
-                from: self.from[i]?,
-                truncated: self.truncated[i],
-            })
+        (0..self.count).map(move |i| Received {
+            data: &self.bufs[i][..self.lens[i]],
+            from: self.from[i],
+            truncated: self.truncated[i],
         })
     }
 }
@@ -300,7 +298,7 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        let a_addr = a.local_addr().unwrap();
+        let a_addr = Some(a.local_addr().unwrap());
         assert_eq!(got, [(b"one".to_vec(), a_addr, false), (b"two".to_vec(), a_addr, false)]);
         // Empty socket: WouldBlock, not a zero-length batch.
         assert_eq!(recv_batch(c.as_fd(), &mut rx).unwrap_err().kind(), io::ErrorKind::WouldBlock);
@@ -318,7 +316,7 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        let b_addr = b.local_addr().unwrap();
+        let b_addr = Some(b.local_addr().unwrap());
         assert_eq!(seen, [(5, b_addr, false), (RECV_BUF, b_addr, true)]);
     }
 }

@@ -225,10 +225,10 @@ async fn socket_loop(inner: Arc<Inner>, sock: UdpSocket, cancel: CancellationTok
                 }
             }
             for pkt in rx.iter() {
-                if pkt.truncated {
+                let (Some(from), false) = (pkt.from, pkt.truncated) else {
                     tally.not_stun += 1;
                     continue;
-                }
+                };
                 let txid = if inner.strict {
                     parse_tailscale_request(pkt.data).ok()
                 } else {
@@ -238,7 +238,7 @@ async fn socket_loop(inner: Arc<Inner>, sock: UdpSocket, cancel: CancellationTok
                     tally.not_stun += 1;
                     continue;
                 };
-                let src = SocketAddr::new(pkt.from.ip().to_canonical(), pkt.from.port());
+                let src = SocketAddr::new(from.ip().to_canonical(), from.port());
                 if let Some(limiter) = &inner.limiter {
                     if limiter.check_key(&src.ip()).is_err() {
                         tally.rate_limited += 1;
@@ -246,13 +246,11 @@ async fn socket_loop(inner: Arc<Inner>, sock: UdpSocket, cancel: CancellationTok
                     }
                 }
                 // A receive batch and a send batch hold the same number of datagrams.
-                tx.push(pkt.from, |buf| write_response(txid, src, buf));
+                tx.push(from, |buf| write_response(txid, src, buf));
             }
-            if !flush(&sock, &mut tx, &mut tally, &cancel).await {
-                tally.flush(&inner.metrics);
+            if !flush(&sock, &mut tx, &mut tally, &inner.metrics, &cancel).await {
                 return;
             }
-            tally.flush(&inner.metrics);
         }
     }
 }
@@ -260,12 +258,17 @@ async fn socket_loop(inner: Arc<Inner>, sock: UdpSocket, cancel: CancellationTok
 /// Sends everything queued in `tx`, waiting for writability if the socket buffer is full.
 /// A datagram the kernel refuses is counted as a write error and skipped. Returns `false` if
 /// cancelled while waiting.
+///
+/// The tally is published before and right after each send, so counters are current by the time a
+/// client could act on its answer.
 async fn flush(
     sock: &UdpSocket,
     tx: &mut SendBatch<MAX_RESPONSE_LEN>,
     tally: &mut Tally,
+    metrics: &StunMetrics,
     cancel: &CancellationToken,
 ) -> bool {
+    tally.flush(metrics);
     while !tx.is_empty() {
         match sock.try_io(Interest::WRITABLE, || send_batch(sock.as_fd(), tx)) {
             Ok(n) => {
@@ -278,10 +281,14 @@ async fn flush(
                     }
                 }
                 tx.consume(n);
+                tally.flush(metrics);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 tokio::select! {
-                    _ = cancel.cancelled() => return false,
+                    _ = cancel.cancelled() => {
+                        tally.flush(metrics);
+                        return false;
+                    }
                     ready = sock.writable() => {
                         if ready.is_err() {
                             tally.write_error += tx.len() as u64;
@@ -298,6 +305,7 @@ async fn flush(
             }
         }
     }
+    tally.flush(metrics);
     true
 }
 

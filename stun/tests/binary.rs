@@ -100,7 +100,13 @@ async fn serves_stun_and_metrics_then_exits_0_on_sigterm() {
     let answer = binding(&sock, stun, RetryPlan::default()).await.unwrap();
     assert_eq!(answer.mapped, sock.local_addr().unwrap());
 
-    let page = http_get(metrics, "/metrics").await;
+    // Counters are published right after the send, so allow the answer to overtake them briefly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut page = http_get(metrics, "/metrics").await;
+    while !page.contains(r#"stun_requests{disposition="success"} 1"#) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        page = http_get(metrics, "/metrics").await;
+    }
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(page.contains(r#"stun_requests{disposition="success"} 1"#), "{page}");
     assert!(page.contains(r#"stun_addrfamily{family="ipv4"} 1"#), "{page}");

@@ -40,8 +40,8 @@ async fn answers_tailscale_request_over_ipv4_with_family_1() {
     assert_eq!(got_txid, txid);
     assert_eq!(mapped, client.local_addr().unwrap());
     assert_eq!((raw.len(), raw[25]), (32, 1), "IPv4 answer is 32 bytes, family 1");
-    assert_eq!(server.counter(r#"stun_requests{disposition="success"}"#), 1);
-    assert_eq!(server.counter(r#"stun_addrfamily{family="ipv4"}"#), 1);
+    server.assert_counter(r#"stun_requests{disposition="success"}"#, 1).await;
+    server.assert_counter(r#"stun_addrfamily{family="ipv4"}"#, 1).await;
     server.stop().await;
 }
 
@@ -53,7 +53,7 @@ async fn answers_over_ipv6_loopback() {
     let (got_txid, mapped, raw) = ask(&client, server.addr, &build_request(txid)).await;
     assert_eq!((got_txid, mapped), (txid, client.local_addr().unwrap()));
     assert_eq!((raw.len(), raw[25]), (44, 2));
-    assert_eq!(server.counter(r#"stun_addrfamily{family="ipv6"}"#), 1);
+    server.assert_counter(r#"stun_addrfamily{family="ipv6"}"#, 1).await;
     server.stop().await;
 }
 
@@ -70,8 +70,8 @@ async fn dual_stack_socket_unmaps_ipv4_clients() {
     let (_, mapped, _) =
         ask(&v6, format!("[::1]:{port}").parse().unwrap(), &bare_binding(TxId::random())).await;
     assert_eq!(mapped, v6.local_addr().unwrap());
-    assert_eq!(server.counter(r#"stun_addrfamily{family="ipv4"}"#), 1);
-    assert_eq!(server.counter(r#"stun_addrfamily{family="ipv6"}"#), 1);
+    server.assert_counter(r#"stun_addrfamily{family="ipv4"}"#, 1).await;
+    server.assert_counter(r#"stun_addrfamily{family="ipv6"}"#, 1).await;
     server.stop().await;
 }
 
@@ -106,8 +106,8 @@ async fn malformed_requests_get_no_reply_and_are_counted() {
     let txid = TxId::random();
     let (got, _, _) = ask(&client, server.addr, &build_request(txid)).await;
     assert_eq!(got, txid);
-    assert_eq!(server.counter(r#"stun_requests{disposition="not_stun"}"#), bad.len() as u64);
-    assert_eq!(server.counter(r#"stun_requests{disposition="success"}"#), 1);
+    server.assert_counter(r#"stun_requests{disposition="not_stun"}"#, bad.len() as u64).await;
+    server.assert_counter(r#"stun_requests{disposition="success"}"#, 1).await;
     server.stop().await;
 }
 
@@ -128,7 +128,7 @@ async fn strict_mode_answers_only_tailscale_style() {
 
     let txid = TxId::random();
     assert_eq!(ask(&client, server.addr, &build_request(txid)).await.0, txid);
-    assert_eq!(server.counter(r#"stun_requests{disposition="not_stun"}"#), 2);
+    server.assert_counter(r#"stun_requests{disposition="not_stun"}"#, 2).await;
     server.stop().await;
 
     let lenient = TestServer::start("127.0.0.1:0", 1, StunConfig::default());
@@ -153,7 +153,7 @@ async fn per_ip_rate_limit_drops_and_counts_excess() {
     // can have refilled while we waited for silence, and only for requests sent after it, which
     // there are none of.
     assert_eq!(answers, 2);
-    assert_eq!(server.counter(r#"stun_requests{disposition="rate_limited"}"#), 3);
+    server.assert_counter(r#"stun_requests{disposition="rate_limited"}"#, 3).await;
     // A different source IP has its own bucket.
     let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
     let txid = TxId::random();
@@ -175,7 +175,7 @@ async fn many_clients_over_several_reuseport_sockets() {
             assert_eq!((got, mapped), (txid, c.local_addr().unwrap()), "round {round}");
         }
     }
-    assert_eq!(server.counter(r#"stun_requests{disposition="success"}"#), 160);
+    server.assert_counter(r#"stun_requests{disposition="success"}"#, 160).await;
     server.stop().await;
 }
 

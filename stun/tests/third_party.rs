@@ -105,7 +105,7 @@ async fn turnutils_stunclient_gets_no_answer_in_strict_mode() {
     assert!(finished.is_err(), "turnutils_stunclient finished (got an answer?) in strict mode: {finished:?}");
     child.kill().await.unwrap();
     assert!(server.counter(r#"stun_requests{disposition="not_stun"}"#) >= 1);
-    assert_eq!(server.counter(r#"stun_requests{disposition="success"}"#), 0);
+    server.assert_counter(r#"stun_requests{disposition="success"}"#, 0).await;
     server.stop().await;
 }
 
@@ -137,7 +137,7 @@ async fn aiostun_against(bind: &str, host: &str, family: &str) {
     let mapped_ip: std::net::IpAddr = fields[2].parse().unwrap();
     assert_eq!(mapped_ip, local_ip, "{stdout}");
     assert_eq!(fields[3], fields[1], "mapped port equals the client's local port: {stdout}");
-    assert_eq!(server.counter(r#"stun_requests{disposition="success"}"#), 1);
+    server.assert_counter(r#"stun_requests{disposition="success"}"#, 1).await;
     server.stop().await;
 }
 

@@ -47,6 +47,16 @@ impl TestServer {
             .unwrap_or(0)
     }
 
+    /// Waits (up to 5 s) for a counter to reach `want`, then asserts it equals `want`. Counters are
+    /// published right after each send, so a client can see its answer a moment before the count.
+    pub async fn assert_counter(&self, series: &str, want: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.counter(series) != want && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(self.counter(series), want, "{series}");
+    }
+
     pub async fn stop(mut self) {
         self.cancel.cancel();
         let task = self.task.take().unwrap();
