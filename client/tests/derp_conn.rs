@@ -281,3 +281,45 @@ async fn websocket_transport_relays_and_pings() {
         );
     }
 }
+
+#[tokio::test]
+async fn mesh_peer_frames_and_watcher_messages() {
+    let s = TestServer::start(Tls::default()).await;
+    let mesh = derpfleet_proto::MeshKey::from_bytes([0x5a; 32]);
+    let opts = ConnectOptions { mesh_key: Some(mesh), ..ConnectOptions::new(NodePrivate::generate()) };
+    let (tx, mut rx) = DerpConn::connect(&url(&s, false, CertCheck::HostName), &opts).await.unwrap().split();
+    let (a, b) = (NodePrivate::generate().public(), NodePrivate::generate().public());
+    tx.watch_conns().await.unwrap();
+    tx.forward_packet(a, b, bytes::Bytes::from_static(b"fwd")).await.unwrap();
+    tx.close_peer(b).await.unwrap();
+    let want = [
+        ClientToServer::WatchConns,
+        ClientToServer::ForwardPacket { src: a, dst: b, data: bytes::Bytes::from_static(b"fwd") },
+        ClientToServer::ClosePeer(b),
+    ];
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let got = s.received.lock().unwrap().clone();
+        if want.iter().all(|w| got.contains(w)) {
+            let info = got.iter().find_map(|m| match m {
+                ClientToServer::ClientInfo(j) => Some(String::from_utf8_lossy(j).to_string()),
+                _ => None,
+            });
+            assert_eq!(
+                info.unwrap(),
+                format!(r#"{{"meshKey":"{}","version":2,"CanAckPings":true}}"#, "5a".repeat(32))
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "server got {got:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let present =
+        ServerToClient::PeerPresent { key: a, endpoint: Some("10.1.2.3:41641".parse().unwrap()), flags: 1 };
+    let gone =
+        ServerToClient::PeerGone { key: a, reason: derpfleet_proto::msg::PeerGoneReason::Disconnected };
+    s.push(present.clone());
+    s.push(gone.clone());
+    assert_eq!(tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(), present);
+    assert_eq!(tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(), gone);
+}

@@ -26,7 +26,7 @@ pub struct TestServer {
     pub leaf_der: Option<Vec<u8>>,
     /// Request heads received, in order.
     pub requests: Arc<Mutex<Vec<String>>>,
-    /// Frames received from clients (excluding ClientInfo), in order.
+    /// Frames received from clients, in order (ClientInfo as its opened JSON; SendPacket not kept).
     pub received: Arc<Mutex<Vec<ClientToServer>>>,
     push: broadcast::Sender<ServerToClient>,
     task: JoinHandle<()>,
@@ -207,7 +207,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         match dec.decode(&mut buf) {
             Ok(Some(f)) => match ClientToServer::decode(f) {
                 Ok(ClientToServer::ClientInfo(p)) => match open_client_info(&key, &p) {
-                    Ok((c, _)) => break c,
+                    Ok((c, info)) => {
+                        // Recorded as the opened JSON, so tests can check what the client said.
+                        let json = bytes::Bytes::from(info.to_json());
+                        received.lock().unwrap().push(ClientToServer::ClientInfo(json));
+                        break c;
+                    }
                     Err(_) => return,
                 },
                 _ => return,
