@@ -26,6 +26,8 @@ use crate::writer::Control;
 
 /// Read buffer while traffic keeps filling it.
 const READ_LARGE: usize = 64 << 10;
+/// A busy reader yields to the scheduler after routing this many packets (half a queue depth).
+const YIELD_EVERY_PACKETS: u32 = 16;
 /// Read buffer of a quiet connection.
 const READ_SMALL: usize = 2 << 10;
 
@@ -131,6 +133,8 @@ pub struct Reader<'a> {
 struct RecvTally {
     packets: [u64; 2],
     bytes: u64,
+    /// Packets routed since the reader last yielded to the scheduler.
+    since_yield: u32,
 }
 
 impl RecvTally {
@@ -138,6 +142,7 @@ impl RecvTally {
     fn add(&mut self, kind: PacketKind, bytes: usize) {
         self.packets[kind as usize] += 1;
         self.bytes += bytes as u64;
+        self.since_yield += 1;
     }
 
     fn publish(&mut self, m: &Metrics) {
@@ -146,7 +151,8 @@ impl RecvTally {
                 m.packets_received_kind(kind, self.packets[kind as usize]);
             }
             m.bytes_received.increment(self.bytes);
-            *self = Self::default();
+            self.packets = [0, 0];
+            self.bytes = 0;
         }
     }
 }
@@ -196,6 +202,13 @@ impl<'a> Reader<'a> {
         loop {
             while let Some(f) = dec.decode(buf)? {
                 self.handle_frame(f)?;
+                if self.tally.since_yield >= YIELD_EVERY_PACKETS {
+                    // Let the destinations' send loops (often queued behind this task on the
+                    // same worker) drain before their 32-deep queues overflow.
+                    self.tally.since_yield = 0;
+                    self.tally.publish(self.metrics);
+                    tokio::task::yield_now().await;
+                }
             }
             self.tally.publish(self.metrics);
             if buf.is_empty() && !last_read_filled {
