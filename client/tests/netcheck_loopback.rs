@@ -151,3 +151,33 @@ async fn region_that_never_answers_is_absent_and_report_ends_in_time() {
     assert!(r.region_latency.contains_key(&1) && !r.region_latency.contains_key(&2), "{r:?}");
     assert_eq!(r.preferred_derp, 1);
 }
+
+#[tokio::test]
+async fn external_reader_feeds_stun_answers_and_keeps_other_datagrams() {
+    let (addr, _t) = stun_responder("127.0.0.31", Duration::from_millis(5)).await;
+    let mut map = DerpMap::default();
+    map.regions.insert(1, region(1, vec![stun_node("1a", 1, addr)]));
+    let sock = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let cfg = NetcheckConfig { read_sockets: false, ..v4_only() };
+    let mut nc = Netchecker::with_sockets(Some(sock.clone()), None, cfg);
+    let handler = nc.stun_handler();
+    // The "WireGuard" reader: owns the socket, hands STUN answers to netcheck, keeps the rest.
+    let reader = tokio::spawn(async move {
+        let mut others = Vec::new();
+        let mut buf = [0u8; 1500];
+        while let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await
+        {
+            if !handler.handle(&buf[..n]) {
+                others.push(buf[..n].to_vec());
+            }
+        }
+        others
+    });
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let r = nc.run(&map, true, None).await;
+    assert!(r.udp && r.region_latency.contains_key(&1), "{r:?}");
+    let target = r.global_v4.unwrap();
+    peer.send_to(b"wireguard bytes", target).await.unwrap();
+    assert_eq!(reader.await.unwrap(), vec![b"wireguard bytes".to_vec()]);
+}

@@ -49,6 +49,10 @@ pub struct NetcheckConfig {
     pub https_fallback: bool,
     /// TLS roots and dialing preferences for the HTTPS fallback (the key is unused).
     pub connect: ConnectOptions,
+    /// Read the sockets during a report (default). Set false when another task owns the reads
+    /// (e.g. the node's WireGuard reader): it must then pass every datagram to
+    /// [`StunHandler::handle`] from [`Netchecker::stun_handler`].
+    pub read_sockets: bool,
 }
 
 impl Default for NetcheckConfig {
@@ -58,6 +62,7 @@ impl Default for NetcheckConfig {
             stun_timeout: STUN_TIMEOUT,
             https_fallback: true,
             connect: ConnectOptions::new(derpfleet_proto::NodePrivate::generate()),
+            read_sockets: true,
         }
     }
 }
@@ -70,6 +75,48 @@ pub struct Netchecker {
     history: HomeHistory,
     last: Option<Report>,
     home: Option<i64>,
+    demux: StunHandler,
+}
+
+/// Matches STUN answers to this netchecker's requests by transaction ID. Cheap to clone; a socket
+/// reader owned elsewhere calls [`StunHandler::handle`] with each datagram it receives.
+#[derive(Clone, Default)]
+pub struct StunHandler {
+    inner: Arc<DemuxInner>,
+}
+
+#[derive(Default)]
+struct DemuxInner {
+    pending: Mutex<HashMap<TxId, Pending>>,
+    out: Mutex<Option<mpsc::Sender<Answer>>>,
+}
+
+impl StunHandler {
+    /// Offers a received datagram; true if it answered one of our STUN requests (then it is
+    /// consumed; anything else is left to the caller, e.g. WireGuard or disco).
+    pub fn handle(&self, datagram: &[u8]) -> bool {
+        let now = Instant::now();
+        let Ok((txid, mapped)) = parse_response(datagram) else { return false };
+        let Some(p) = self.inner.pending.lock().expect("pending lock").remove(&txid) else { return false };
+        let a = Answer { region: p.region, family: p.family, rtt: now - p.sent, mapped };
+        if let Some(tx) = self.inner.out.lock().expect("out lock").as_ref() {
+            let _ = tx.try_send(a);
+        }
+        true
+    }
+
+    fn expect(&self, txid: TxId, p: Pending) {
+        self.inner.pending.lock().expect("pending lock").insert(txid, p);
+    }
+
+    fn start(&self, tx: mpsc::Sender<Answer>) {
+        *self.inner.out.lock().expect("out lock") = Some(tx);
+    }
+
+    fn finish(&self) {
+        *self.inner.out.lock().expect("out lock") = None;
+        self.inner.pending.lock().expect("pending lock").clear();
+    }
 }
 
 /// A STUN request in flight.
@@ -101,7 +148,20 @@ impl Netchecker {
     /// Uses the given sockets (e.g. the node's WireGuard sockets). While a report runs, this
     /// reads them; packets that are not STUN answers to our requests are ignored.
     pub fn with_sockets(v4: Option<Arc<UdpSocket>>, v6: Option<Arc<UdpSocket>>, cfg: NetcheckConfig) -> Self {
-        Self { v4, v6, cfg, history: HomeHistory::default(), last: None, home: None }
+        Self {
+            v4,
+            v6,
+            cfg,
+            history: HomeHistory::default(),
+            last: None,
+            home: None,
+            demux: StunHandler::default(),
+        }
+    }
+
+    /// The handler to feed datagrams to when [`NetcheckConfig::read_sockets`] is false.
+    pub fn stun_handler(&self) -> StunHandler {
+        self.demux.clone()
     }
 
     /// The current home region.
@@ -151,14 +211,14 @@ impl Netchecker {
         if probes.is_empty() {
             return;
         }
-        let pending: Arc<Mutex<HashMap<TxId, Pending>>> = Arc::default();
         let answered: Arc<Mutex<HashSet<(i64, Family)>>> = Arc::default();
-        let (ans_tx, mut ans_rx) = mpsc::channel::<Answer>(256);
+        let (ans_tx, mut ans_rx) = mpsc::channel::<Answer>(1024);
         let (sent_tx, mut sent_rx) = mpsc::channel::<Family>(256);
+        self.demux.start(ans_tx);
         let mut tasks = JoinSet::new();
-        for (sock, fam) in [(&self.v4, Family::V4), (&self.v6, Family::V6)] {
-            if let Some(sock) = sock.clone() {
-                tasks.spawn(read_answers(sock, fam, pending.clone(), ans_tx.clone()));
+        if self.cfg.read_sockets {
+            for sock in [&self.v4, &self.v6].into_iter().flatten() {
+                tasks.spawn(read_answers(sock.clone(), self.demux.clone()));
             }
         }
         let wanted: HashSet<(i64, Family)> = probes.iter().map(|p| (p.region, p.family)).collect();
@@ -171,7 +231,7 @@ impl Netchecker {
                 Family::V6 => self.v6.clone(),
             };
             let Some(sock) = sock else { continue };
-            let (pending, answered, sent_tx) = (pending.clone(), answered.clone(), sent_tx.clone());
+            let (demux, answered, sent_tx) = (self.demux.clone(), answered.clone(), sent_tx.clone());
             tasks.spawn(async move {
                 tokio::time::sleep_until(start + p.delay).await;
                 // Incremental reports stop probing a region once it answered (as Go does); full
@@ -182,24 +242,20 @@ impl Netchecker {
                 }
                 let Some(dst) = stun_addr(&node, p.family).await else { return };
                 let txid = TxId::random();
-                pending
-                    .lock()
-                    .expect("pending lock")
-                    .insert(txid, Pending { region: p.region, family: p.family, sent: Instant::now() });
+                demux.expect(txid, Pending { region: p.region, family: p.family, sent: Instant::now() });
                 if sock.send_to(&build_request(txid), dst).await.is_ok() {
                     let _ = sent_tx.send(p.family).await;
                 }
             });
         }
-        drop((ans_tx, sent_tx));
+        drop(sent_tx);
         let mut deadline = start + self.cfg.stun_timeout;
         let mut slowest = Duration::ZERO;
         let mut sent_open = true;
         let mut answers = 0usize;
         loop {
             tokio::select! {
-                a = ans_rx.recv() => {
-                    let Some(a) = a else { break };
+                Some(a) = ans_rx.recv() => {
                     answered.lock().expect("answered lock").insert((a.region, a.family));
                     report.add_stun(a.region, a.family, a.rtt, a.mapped);
                     slowest = slowest.max(a.rtt);
@@ -226,16 +282,12 @@ impl Netchecker {
             }
         }
         tasks.abort_all();
+        self.demux.finish();
     }
 }
 
-/// Reads STUN answers from `sock`, matching them to pending requests by transaction ID.
-async fn read_answers(
-    sock: Arc<UdpSocket>,
-    family: Family,
-    pending: Arc<Mutex<HashMap<TxId, Pending>>>,
-    out: mpsc::Sender<Answer>,
-) {
+/// Reads `sock` and offers every datagram to `demux` (non-STUN datagrams are dropped here).
+async fn read_answers(sock: Arc<UdpSocket>, demux: StunHandler) {
     let mut buf = vec![0u8; 1500];
     loop {
         let n = match sock.recv_from(&mut buf).await {
@@ -254,14 +306,7 @@ async fn read_answers(
             }
             Err(_) => return,
         };
-        let now = Instant::now();
-        let Ok((txid, mapped)) = parse_response(&buf[..n]) else { continue };
-        let Some(p) = pending.lock().expect("pending lock").remove(&txid) else { continue };
-        debug_assert_eq!(p.family, family);
-        let a = Answer { region: p.region, family: p.family, rtt: now - p.sent, mapped };
-        if out.send(a).await.is_err() {
-            return;
-        }
+        demux.handle(&buf[..n]);
     }
 }
 
