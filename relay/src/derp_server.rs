@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::ratelimit::SharedRecvRate;
 use crate::registry::{Conn, Registry};
 use crate::session::{self, HandshakeFailure, Reader};
 use crate::writer::{self, Outbox, SeenSources, WriterSettings};
@@ -115,6 +116,8 @@ pub struct CoreOptions {
     pub keepalive_jitter: Duration,
     /// Admission check for non-mesh clients (None = admit everyone).
     pub admission: Option<AdmissionHook>,
+    /// Per-client receive byte rate (`-rate-config`; None = unlimited). Mesh peers are exempt.
+    pub recv_rate: Option<Arc<SharedRecvRate>>,
 }
 
 impl Default for CoreOptions {
@@ -125,6 +128,7 @@ impl Default for CoreOptions {
             keepalive_interval: KEEPALIVE_INTERVAL,
             keepalive_jitter: KEEPALIVE_JITTER,
             admission: None,
+            recv_rate: None,
         }
     }
 }
@@ -278,7 +282,11 @@ impl DerpServer {
         };
         let mut seen = SeenSources::default();
         let reader = async {
-            let r = Reader::new(&conn, &self.registry).run(&mut r, buf, dec).await;
+            let limit = match &self.options.recv_rate {
+                Some(rate) if !conn.can_mesh => Some(rate.client()),
+                _ => None,
+            };
+            let r = Reader::new(&conn, &self.registry).with_recv_limit(limit).run(&mut r, buf, dec).await;
             conn.cancel.cancel();
             r
         };

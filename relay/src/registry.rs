@@ -348,6 +348,11 @@ impl Registry {
         self.clients.get(key).map(|s| s.conns()).unwrap_or_default()
     }
 
+    /// Every local connection (graceful shutdown sends each one Restarting).
+    pub fn all_conns(&self) -> Vec<Arc<Conn>> {
+        self.clients.iter().flat_map(|e| e.value().conns()).collect()
+    }
+
     /// The active connection of `key`, if any.
     pub fn active_conn(&self, key: &NodePublic) -> Option<Arc<Conn>> {
         self.clients.get(key).and_then(|s| s.active().cloned())

@@ -8,6 +8,7 @@
 //! admission policy, the per-client receive rate, the metrics listener, the embedded STUN
 //! responder, certificate reloading and the drop log; [`Server::reload`] is SIGHUP.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -23,13 +24,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admitter, Allowlist, VerifyUrl};
-use crate::derp_server::{CoreOptions, DerpServer, DerpServerConfig};
+use crate::derp_server::{jitter, CoreOptions, DerpServer, DerpServerConfig};
 use crate::http::{self, HomePage, HttpContext};
 use crate::metrics_http::{self, Status};
 use crate::ops_metrics::OpsMetrics;
 use crate::ratelimit::{load_rate_config, AcceptLimiter, AcceptRate, RecvRate, SharedRecvRate};
 use crate::tls::CertReloader;
+use crate::writer::Control;
 
+/// How often a drain looks for connections still open (or newly handshaken).
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 /// How often per-IP accept buckets that refilled are forgotten.
 const ACCEPT_LIMITER_PRUNE: Duration = Duration::from_secs(10);
 
@@ -161,6 +165,17 @@ pub enum SpawnError {
     StunBind { addr: SocketAddr, source: io::Error },
 }
 
+/// What [`Server::drain`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DrainReport {
+    /// Connections sent `Restarting`.
+    pub notified: usize,
+    /// Of those, closed before the deadline.
+    pub left: usize,
+    /// Connections still open at the deadline, closed then.
+    pub closed: usize,
+}
+
 /// What [`Server::reload`] did.
 #[derive(Debug, Default)]
 pub struct ReloadReport {
@@ -208,6 +223,7 @@ impl Server {
         ops_metrics.set_recv_rate(recv_rate.get());
         let options = CoreOptions {
             admission: admitter.is_active().then(|| admitter.into_hook()),
+            recv_rate: Some(recv_rate.clone()),
             ..CoreOptions::default()
         };
         let derp = DerpServer::with_options(config.derp.clone(), options);
@@ -388,6 +404,40 @@ impl Server {
     /// The DERP core.
     pub fn derp(&self) -> &Arc<DerpServer> {
         &self.derp
+    }
+
+    /// Graceful shutdown (SIGTERM): stop accepting (the listeners close, so a new process can
+    /// bind), report `draining` on `/healthz`, queue `Restarting{reconnect_in + jitter, try_for}`
+    /// for every client (and for any that finishes its handshake meanwhile). Each connection's
+    /// send loop writes what it has queued, then the Restarting frame, flushes and closes.
+    /// Whatever is still open at `deadline` is closed; then every task is awaited.
+    pub async fn drain(self, opts: DrainOptions) -> DrainReport {
+        let deadline = tokio::time::Instant::now() + opts.deadline;
+        self.accept_cancel.cancel();
+        self.status.draining.store(true, std::sync::atomic::Ordering::Release);
+        let mut notified = HashSet::new();
+        loop {
+            let conns = self.derp.registry().all_conns();
+            for conn in &conns {
+                if notified.insert(conn.id) {
+                    let reconnect_in = opts.reconnect_in + jitter(opts.reconnect_jitter);
+                    if conn.out.send_control(Control::Restarting { reconnect_in, try_for: opts.try_for }) {
+                        self.status.ops.restarting_sent.increment(1);
+                    }
+                }
+            }
+            if conns.is_empty() || tokio::time::Instant::now() >= deadline {
+                let closed = conns.len();
+                self.cancel.cancel();
+                self.derp.close_all();
+                self.tracker.close();
+                // Closing is prompt; the bound only guards against a wedged task.
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
+                let notified = notified.len();
+                return DrainReport { notified, left: notified.saturating_sub(closed), closed };
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
     }
 
     /// Stops accepting, closes every connection and waits for all tasks to end.

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::metrics::{DropReason, Metrics, PacketKind};
+use crate::ratelimit::ClientRecvLimiter;
 use crate::registry::{Conn, Registry, Routed};
 use crate::writer::Control;
 
@@ -126,6 +127,9 @@ pub struct Reader<'a> {
     /// Received-packet counts not yet added to the shared counters: they are published once
     /// per read, not per packet, to keep shared cache lines out of the packet path.
     tally: RecvTally,
+    /// Per-client receive rate (`-rate-config`): waited on before each read for the bytes of
+    /// the previous one, so TCP back-pressure slows the sender and nothing is dropped.
+    recv_limit: Option<ClientRecvLimiter>,
 }
 
 /// Per-read tally of received packets by kind, and their bytes.
@@ -167,7 +171,14 @@ impl<'a> Reader<'a> {
             preferred: false,
             not_here_limiter: None,
             tally: RecvTally::default(),
+            recv_limit: None,
         }
+    }
+
+    /// Limits this reader's receive rate (None = unlimited).
+    pub fn with_recv_limit(mut self, limit: Option<ClientRecvLimiter>) -> Self {
+        self.recv_limit = limit;
+        self
     }
 
     /// Reads and handles frames until EOF (Ok), cancellation (Ok) or an error. `buf` may hold
@@ -199,6 +210,8 @@ impl<'a> Reader<'a> {
         R: AsyncRead + Unpin,
     {
         let mut last_read_filled = false;
+        // Bytes of the last read not yet paid for with receive-rate tokens.
+        let mut unpaid = 0usize;
         loop {
             while let Some(f) = dec.decode(buf)? {
                 self.handle_frame(f)?;
@@ -219,6 +232,15 @@ impl<'a> Reader<'a> {
             } else {
                 buf.reserve(READ_LARGE);
             }
+            if let Some(limit) = &mut self.recv_limit {
+                if unpaid > 0 {
+                    tokio::select! {
+                        biased;
+                        _ = self.conn.cancel.cancelled() => return Ok(()),
+                        _ = limit.consume(unpaid) => {}
+                    }
+                }
+            }
             let room = buf.capacity() - buf.len();
             let n = tokio::select! {
                 biased;
@@ -228,6 +250,7 @@ impl<'a> Reader<'a> {
             if n == 0 {
                 return Ok(());
             }
+            unpaid = n;
             last_read_filled = n == room;
         }
     }

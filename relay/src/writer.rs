@@ -58,6 +58,14 @@ pub enum Control {
     PeerGone(NodePublic, PeerGoneReason),
     /// (Watchers) `key` connected from `endpoint` with these PeerPresent flags.
     PeerPresent(NodePublic, SocketAddr, u8),
+    /// The server is going away (graceful shutdown): the send loop writes this after everything
+    /// queued before it, flushes, and ends the connection.
+    Restarting {
+        /// When the client should reconnect.
+        reconnect_in: Duration,
+        /// How long it should keep trying.
+        try_for: Duration,
+    },
 }
 
 /// Everything other tasks can hand one connection for sending. Never blocks.
@@ -285,11 +293,13 @@ where
     tokio::pin!(keepalive);
     let mut keepalive_due = false;
 
+    let mut restarting = false;
     loop {
         let mut frames: u64 = 0;
         loop {
             let mut progressed = false;
             while let Some(c) = out.control.pop() {
+                restarting |= matches!(c, Control::Restarting { .. });
                 encode_control(&mut buf, &c, metrics);
                 if let Control::PeerGone(key, PeerGoneReason::Disconnected) = &c {
                     seen.forget(key);
@@ -343,7 +353,7 @@ where
                 buf = BytesMut::new();
             }
         }
-        if out.is_closed() {
+        if out.is_closed() || restarting {
             return Ok(());
         }
         tokio::select! {
@@ -431,6 +441,9 @@ fn encode_control(buf: &mut BytesMut, c: &Control, metrics: &Metrics) {
         }
         Control::PeerPresent(key, endpoint, flags) => {
             ServerToClient::PeerPresent { key, endpoint: Some(endpoint), flags }.encode(buf);
+        }
+        Control::Restarting { reconnect_in, try_for } => {
+            ServerToClient::Restarting { reconnect_in, try_for }.encode(buf);
         }
     }
 }
