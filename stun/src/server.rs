@@ -8,6 +8,20 @@
 //! Every received datagram ends in exactly one `stun_requests{disposition}` bucket:
 //! `success` (answered), `not_stun` (rejected by the codec, truncated, or no source address),
 //! `rate_limited`, or `write_error`; `read_error` counts failed receive calls.
+//!
+//! Embedding (what `derpfleet-relay -stun -stun-port N` needs):
+//! ```no_run
+//! # async fn embed(recorder: &metrics_exporter_prometheus::PrometheusRecorder,
+//! #                cancel: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
+//! use derpfleet_stun::server::{bind_sockets, parse_listen_addr};
+//! use derpfleet_stun::{StunConfig, StunMetrics, StunServer};
+//! let mut addr = parse_listen_addr(":443").expect("-a"); // same IP as -a; ":443" → [::] dual-stack
+//! addr.set_port(3478); // -stun-port
+//! let sockets = bind_sockets(addr, std::thread::available_parallelism().map_or(1, |n| n.get()))?;
+//! let server = StunServer::new(StunConfig::default(), StunMetrics::register(recorder));
+//! tokio::spawn(server.serve(sockets, cancel));
+//! # Ok(()) }
+//! ```
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
