@@ -77,6 +77,8 @@ struct Counters {
     sent: AtomicU64,
     answered: AtomicU64,
     invalid: AtomicU64,
+    /// Signalled by the receiver after each batch, so a closed-loop sender refills promptly.
+    progress: tokio::sync::Notify,
 }
 
 /// Runs the load for `cfg.duration` and returns the totals. Needs a Tokio runtime (multi-thread
@@ -145,7 +147,10 @@ async fn sender(
                     written_off += outstanding;
                     last_progress.0 = Instant::now();
                 } else {
-                    tokio::time::sleep(Duration::from_micros(100)).await;
+                    tokio::select! {
+                        _ = counters.progress.notified() => {}
+                        _ = tokio::time::sleep(STALL) => {}
+                    }
                 }
                 continue;
             }
@@ -220,6 +225,7 @@ async fn receiver(
             }
             counters.answered.fetch_add(ok, Ordering::Relaxed);
             counters.invalid.fetch_add(bad, Ordering::Relaxed);
+            counters.progress.notify_one();
         }
     }
 }
