@@ -433,6 +433,15 @@ async fn connect_inner(target: &DerpTarget, opts: &ConnectOptions) -> Result<Der
             out.put_slice(&client_info_frame(opts, &key));
             t.stream.write_all(&out).await?;
             t.stream.flush().await?;
+            // A server (or proxy) that ignores fast start still answers 101 first: accept it.
+            while buf.len() < 5 {
+                if t.stream.read_buf(&mut buf).await? == 0 {
+                    return Err(ConnectError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+            if buf.starts_with(b"HTTP/") {
+                read_upgrade_response(&mut t.stream, &mut buf).await?;
+            }
             key
         }
         None => {

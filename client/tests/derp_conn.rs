@@ -99,7 +99,13 @@ async fn many_packets_arrive_in_order_and_writes_are_batched() {
 
 #[tokio::test]
 async fn tls13_meta_cert_gives_fast_start_with_pinned_cert() {
-    let s = TestServer::start(Tls { enabled: true, meta_cert: true, tls12_only: false }).await;
+    let s = TestServer::start(Tls {
+        enabled: true,
+        meta_cert: true,
+        tls12_only: false,
+        ignore_fast_start: false,
+    })
+    .await;
     let k = NodePrivate::generate();
     let c = DerpConn::connect(&url(&s, true, pin(&s)), &ConnectOptions::new(k)).await.unwrap();
     assert!(c.info().fast_start);
@@ -118,8 +124,8 @@ async fn tls13_meta_cert_gives_fast_start_with_pinned_cert() {
 #[tokio::test]
 async fn tls12_or_no_meta_cert_means_no_fast_start() {
     for tls in [
-        Tls { enabled: true, meta_cert: true, tls12_only: true },
-        Tls { enabled: true, meta_cert: false, tls12_only: false },
+        Tls { enabled: true, meta_cert: true, tls12_only: true, ignore_fast_start: false },
+        Tls { enabled: true, meta_cert: false, tls12_only: false, ignore_fast_start: false },
     ] {
         let s = TestServer::start(tls).await;
         let c = DerpConn::connect(&url(&s, true, pin(&s)), &ConnectOptions::new(NodePrivate::generate()))
@@ -132,7 +138,13 @@ async fn tls12_or_no_meta_cert_means_no_fast_start() {
 
 #[tokio::test]
 async fn wrong_pin_and_web_pki_reject_self_signed() {
-    let s = TestServer::start(Tls { enabled: true, meta_cert: true, tls12_only: false }).await;
+    let s = TestServer::start(Tls {
+        enabled: true,
+        meta_cert: true,
+        tls12_only: false,
+        ignore_fast_start: false,
+    })
+    .await;
     let opts = ConnectOptions::new(NodePrivate::generate());
     let e = DerpConn::connect(&url(&s, true, CertCheck::Sha256Raw([0; 32])), &opts).await.err().unwrap();
     assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
@@ -144,7 +156,13 @@ async fn wrong_pin_and_web_pki_reject_self_signed() {
 
 #[tokio::test]
 async fn region_target_falls_over_to_second_node_and_sends_ideal_node() {
-    let s = TestServer::start(Tls { enabled: true, meta_cert: false, tls12_only: false }).await;
+    let s = TestServer::start(Tls {
+        enabled: true,
+        meta_cert: false,
+        tls12_only: false,
+        ignore_fast_start: false,
+    })
+    .await;
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_port = dead.local_addr().unwrap().port();
     drop(dead);
@@ -247,7 +265,9 @@ async fn connect_to_nothing_fails_fast_with_a_clear_error() {
 
 #[tokio::test]
 async fn websocket_transport_relays_and_pings() {
-    for tls in [Tls::default(), Tls { enabled: true, meta_cert: true, tls12_only: false }] {
+    for tls in
+        [Tls::default(), Tls { enabled: true, meta_cert: true, tls12_only: false, ignore_fast_start: false }]
+    {
         let s = TestServer::start(tls).await;
         let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
         let check = if tls.enabled { pin(&s) } else { CertCheck::HostName };
@@ -322,4 +342,20 @@ async fn mesh_peer_frames_and_watcher_messages() {
     s.push(gone.clone());
     assert_eq!(tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(), present);
     assert_eq!(tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(), gone);
+}
+
+#[tokio::test]
+async fn fast_start_tolerates_a_server_that_still_sends_101() {
+    let tls = Tls { enabled: true, meta_cert: true, tls12_only: false, ignore_fast_start: true };
+    let s = TestServer::start(tls).await;
+    let c = DerpConn::connect(&url(&s, true, pin(&s)), &ConnectOptions::new(NodePrivate::generate()))
+        .await
+        .unwrap();
+    assert!(c.info().fast_start);
+    let (tx, mut rx) = c.split();
+    tx.send_ping(*b"after101").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(),
+        ServerToClient::Pong(*b"after101")
+    );
 }

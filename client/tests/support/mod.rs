@@ -37,6 +37,8 @@ pub struct Tls {
     pub enabled: bool,
     pub meta_cert: bool,
     pub tls12_only: bool,
+    /// Answer 101 even to a fast-start request (like a server or proxy that ignores the header).
+    pub ignore_fast_start: bool,
 }
 
 type Hub = Arc<Mutex<HashMap<NodePublic, mpsc::Sender<ServerToClient>>>>;
@@ -79,10 +81,10 @@ impl TestServer {
                     match acc {
                         Some(a) => {
                             if let Ok(s) = a.accept(tcp).await {
-                                serve(s, k, rq, rc, hub, sub, delay).await
+                                serve(s, k, rq, rc, hub, sub, delay, tls.ignore_fast_start).await
                             }
                         }
-                        None => serve(tcp, k, rq, rc, hub, sub, delay).await,
+                        None => serve(tcp, k, rq, rc, hub, sub, delay, tls.ignore_fast_start).await,
                     }
                 });
             }
@@ -122,6 +124,7 @@ fn acceptor(key: &NodePublic, addr: SocketAddr, tls: Tls) -> (tokio_rustls::TlsA
     (tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), leaf.cert.der().to_vec())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     key: NodePrivate,
@@ -130,6 +133,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     hub: Hub,
     push: broadcast::Receiver<ServerToClient>,
     latency_delay: std::time::Duration,
+    ignore_fast_start: bool,
 ) {
     let mut buf = BytesMut::with_capacity(8192);
     let head_end = loop {
@@ -177,7 +181,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let _ = s.write_all(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 27\r\n\r\nDERP requires connection upgrade").await;
         return;
     }
-    let fast = head.contains("Derp-Fast-Start: 1");
+    let fast = head.contains("Derp-Fast-Start: 1") && !ignore_fast_start;
     session(s, buf, !fast, key, requests, received, hub, push).await
 }
 
