@@ -359,3 +359,24 @@ async fn fast_start_tolerates_a_server_that_still_sends_101() {
         ServerToClient::Pong(*b"after101")
     );
 }
+
+#[tokio::test]
+async fn web_pki_with_extra_root_checks_host_and_cert_name() {
+    let s = TestServer::start(Tls {
+        enabled: true,
+        meta_cert: true,
+        tls12_only: false,
+        ignore_fast_start: false,
+    })
+    .await;
+    let root = rustls::pki_types::CertificateDer::from(s.leaf_der.clone().unwrap());
+    let opts = ConnectOptions { extra_roots: vec![root], ..ConnectOptions::new(NodePrivate::generate()) };
+    // The leaf carries SANs 127.0.0.1 and localhost.
+    DerpConn::connect(&url(&s, true, CertCheck::HostName), &opts).await.unwrap();
+    DerpConn::connect(&url(&s, true, CertCheck::Name("localhost".into())), &opts).await.unwrap();
+    let e = DerpConn::connect(&url(&s, true, CertCheck::Name("other.example".into())), &opts)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
+}
