@@ -1,7 +1,7 @@
 //! Builds the relay image from the repository's `Dockerfile` with podman (no registry: base images are
 //! made locally by `deploy/container/local-base-images.sh`), runs it with runc, and talks to it over
 //! loopback: the relay's `/derp/probe` answers 200, the image's STUN responder (`derpfleet-stun`; the relay's
-//! own `-stun` once it serves it, see [`RELAY_SERVES_STUN`]) answers with our own address, the image's
+//! own `-stun` once it serves it, see [`EMBEDDED_STUN_FLAG`]) answers with our own address, the image's
 //! HEALTHCHECK passes, and SIGTERM stops both without the runtime having to SIGKILL.
 //!
 //! By default the image is built around the workspace's already built binaries (`BINARIES_FROM=prebuilt`,
@@ -25,11 +25,12 @@ const RUNTIME_BASE: &str = "localhost/derpfleet-test/debian:bookworm-slim";
 const BUILDER_BASE: &str = "localhost/derpfleet-test/rust-builder:bookworm";
 const IMAGE: &str = "localhost/derpfleet-test/relay:e2e";
 
-/// Whether `derpfleet-relay -stun` answers STUN itself. Today the relay accepts `-stun`/`-stun-port` but
-/// STUN is served by the separate `derpfleet-stun` component (relay/src/cli.rs), so the image's STUN answer
-/// is checked on `derpfleet-stun` and the relay's STUN port is checked to be silent. Once the relay binary
-/// embeds the responder, that silence check fails with a message to flip this to `true`.
-const RELAY_SERVES_STUN: bool = false;
+/// The relay grows features while this test exists; it follows what the image's relay advertises in
+/// `--help`: the STUN tuning flag `-stun-strict` comes with the embedded STUN responder (before that the
+/// relay only accepted `-stun`/`-stun-port` and the STUN port must stay silent), and `-metrics-addr` (default
+/// 127.0.0.1:9090, which would collide on the host network) is then pointed at a free port and checked.
+const EMBEDDED_STUN_FLAG: &str = "--stun-strict";
+const METRICS_FLAG: &str = "--metrics-addr";
 
 /// A private podman installation (storage, run state, temp files) under one directory, torn down on drop.
 struct Podman {
@@ -287,7 +288,21 @@ fn check_stun_binary(podman: &Podman) -> Result<()> {
 
 /// The relay with the image's entrypoint: probe, STUN, health check, SIGTERM.
 fn check_relay(podman: &Podman) -> Result<()> {
-    let (http, stun) = (free_port(false)?, free_port(true)?);
+    let help_args = [
+        "run",
+        "--rm",
+        "--runtime=runc",
+        "--network=none",
+        "--ulimit=nofile=4096:4096",
+        "--ulimit=nproc=4096:4096",
+        IMAGE,
+        "--help",
+    ];
+    let help = podman.ok(Duration::from_secs(60), &help_args)?;
+    let (serves_stun, has_metrics) = (help.contains(EMBEDDED_STUN_FLAG), help.contains(METRICS_FLAG));
+    eprintln!("relay in the image: embedded STUN {serves_stun}, metrics listener {has_metrics}");
+    let (http, stun, metrics) = (free_port(false)?, free_port(true)?, free_port(false)?);
+    let metrics_addr = format!("127.0.0.1:{metrics}");
     let a = format!("127.0.0.1:{http}");
     let (stun_s, health_port) = (stun.to_string(), format!("DERPFLEET_HEALTH_PORT={http}"));
     let state = podman.dir.join("state");
@@ -301,22 +316,29 @@ fn check_relay(podman: &Podman) -> Result<()> {
     // Plain HTTP on a loopback port (not 443, certmode letsencrypt: no TLS, as derper), STUN beside it.
     args.extend(["-a", &a, "-http-port", "-1", "-stun", "-stun-port", &stun_s]);
     args.extend(["-c", "/var/lib/derper/derper.key", "-hostname", "127.0.0.1"]);
+    if has_metrics {
+        args.extend(["-metrics-addr", &metrics_addr]);
+    }
     podman.ok(Duration::from_secs(60), &args)?;
     let logs = || container_logs(podman, "e2e-relay");
 
     let (status, text) = wait_http(http, "/derp/probe", Duration::from_secs(30))
         .with_context(|| format!("relay logs:\n{}", logs()))?;
     assert_eq!(status, 200, "/derp/probe:\n{text}\nrelay logs:\n{}", logs());
-    if RELAY_SERVES_STUN {
+    if serves_stun {
         let (ours, mapped) =
             stun_query(stun, Duration::from_secs(20)).with_context(|| format!("relay logs:\n{}", logs()))?;
         assert_eq!(mapped, ours, "the relay's STUN must report our own address and port");
     } else {
         assert!(
             stun_query(stun, Duration::from_secs(3)).is_err(),
-            "derpfleet-relay now answers STUN on -stun-port: set RELAY_SERVES_STUN = true in {}",
+            "derpfleet-relay answers STUN but does not advertise {EMBEDDED_STUN_FLAG}: update {}",
             file!()
         );
+    }
+    if has_metrics {
+        let (status, text) = wait_http(metrics, "/metrics", Duration::from_secs(10))?;
+        assert_eq!(status, 200, "/metrics on {metrics_addr}:\n{text}");
     }
     ensure!(state.join("derper.key").exists(), "the node key was not written to the state volume");
 
