@@ -167,7 +167,9 @@ pub enum Verdict {
 /// Asks the admission controller about `key` arriving from `source`.
 pub async fn ask_controller(url: &VerifyUrl, key: &NodePublic, source: std::net::IpAddr) -> Verdict {
     let body = serde_json::json!({ "NodePublic": key.to_string(), "Source": unmap(source).to_string() });
-    let request = match Request::post(url.uri.clone())
+    // Origin-form target (`POST /verify`), as Go's client sends to a server directly.
+    let target = url.uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = match Request::post(target)
         .header(http::header::HOST, authority(url))
         .body(Full::new(Bytes::from(body.to_string())))
     {

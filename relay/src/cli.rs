@@ -245,6 +245,11 @@ pub struct Flags {
     /// print this help
     #[arg(long = "help", visible_alias = "h", action = ArgAction::Help)]
     pub help: Option<bool>,
+
+    /// `-metrics-addr` was given (flag or config file), not defaulted: failing to bind it is
+    /// then fatal; the default address only warns (port 9090 is often Prometheus's own).
+    #[arg(skip)]
+    pub metrics_addr_explicit: bool,
 }
 
 impl Flags {
@@ -254,7 +259,7 @@ impl Flags {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString>,
     {
-        Flags::try_parse_from(derpfleet_proto::goflag::normalize_args(args))
+        parse_normalized(derpfleet_proto::goflag::normalize_args(args))
     }
 
     /// Parses a command line that may name a `-config` TOML file: the file's settings come
@@ -266,15 +271,24 @@ impl Flags {
     {
         let args: Vec<std::ffi::OsString> = derpfleet_proto::goflag::normalize_args(args);
         let Some(path) = crate::config::config_arg(&args) else {
-            return Ok(Flags::try_parse_from(args)?);
+            return Ok(parse_normalized(args)?);
         };
         let from_file = crate::config::load_args(&path)?;
         let mut all: Vec<std::ffi::OsString> = Vec::with_capacity(args.len() + from_file.len());
         all.extend(args.first().cloned());
         all.extend(from_file.into_iter().map(Into::into));
         all.extend(args.into_iter().skip(1));
-        Ok(Flags::try_parse_from(all)?)
+        Ok(parse_normalized(all)?)
     }
+}
+
+fn parse_normalized(args: Vec<std::ffi::OsString>) -> Result<Flags, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Flags::command().try_get_matches_from(args)?;
+    let mut flags = Flags::from_arg_matches(&matches)?;
+    flags.metrics_addr_explicit =
+        matches.value_source("metrics_addr").is_some_and(|s| s != clap::parser::ValueSource::DefaultValue);
+    Ok(flags)
 }
 
 /// Why the command line (with its config file) could not be parsed.
@@ -492,6 +506,7 @@ fn ops_config(
     });
     Ok(OpsConfig {
         metrics_addr,
+        metrics_addr_required: flags.metrics_addr_explicit,
         accept_limit: AcceptRate {
             per_second: flags.accept_connection_limit,
             burst: flags.accept_connection_burst as u64,

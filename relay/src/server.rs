@@ -86,6 +86,8 @@ pub struct StunSettings {
 pub struct OpsConfig {
     /// `/metrics` and `/healthz` listener (`-metrics-addr`).
     pub metrics_addr: Option<SocketAddr>,
+    /// Failing to bind `metrics_addr` stops the start (else it is logged and skipped).
+    pub metrics_addr_required: bool,
     /// Global accept rate (`-accept-connection-limit`/`-burst`).
     pub accept_limit: AcceptRate,
     /// Per-source-IP accept rate.
@@ -115,6 +117,7 @@ impl Default for OpsConfig {
         let unlimited = AcceptRate { per_second: f64::INFINITY, burst: u64::MAX };
         Self {
             metrics_addr: None,
+            metrics_addr_required: true,
             accept_limit: unlimited,
             accept_limit_per_ip: unlimited,
             allowlist: None,
@@ -240,16 +243,28 @@ impl Server {
         };
         let http_port_addr = port80.as_ref().and_then(|l| l.local_addr().ok());
         let metrics_listener = match ops.metrics_addr {
-            Some(addr) => Some(
-                bind_one(addr)
-                    .or_else(|e| match addr.ip() {
-                        IpAddr::V6(v6) if v6.is_unspecified() => {
-                            bind_one(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port()))
-                        }
-                        _ => Err(e),
-                    })
-                    .map_err(|source| SpawnError::MetricsBind { addr, source })?,
-            ),
+            Some(addr) => {
+                let bound = bind_one(addr).or_else(|e| match addr.ip() {
+                    IpAddr::V6(v6) if v6.is_unspecified() => {
+                        bind_one(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port()))
+                    }
+                    _ => Err(e),
+                });
+                match bound {
+                    Ok(l) => Some(l),
+                    Err(source) if ops.metrics_addr_required => {
+                        return Err(SpawnError::MetricsBind { addr, source })
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "metrics listener {addr}: {e}; serving without it (set -metrics-addr to another \
+                             address, or -metrics-addr= to turn it off; /debug/varz and /healthz remain on \
+                             the main port)"
+                        );
+                        None
+                    }
+                }
+            }
             None => None,
         };
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());

@@ -22,7 +22,10 @@ struct Proc {
 
 impl Proc {
     fn start(args: &[&str]) -> Proc {
+        // STUN off unless a test turns it on (a later `-stun` wins): parallel tests would
+        // otherwise race for UDP 3478.
         let mut child = Command::new(BIN)
+            .arg("-stun=false")
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
