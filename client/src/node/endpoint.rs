@@ -18,6 +18,8 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
 pub const SESSION_ACTIVE_TIMEOUT: Duration = Duration::from_secs(45);
 /// No endpoint is pinged more often than this (outside heartbeats and CallMeMaybe).
 pub const DISCO_PING_INTERVAL: Duration = Duration::from_secs(5);
+/// While untrusted, a ping from the peer is answered with our own ping at most this often.
+pub const PING_BACK_INTERVAL: Duration = Duration::from_secs(1);
 /// An unanswered ping is forgotten after this.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// A runtime-learned candidate (from a ping we received) is dropped this long after last use.
@@ -169,15 +171,18 @@ impl Endpoint {
         }
     }
 
-    /// Notes an address a ping arrived from. Returns true when it should be pinged back now (it
-    /// was not pinged recently), which opens our NAT towards it.
+    /// Notes an address a ping arrived from. Returns true when it should be pinged back now, which
+    /// opens our NAT towards it: while no path is trusted, if not pinged in the last second (the
+    /// peer's ping proves its NAT is open now, so waiting for our next 5 s round only delays the
+    /// upgrade); otherwise if not pinged in the last 5 s.
     pub fn note_ping_from(&mut self, addr: SocketAddr, now: Instant) -> bool {
         if self.candidates.len() >= MAX_CANDIDATES && !self.candidates.contains_key(&addr) {
             return false;
         }
+        let gap = if self.trusted(now) { DISCO_PING_INTERVAL } else { PING_BACK_INTERVAL };
         let c = self.candidates.entry(addr).or_default();
         c.learned_at = Some(now);
-        c.last_ping.is_none_or(|t| now.duration_since(t) >= DISCO_PING_INTERVAL)
+        c.last_ping.is_none_or(|t| now.duration_since(t) >= gap)
     }
 
     /// Records a ping sent to `addr` with `tx_id`.
@@ -368,6 +373,9 @@ mod tests {
         let t0 = Instant::now();
         let mut e = Endpoint::default();
         assert!(e.note_ping_from(sa("9.9.9.9:9"), t0));
+        e.note_ping_sent(sa("9.9.9.9:9"), [1; 12], t0);
+        assert!(!e.note_ping_from(sa("9.9.9.9:9"), t0 + Duration::from_millis(500)));
+        assert!(e.note_ping_from(sa("9.9.9.9:9"), t0 + PING_BACK_INTERVAL));
         assert_eq!(e.candidate_count(), 1);
         e.send_path(t0 + LEARNED_ENDPOINT_TTL);
         e.pings_due(t0 + LEARNED_ENDPOINT_TTL);
