@@ -221,3 +221,62 @@ async fn mesh_key_holder_is_flagged_and_wrong_mesh_key_is_a_regular_client() -> 
     assert_eq!((k, flags), (other.public(), 0x01), "a wrong mesh key is just a regular client");
     Ok(())
 }
+
+/// Rejects every key except one.
+struct OnlyKey(derpfleet_proto::NodePublic);
+
+impl derpfleet_relay::derp_server::AdmissionCheck for OnlyKey {
+    fn check<'a>(
+        &'a self,
+        key: derpfleet_proto::NodePublic,
+        _info: &'a ClientInfo,
+        _conn: &'a derpfleet_relay::derp_server::ConnInfo,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = derpfleet_relay::derp_server::Admission> + Send + 'a>,
+    > {
+        use derpfleet_relay::derp_server::Admission;
+        let verdict =
+            if key == self.0 { Admission::Allow } else { Admission::Reject("not on the list".into()) };
+        Box::pin(async move { verdict })
+    }
+}
+
+#[tokio::test]
+async fn admission_hook_rejects_before_server_info_and_mesh_peers_bypass_it() -> Result<()> {
+    use derpfleet_relay::derp_server::AdmissionHook;
+    let allowed = NodePrivate::generate();
+    let mesh = MeshKey::generate();
+    let options = CoreOptions {
+        admission: Some(AdmissionHook(std::sync::Arc::new(OnlyKey(allowed.public())))),
+        ..Default::default()
+    };
+    let config = DerpServerConfig { mesh_key: Some(mesh), ..DerpServerConfig::new(NodePrivate::generate()) };
+    let relay = spawn_core_relay_with(config, options).await;
+    let mut ok = TestClient::connect_with(relay.addr, allowed, tailscaled_info()).await?;
+    ok.ping_pong(*b"admitted", T).await?;
+    let mut c = TestClient::connect_raw(relay.addr).await?;
+    let payload = derpfleet_proto::handshake::seal_client_info(&c.key, &relay.key(), &tailscaled_info());
+    c.send_frame(FrameType::ClientInfo as u8, &payload).await?;
+    want_closed_without_server_info(&mut c).await?;
+    let mut m = TestClient::connect_with(
+        relay.addr,
+        NodePrivate::generate(),
+        derpfleet_relay::testing::mesh_info(mesh),
+    )
+    .await?;
+    m.ping_pong(*b"mesh ok!", T).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn close_all_closes_connected_and_handshaking_clients() -> Result<()> {
+    let relay = spawn_core_relay().await;
+    let mut a = relay.client().await?;
+    let mut half = TestClient::connect_raw(relay.addr).await?;
+    half.write_raw(&[0x02, 0, 0]).await?;
+    relay.server.close_all();
+    a.want_closed(T).await?;
+    half.want_closed(T).await?;
+    relay.wait_metric("derp_current_connections", &[], 0.0).await?;
+    Ok(())
+}
