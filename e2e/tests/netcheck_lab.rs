@@ -243,7 +243,8 @@ const REGION_RTTS_MS: [(i64, u64); 3] = [(1, 40), (2, 10), (3, 80)];
 
 fn delay_lab(suffix: &str) -> Result<DelayLab> {
     let tag = format!("{}{suffix}", unique_tag());
-    let dir = tmpdir(&tag)?;
+    let guard = TmpDir(tmpdir(&tag)?);
+    let dir = guard.0.clone();
     let cli = Netns::new(&format!("nc{tag}c"))?;
     let rtr = Netns::new(&format!("nc{tag}r"))?;
     let srv = Netns::new(&format!("nc{tag}s"))?;
@@ -341,7 +342,7 @@ fn delay_lab(suffix: &str) -> Result<DelayLab> {
         _children: children,
         _forwarders: forwarders,
         map_path,
-        _dir: TmpDir(dir),
+        _dir: guard,
     })
 }
 
@@ -397,7 +398,8 @@ struct NatLab {
 
 fn nat_lab(suffix: &str, symmetric: bool) -> Result<NatLab> {
     let tag = format!("{}{suffix}", unique_tag());
-    let dir = tmpdir(&tag)?;
+    let guard = TmpDir(tmpdir(&tag)?);
+    let dir = guard.0.clone();
     let home = Netns::new(&format!("nn{tag}h"))?;
     let nat = Netns::new(&format!("nn{tag}n"))?;
     let public = Netns::new(&format!("nn{tag}p"))?;
@@ -452,7 +454,7 @@ table ip filter {{
     std::fs::write(&map_path, serde_json::json!({ "Regions": regions }).to_string())?;
     // The STUN servers bind at once; give them a moment to be scheduled.
     std::thread::sleep(Duration::from_millis(300));
-    Ok(NatLab { home, _nat: nat, _pub: public, _children: children, map_path, _dir: TmpDir(dir) })
+    Ok(NatLab { home, _nat: nat, _pub: public, _children: children, map_path, _dir: guard })
 }
 
 #[test]
