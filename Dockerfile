@@ -67,7 +67,7 @@ ENV DERPFLEET_HEALTH_HOST=127.0.0.1 \
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
   CMD ["/bin/bash", "-c", "exec 3<>/dev/tcp/${DERPFLEET_HEALTH_HOST}/${DERPFLEET_HEALTH_PORT} && printf 'GET /generate_204 HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && read -r -t 4 _ code _ <&3 && [ \"$code\" = 204 ]"]
 
-# SIGTERM starts the relay's drain; the runtime's stop timeout must exceed the drain deadline.
+# SIGTERM starts the relay's drain; the runtime's stop timeout must exceed -drain-timeout (default 5s).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/derpfleet-relay"]
 CMD ["-a", ":443", "-http-port", "80", "-stun", "-stun-port", "3478", "-c", "/var/lib/derper/derper.key"]

@@ -216,7 +216,13 @@ fn derpmap_module_rejects_bad_fleets() -> Result<()> {
             "region_id values must be unique",
         ),
         (format!("[{}]", region(900, &[])), "at least one node"),
-        (region(900, &[r#"{ name = "a", host_name = "h", stun_port = 70000 }"#.to_string()]), "stun_port"),
+        (
+            format!(
+                "[{}]",
+                region(900, &[r#"{ name = "a", host_name = "h", stun_port = 70000 }"#.to_string()])
+            ),
+            "stun_port",
+        ),
     ];
     for (regions, expected) in cases {
         let var = format!("regions={regions}");
