@@ -85,9 +85,16 @@ impl Drop for NsThread {
     }
 }
 
+/// A one-way delay in microseconds, adjustable while the forwarder runs.
+type Delay = Arc<std::sync::atomic::AtomicU64>;
+
+fn now_delay(d: &Delay) -> Duration {
+    Duration::from_micros(d.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// Forwards UDP datagrams arriving at `listen` to `upstream`, and the replies back, each direction
 /// delayed by `one_way`. One upstream socket per client source, so mappings stay distinct.
-async fn udp_delay(listen: SocketAddr, upstream: SocketAddr, one_way: Duration) -> Result<()> {
+async fn udp_delay(listen: SocketAddr, upstream: SocketAddr, one_way: Delay) -> Result<()> {
     let front = Arc::new(UdpSocket::bind(listen).await.with_context(|| format!("bind {listen}"))?);
     let mut sessions: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; 65536];
@@ -98,13 +105,13 @@ async fn udp_delay(listen: SocketAddr, upstream: SocketAddr, one_way: Duration) 
             None => {
                 let s = Arc::new(UdpSocket::bind("0.0.0.0:0").await?);
                 s.connect(upstream).await?;
-                let (s2, front2) = (s.clone(), front.clone());
+                let (s2, front2, d2) = (s.clone(), front.clone(), one_way.clone());
                 tokio::spawn(async move {
                     let mut b = vec![0u8; 65536];
                     while let Ok(n) = s2.recv(&mut b).await {
-                        let (pkt, f) = (b[..n].to_vec(), front2.clone());
+                        let (pkt, f, wait) = (b[..n].to_vec(), front2.clone(), now_delay(&d2));
                         tokio::spawn(async move {
-                            tokio::time::sleep(one_way).await;
+                            tokio::time::sleep(wait).await;
                             let _ = f.send_to(&pkt, client).await;
                         });
                     }
@@ -113,16 +120,16 @@ async fn udp_delay(listen: SocketAddr, upstream: SocketAddr, one_way: Duration) 
                 s
             }
         };
-        let pkt = buf[..n].to_vec();
+        let (pkt, wait) = (buf[..n].to_vec(), now_delay(&one_way));
         tokio::spawn(async move {
-            tokio::time::sleep(one_way).await;
+            tokio::time::sleep(wait).await;
             let _ = back.send(&pkt).await;
         });
     }
 }
 
 /// Copies `r` to `w`, each chunk released `one_way` after it was read (order kept).
-async fn delayed_pipe<R, W>(mut r: R, mut w: W, one_way: Duration)
+async fn delayed_pipe<R, W>(mut r: R, mut w: W, one_way: Delay)
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -139,7 +146,8 @@ where
     });
     let mut buf = vec![0u8; 65536];
     while let Ok(n) = r.read(&mut buf).await {
-        if n == 0 || tx.send((tokio::time::Instant::now() + one_way, buf[..n].to_vec())).is_err() {
+        if n == 0 || tx.send((tokio::time::Instant::now() + now_delay(&one_way), buf[..n].to_vec())).is_err()
+        {
             break;
         }
     }
@@ -148,16 +156,17 @@ where
 }
 
 /// Forwards TCP connections from `listen` to `upstream` with `one_way` delay per direction.
-async fn tcp_delay(listen: SocketAddr, upstream: SocketAddr, one_way: Duration) -> Result<()> {
+async fn tcp_delay(listen: SocketAddr, upstream: SocketAddr, one_way: Delay) -> Result<()> {
     let l = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
     loop {
         let (c, _) = l.accept().await?;
+        let one_way = one_way.clone();
         tokio::spawn(async move {
             let Ok(u) = TcpStream::connect(upstream).await else { return };
             let _ = (c.set_nodelay(true), u.set_nodelay(true));
             let (cr, cw) = c.into_split();
             let (ur, uw) = u.into_split();
-            tokio::join!(delayed_pipe(cr, uw, one_way), delayed_pipe(ur, cw, one_way));
+            tokio::join!(delayed_pipe(cr, uw, one_way.clone()), delayed_pipe(ur, cw, one_way));
         });
     }
 }
@@ -235,6 +244,7 @@ struct DelayLab {
     _srv: Netns,
     _children: Vec<Child>,
     _forwarders: NsThread,
+    delays: HashMap<i64, Delay>,
     map_path: PathBuf,
     _dir: TmpDir,
 }
@@ -254,7 +264,8 @@ fn delay_lab(suffix: &str) -> Result<DelayLab> {
     srv.ip(&["route", "add", "default", "via", "10.78.0.1"])?;
     let mut children = Vec::new();
     let mut regions = serde_json::Map::new();
-    let mut routes: Vec<(SocketAddr, SocketAddr, SocketAddr, SocketAddr, Duration)> = Vec::new();
+    let mut routes: Vec<(SocketAddr, SocketAddr, SocketAddr, SocketAddr, Delay)> = Vec::new();
+    let mut delays = HashMap::new();
     for (id, rtt) in REGION_RTTS_MS {
         let public_ip = format!("10.77.{id}.1");
         rtr.ip(&["addr", "add", &format!("{public_ip}/32"), "dev", "r0"])?;
@@ -296,7 +307,11 @@ fn delay_lab(suffix: &str) -> Result<DelayLab> {
             format!("10.78.0.2:{stun_port}").parse()?,
             format!("{public_ip}:443").parse()?,
             format!("10.78.0.2:{https_port}").parse()?,
-            Duration::from_millis(rtt) / 2,
+            {
+                let d: Delay = Arc::new((rtt * 1000 / 2).into());
+                delays.insert(id, d.clone());
+                d
+            },
         ));
         // Wait for the relay, then pin its self-signed certificate.
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -322,7 +337,7 @@ fn delay_lab(suffix: &str) -> Result<DelayLab> {
     let forwarders = NsThread::spawn(rtr.name(), move || async move {
         let mut set = tokio::task::JoinSet::new();
         for (udp_l, udp_u, tcp_l, tcp_u, d) in routes {
-            set.spawn(udp_delay(udp_l, udp_u, d));
+            set.spawn(udp_delay(udp_l, udp_u, d.clone()));
             set.spawn(tcp_delay(tcp_l, tcp_u, d));
         }
         match set.join_next().await {
@@ -341,6 +356,7 @@ fn delay_lab(suffix: &str) -> Result<DelayLab> {
         _srv: srv,
         _children: children,
         _forwarders: forwarders,
+        delays,
         map_path,
         _dir: guard,
     })
@@ -381,6 +397,42 @@ fn udp_blocked_measures_by_https_and_picks_the_fastest() -> Result<()> {
     )?;
     let r = assert_latencies(&lab, false)?;
     assert_eq!(r["HTTPSLatencyRegions"].as_array().unwrap().len(), 3, "{r:#}");
+    Ok(())
+}
+
+/// Acceptance 3 as a lab run: one long-lived netchecker in the client namespace, region delays
+/// changed between reports. A region 5 ms faster than the home does not take over; 30 ms does.
+#[test]
+fn home_region_hysteresis_across_reports() -> Result<()> {
+    use derpfleet_client::derpmap::DerpMap;
+    use derpfleet_client::netcheck::{NetcheckConfig, Netchecker, Report};
+    let lab = delay_lab("h")?;
+    let set_rtt = |id: i64, ms: u64| lab.delays[&id].store(ms * 500, std::sync::atomic::Ordering::Relaxed);
+    let map = DerpMap::from_json(&std::fs::read(&lab.map_path)?)?;
+    let (run_tx, mut run_rx) = mpsc::unbounded_channel::<()>();
+    let (rep_tx, rep_rx) = std::sync::mpsc::channel::<Report>();
+    let _checker = NsThread::spawn(lab.cli.name(), move || async move {
+        let mut nc = Netchecker::bind(NetcheckConfig { https_fallback: false, ..Default::default() }).await?;
+        while run_rx.recv().await.is_some() {
+            rep_tx.send(nc.run(&map, true, None).await)?;
+        }
+        Ok(())
+    })?;
+    let report = |what: &str| -> Result<Report> {
+        run_tx.send(())?;
+        let r =
+            rep_rx.recv_timeout(Duration::from_secs(20)).with_context(|| format!("no report ({what})"))?;
+        eprintln!("{what}: home {} latencies {:?}", r.preferred_derp, r.region_latency);
+        Ok(r)
+    };
+    set_rtt(2, 60);
+    assert_eq!(report("r1=40 r2=60 r3=80")?.preferred_derp, 1);
+    set_rtt(2, 35);
+    let r = report("r2 now 35 ms, 5 ms faster")?;
+    assert!(r.region_latency[&2] < r.region_latency[&1], "{r:?}");
+    assert_eq!(r.preferred_derp, 1, "5 ms faster must not take over: {r:?}");
+    set_rtt(2, 10);
+    assert_eq!(report("r2 now 10 ms, 30 ms faster")?.preferred_derp, 2);
     Ok(())
 }
 
