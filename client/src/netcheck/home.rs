@@ -69,8 +69,11 @@ pub fn choose_home(
     if current.is_empty() {
         return state.old_home.filter(|_| heard_within(KEEP_WITHOUT_DATA));
     }
+    // A huge RegionScore (it comes from the map) saturates instead of overflowing.
+    let scale =
+        |d: Duration, f: f64| Duration::try_from_secs_f64(d.as_secs_f64() * f).unwrap_or(Duration::MAX);
     let scored: BTreeMap<i64, Duration> =
-        history.best_recent().into_iter().map(|(id, d)| (id, d.mul_f64(map.region_score(id)))).collect();
+        history.best_recent().into_iter().map(|(id, d)| (id, scale(d, map.region_score(id)))).collect();
     let best = current
         .keys()
         .filter_map(|id| scored.get(id).map(|d| (*d, *id)))
@@ -168,6 +171,11 @@ mod tests {
         };
         // 1: 40 × 0.25 = 10; 2: score ≤ 0 ignored, 20.
         assert_eq!(run(&m, &[(1, 40), (2, 20)], HomeState::default()), Some(1));
+        let huge = DerpMap {
+            home_params: Some(HomeParams { region_score: [(1, 1e300)].into_iter().collect() }),
+            ..Default::default()
+        };
+        assert_eq!(run(&huge, &[(1, 5), (2, 20)], HomeState::default()), Some(2), "saturates, no panic");
     }
 
     #[test]
