@@ -558,7 +558,9 @@ mod tests {
         assert_eq!(n.stun_port(), None);
         assert_eq!(n.derp_port(), 8443);
         assert!(n.host_is_ip());
-        assert!(matches!(n.cert_check(), CertCheck::Sha256Raw(h) if h[0] == 0xab && h[1] == 0xab && h[2] == 0));
+        assert!(
+            matches!(n.cert_check(), CertCheck::Sha256Raw(h) if h[0] == 0xab && h[1] == 0xab && h[2] == 0)
+        );
         assert_eq!(m.region_score(1), 0.5);
         assert_eq!(m.region_score(2), 1.0);
         let lower = DerpMap::from_json(br#"{"omitDefaultRegions":true,"Regions":{}}"#).unwrap();
@@ -729,5 +731,28 @@ mod tests {
         assert_eq!(n.cert_check(), CertCheck::Insecure);
         let n = DerpNode { cert_name: "x.example".into(), ..node("a", 1) };
         assert_eq!(n.cert_check(), CertCheck::Name("x.example".into()));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_input_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let _ = DerpMap::from_json(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_nodes_validate_without_panicking(
+            id in proptest::prelude::any::<i64>(),
+            node_region in proptest::prelude::any::<i64>(),
+            stun in proptest::prelude::any::<i64>(),
+            derp in proptest::prelude::any::<i64>(),
+            cert in "\\PC{0,80}",
+            v4 in "\\PC{0,20}",
+            v6 in "\\PC{0,40}",
+        ) {
+            let n = DerpNode { stun_port: stun, derp_port: derp, cert_name: cert, ipv4: v4, ipv6: v6, ..node("a", node_region) };
+            let m = map_with(vec![(id, n.clone())]);
+            let _ = m.validate();
+            let _ = (n.stun_port(), n.derp_port(), n.cert_check(), n.ipv4_usage(), n.ipv6_usage());
+        }
     }
 }
