@@ -1,0 +1,123 @@
+//! Issue 4 acceptance 4: SIGTERM with 100 connected clients (the real binary): every client gets
+//! `Restarting` (reconnect-in with jitter, try-for) before the close, the process exits 0 within
+//! the drain deadline, and nothing panics.
+
+mod http_common;
+mod ops_common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use derpfleet_proto::msg::{ClientToServer, ServerToClient};
+use derpfleet_proto::NodePrivate;
+use derpfleet_relay::server::{DrainOptions, Server};
+use http_common::{config, derp_client, TempDir};
+use ops_common::*;
+
+const CLIENTS: usize = 100;
+
+/// Reads until EOF; returns the frames after the handshake (KeepAlives dropped).
+async fn frames_until_close(mut c: http_common::RawDerp<tokio::net::TcpStream>) -> Vec<ServerToClient> {
+    let mut frames = Vec::new();
+    while let Some(f) = c.next().await {
+        if f != ServerToClient::KeepAlive {
+            frames.push(f);
+        }
+    }
+    frames
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_100_clients_sends_restarting_then_exits_0() {
+    let dir = TempDir::new("ops-drain");
+    let key = dir.0.join("derper.key");
+    let port = free_tcp_port();
+    let a = format!("127.0.0.1:{port}");
+    let mut p = Proc::start(&[
+        "-a",
+        &a,
+        "-c",
+        key.to_str().unwrap(),
+        "-stun=false",
+        "-metrics-addr=",
+        "-drain-timeout",
+        "5s",
+        "-restart-reconnect-in",
+        "1s",
+        "-restart-reconnect-jitter",
+        "2s",
+        "-restart-try-for",
+        "30s",
+    ]);
+    p.wait_for_line("derpfleet-relay running");
+    let addr: SocketAddr = a.parse().unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(derp_client(addr).await);
+    }
+    // Some traffic in flight: each client sends one packet to the next.
+    let keys: Vec<_> = clients.iter().map(|(_, k)| k.public()).collect();
+    for (i, (c, _)) in clients.iter_mut().enumerate() {
+        let dst = keys[(i + 1) % CLIENTS];
+        c.send(ClientToServer::SendPacket { dst, data: Bytes::from_static(b"before the restart") }).await;
+    }
+    // Every packet delivered before the signal, so the only frame left to come is Restarting.
+    for (c, _) in clients.iter_mut() {
+        assert_eq!(c.recv_packet().await.1, b"before the restart");
+    }
+    let readers: Vec<_> = clients.into_iter().map(|(c, _)| tokio::spawn(frames_until_close(c))).collect();
+
+    let signalled = Instant::now();
+    p.signal("-TERM");
+    let status = p.wait_exit(Duration::from_secs(15)).expect("the relay did not exit");
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit status {status:?}; log:\n{}", p.log());
+    assert!(took < Duration::from_secs(5) + Duration::from_secs(2), "exit took {took:?} (deadline 5 s)");
+
+    let mut jitters = Vec::new();
+    for r in readers {
+        // PeerGone for peers that already left (they restart too) may come around it; nothing
+        // else may, and Restarting must come exactly once.
+        let frames: Vec<_> =
+            r.await.unwrap().into_iter().filter(|f| !matches!(f, ServerToClient::PeerGone { .. })).collect();
+        match frames.as_slice() {
+            [ServerToClient::Restarting { reconnect_in, try_for }] => {
+                assert_eq!(*try_for, Duration::from_secs(30));
+                assert!(*reconnect_in >= Duration::from_secs(1) && *reconnect_in < Duration::from_secs(3));
+                jitters.push(*reconnect_in);
+            }
+            other => panic!("expected Restarting (then only PeerGone) before the close, got {other:?}"),
+        }
+    }
+    assert_eq!(jitters.len(), CLIENTS);
+    jitters.sort();
+    jitters.dedup();
+    assert!(jitters.len() > CLIENTS / 2, "reconnect-in is jittered per client");
+    let log = p.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("drained; exiting"), "{log}");
+}
+
+#[tokio::test]
+async fn drain_closes_stragglers_at_the_deadline_and_stops_accepting() {
+    let server = Server::spawn(config(NodePrivate::generate())).await.unwrap();
+    let addr = server.local_addr();
+    let (c, _) = derp_client(addr).await;
+    let reader = tokio::spawn(frames_until_close(c));
+    let opts = DrainOptions {
+        reconnect_in: Duration::from_millis(100),
+        reconnect_jitter: Duration::ZERO,
+        try_for: Duration::from_secs(5),
+        deadline: Duration::from_secs(3),
+    };
+    let report = server.drain(opts).await;
+    assert_eq!((report.notified, report.closed), (1, 0));
+    let frames = reader.await.unwrap();
+    assert_eq!(
+        frames,
+        [ServerToClient::Restarting { reconnect_in: Duration::from_millis(100), try_for: Duration::from_secs(5) }]
+    );
+    // The listener is gone: a new connection is refused.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
