@@ -3,7 +3,7 @@
 //! - checkov (PyPI, in its own venv because it clashes with python-hcl2; `--skip-download`, so it never
 //!   calls home) on the Dockerfile and on `terraform/`: no failed check, and every skip carries a reason;
 //! - the systemd unit: `systemd-analyze verify` without a single warning, and an exposure score of at most
-//!   2.0 from `systemd-analyze security --offline`.
+//!   2.0 from `systemd-analyze security --offline`; and its ExecStart line really starts the relay.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -4,7 +4,8 @@
 //!   state with `example.tfvars`; its JSON output must parse and validate with `derpfleet_proto::derpmap`,
 //!   and its headscale YAML must describe the same map in the spelling headscale's YAML decoder needs;
 //! - its input validation rejects bad fleets with a clear message;
-//! - the relay node's cloud-init template renders to YAML that installs the repository's systemd unit.
+//! - the relay node's cloud-init template renders to YAML that installs the repository's systemd unit;
+//! - the AWS example's module tree resolves offline (`get`, `providers`): only aws and random are needed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -276,5 +277,54 @@ fn relay_node_cloud_init_renders_and_installs_the_unit() -> Result<()> {
     let runcmd = serde_yaml::to_string(&doc["runcmd"])?;
     assert!(runcmd.contains("sha256sum -c"), "the binary must be checked before install: {runcmd}");
     assert!(runcmd.contains("enable") && runcmd.contains("derpfleet-relay.service"), "{runcmd}");
+    Ok(())
+}
+
+/// Copies a directory tree (files and folders only).
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if e.file_type()?.is_dir() {
+            if e.file_name() != ".terraform" {
+                copy_tree(&src, &dst)?;
+            }
+        } else if e.file_type()?.is_file() {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+/// The AWS example cannot be initialised here (no provider downloads), but its module wiring can:
+/// `terraform get` resolves every module source offline and `terraform providers` lists what each needs.
+#[test]
+fn fleet_example_module_tree_resolves_offline() -> Result<()> {
+    let fx = Fixture::new("tf-fleet")?;
+    let tree = fx.scratch.0.join("terraform");
+    copy_tree(&workspace_root().join("terraform"), &tree)?;
+    let example = tree.join("examples/fleet");
+    let got = terraform_ok(&example, &fx.cli_config, &["get", "-no-color"])?;
+    for region in ["fra", "iad", "sin"] {
+        assert!(got.contains(&format!("- {region}.node in ../../modules/relay-node")), "{got}");
+    }
+    assert!(got.contains("- derpmap in ../../modules/derpmap"), "{got}");
+    let providers = terraform_ok(&example, &fx.cli_config, &["providers", "-no-color"])?;
+    let required: std::collections::BTreeSet<&str> = providers
+        .lines()
+        .filter_map(|l| l.split("provider[").nth(1))
+        .filter_map(|p| p.split(']').next())
+        .collect();
+    assert_eq!(
+        required.into_iter().collect::<Vec<_>>(),
+        ["registry.terraform.io/hashicorp/aws", "registry.terraform.io/hashicorp/random"],
+        "{providers}"
+    );
+    // The DERP map module stays provider-free (it is planned offline by the test above).
+    let derpmap_line =
+        providers.lines().position(|l| l.contains("module.derpmap")).context("module.derpmap")?;
+    let next = providers.lines().nth(derpmap_line + 1).unwrap_or("");
+    assert!(!next.contains("provider["), "module.derpmap must not need a provider:\n{providers}");
     Ok(())
 }
