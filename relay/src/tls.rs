@@ -191,11 +191,13 @@ fn certified_key(
     Ok(Arc::new(certified))
 }
 
-/// (mtime, size) of both files; None when either cannot be read.
-type FileStamp = Option<[(SystemTime, u64); 2]>;
+/// (mtime, size, inode) of both files (a rename over the file changes the inode even when the
+/// mtime resolution is coarse); None when either cannot be read.
+type FileStamp = Option<[(SystemTime, u64, u64); 2]>;
 
 fn file_stamp(crt: &Path, key: &Path) -> FileStamp {
-    let one = |p: &Path| fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+    use std::os::unix::fs::MetadataExt;
+    let one = |p: &Path| fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())));
     Some([one(crt)?, one(key)?])
 }
 
