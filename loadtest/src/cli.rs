@@ -43,6 +43,9 @@ pub struct Common {
     /// Write an SVG chart (latency distribution, or packets/s over time for throughput scenarios).
     #[arg(long, global = true, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// The relay's process ID (same host): report its CPU time (and, for connections, its memory).
+    #[arg(long, global = true, value_name = "PID")]
+    pub relay_pid: Option<u32>,
     /// Tokio worker threads (the tool shares the CPU with the relay under test).
     #[arg(long, global = true, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
@@ -189,9 +192,6 @@ pub struct ConnArgs {
     /// Local source addresses to spread connections over (past ~28k per source address).
     #[arg(long, value_parser = parse_source_ips, value_name = "IP-IP|IP,IP")]
     pub source_ips: Option<SourceIps>,
-    /// The relay's process ID: report its resident memory before/after and per connection.
-    #[arg(long, value_name = "PID")]
-    pub relay_pid: Option<u32>,
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub concurrency: u32,
@@ -273,6 +273,7 @@ mod tests {
             vec!["throughput", "--pairs", "2", "--rate", "10", "--duration", "1s"],
             vec!["pingpong", "--pairs", "2"],
             vec!["connections", "--count", "5", "--source-ips", "127.0.0.2-127.0.0.3", "--relay-pid", "1"],
+            vec!["--relay-pid", "1", "throughput"],
             vec!["churn", "--rate", "5", "--source-ips", "127.0.0.2"],
             vec!["mesh", "--pairs", "2"],
             vec!["fleet"],

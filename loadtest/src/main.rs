@@ -9,8 +9,9 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
 use derpfleet_loadtest::cli::{Cli, Scenario};
 use derpfleet_loadtest::plot;
-use derpfleet_loadtest::report::Report;
+use derpfleet_loadtest::report::{r3, Report};
 use derpfleet_loadtest::scenario::{churn, connections, flow, pingpong, stun};
+use derpfleet_loadtest::sys::CpuMeter;
 use derpfleet_loadtest::target::{self, Spread};
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +46,11 @@ fn main() -> ExitCode {
                 s.cancel();
             }
         });
-        run(&cli, &targets, stop).await
+        let relay_cpu = cli.common.relay_pid.and_then(CpuMeter::start);
+        let own_cpu = CpuMeter::start(std::process::id());
+        let mut r = run(&cli, &targets, stop).await?;
+        add_cpu(&mut r, relay_cpu, own_cpu);
+        Ok(r)
     });
     // Connection tasks that are still winding down are dropped with the runtime.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -68,9 +73,24 @@ async fn run(
         Scenario::Mesh(a) => flow::run("mesh", a, targets, stop).await,
         Scenario::Fleet(a) => flow::run("fleet", a, targets, stop).await,
         Scenario::Pingpong(a) => pingpong::run(a, targets, stop).await,
-        Scenario::Connections(a) => connections::run(a, targets, stop).await,
+        Scenario::Connections(a) => connections::run(a, cli.common.relay_pid, targets, stop).await,
         Scenario::Churn(a) => churn::run(a, targets, stop).await,
         Scenario::Stun(a) => stun::run(a, stop).await,
+    }
+}
+
+/// CPU time of the relay (with `--relay-pid`) and of this process over the whole run, and the
+/// relay's CPU per timeline event (packet received, round trip, handshake, STUN answer).
+fn add_cpu(r: &mut Report, relay: Option<CpuMeter>, own: Option<CpuMeter>) {
+    let events: u64 = r.timeline.iter().sum();
+    if let Some(s) = relay.and_then(|m| m.seconds()) {
+        r.results.put("relay_cpu_s", r3(s));
+        if events > 0 {
+            r.results.put("relay_cpu_us_per_event", r3(s * 1e6 / events as f64));
+        }
+    }
+    if let Some(s) = own.and_then(|m| m.seconds()) {
+        r.results.put("loadtest_cpu_s", r3(s));
     }
 }
 

@@ -13,6 +13,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 fn throughput_unthrottled_reports_sane_figures() {
     let relay = Relay::plain();
     let url = relay.url();
+    let pid = relay.child.id().to_string();
     let v = run_json(
         &[
             "throughput",
@@ -26,6 +27,8 @@ fn throughput_unthrottled_reports_sane_figures() {
             "1s",
             "--warmup",
             "0.3s",
+            "--relay-pid",
+            &pid,
         ],
         LIMIT,
     );
@@ -40,6 +43,10 @@ fn throughput_unthrottled_reports_sane_figures() {
     assert_eq!(v["config"]["pairs"], 2);
     assert!(v["config"]["rate_per_sender"].is_null());
     assert!(!v["timeline"].as_array().unwrap().is_empty());
+    // The relay did work relaying, and so did we.
+    assert!(num(&v, &["results", "relay_cpu_s"]) > 0.0, "{v:#}");
+    assert!(num(&v, &["results", "relay_cpu_us_per_event"]) > 0.0, "{v:#}");
+    assert!(num(&v, &["results", "loadtest_cpu_s"]) > 0.0, "{v:#}");
 }
 
 #[test]

@@ -52,7 +52,12 @@ impl Failures {
 }
 
 /// Runs the scenario.
-pub async fn run(a: &ConnArgs, targets: &[(String, DerpTarget)], stop: CancellationToken) -> Result<Report> {
+pub async fn run(
+    a: &ConnArgs,
+    relay_pid: Option<u32>,
+    targets: &[(String, DerpTarget)],
+    stop: CancellationToken,
+) -> Result<Report> {
     let mut rep = Report::new("connections", targets.iter().map(|(n, _)| n.clone()).take(1).collect());
     let target = LeanTarget::new(&as_url(&targets[0].1)).await?;
     let mut count = a.count as u64;
@@ -79,7 +84,7 @@ pub async fn run(a: &ConnArgs, targets: &[(String, DerpTarget)], stop: Cancellat
             sources.len()
         ));
     }
-    let rss_before = a.relay_pid.map(sys::rss_kib).transpose()?;
+    let rss_before = relay_pid.map(sys::rss_kib).transpose()?;
     let own_before = sys::rss_kib(std::process::id()).ok();
 
     let started = Instant::now();
@@ -123,7 +128,7 @@ pub async fn run(a: &ConnArgs, targets: &[(String, DerpTarget)], stop: Cancellat
         _ = tokio::time::sleep(a.hold) => {}
         _ = stop.cancelled() => {}
     }
-    let rss_after = a.relay_pid.map(sys::rss_kib).transpose()?;
+    let rss_after = relay_pid.map(sys::rss_kib).transpose()?;
     let own_after = sys::rss_kib(std::process::id()).ok();
     let opened = held.len() as u64;
     drop(held);
@@ -133,7 +138,7 @@ pub async fn run(a: &ConnArgs, targets: &[(String, DerpTarget)], stop: Cancellat
         .put("concurrency", a.concurrency)
         .put("source_ips", sources.iter().flatten().count() as u64)
         .put("hold_s", a.hold.as_secs_f64())
-        .put("relay_pid", a.relay_pid.map(serde_json::Value::from).unwrap_or_default());
+        .put("relay_pid", relay_pid.map(serde_json::Value::from).unwrap_or_default());
     rep.elapsed_s = r3(open_secs);
     rep.results
         .put("target_addr", target.addr().to_string())
