@@ -70,4 +70,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
 # SIGTERM starts the relay's drain; the runtime's stop timeout must exceed -drain-timeout (default 5s).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/derpfleet-relay"]
-CMD ["-a", ":443", "-http-port", "80", "-stun", "-stun-port", "3478", "-c", "/var/lib/derper/derper.key"]
+# Defaults only: a real node replaces them with its own flags (at least -hostname, usually -mesh-*), or with
+# -config FILE mounted from the host.
+CMD ["-a", ":443", "-http-port", "80", "-stun", "-stun-port", "3478", "-c", "/var/lib/derper/derper.key", \
+     "-certdir", "/var/lib/derper/certs"]
