@@ -70,6 +70,8 @@ pub struct ConnectOptions {
     pub extra_roots: Vec<CertificateDer<'static>>,
     /// Hold IPv4 back 200 ms (the last netcheck saw IPv6).
     pub prefer_ipv6: bool,
+    /// Source address for the TCP connection (load generators spread over many addresses).
+    pub bind_addr: Option<std::net::IpAddr>,
     /// Use the meta-certificate fast start when offered (on by default).
     pub fast_start: bool,
     /// Speak DERP inside a WebSocket (subprotocol `derp`) instead of `Upgrade: DERP`.
@@ -80,6 +82,9 @@ pub struct ConnectOptions {
     pub read_timeout: Duration,
     /// Budget for DNS + TCP + TLS + HTTP + DERP handshake.
     pub connect_timeout: Duration,
+    /// Deadline for each batched write; on expiry the connection closes (None = no deadline).
+    /// Mesh links use 5 s, as derper's forwarding writes.
+    pub write_timeout: Option<Duration>,
 }
 
 impl ConnectOptions {
@@ -92,11 +97,13 @@ impl ConnectOptions {
             app_name: None,
             extra_roots: Vec::new(),
             prefer_ipv6: false,
+            bind_addr: None,
             fast_start: true,
             websocket: false,
             send_queue: 1024,
             read_timeout: CLIENT_READ_TIMEOUT,
             connect_timeout: HANDSHAKE_TIMEOUT,
+            write_timeout: None,
         }
     }
 }
@@ -255,7 +262,7 @@ async fn tls_wrap(
 pub(crate) async fn transport(target: &DerpTarget, opts: &ConnectOptions) -> Result<Transport, ConnectError> {
     match target {
         DerpTarget::Region(region) => {
-            let (tcp, remote, idx) = dial::dial_region(region, opts.prefer_ipv6).await?;
+            let (tcp, remote, idx) = dial::dial_region(region, opts.prefer_ipv6, opts.bind_addr).await?;
             let node = &region.nodes[idx];
             let (stream, meta_key) =
                 tls_wrap(tcp, &node.host_name, &node.cert_check(), &opts.extra_roots).await?;
@@ -272,7 +279,7 @@ pub(crate) async fn transport(target: &DerpTarget, opts: &ConnectOptions) -> Res
             })
         }
         DerpTarget::Url(url) => {
-            let (tcp, remote) = dial::dial_url(url)
+            let (tcp, remote) = dial::dial_url(url, opts.bind_addr)
                 .await
                 .map_err(|e| ConnectError::Tcp(format!("{}:{}", url.host, url.port), e))?;
             let (stream, meta_key) = if url.https {
@@ -421,7 +428,7 @@ fn client_info_frame(opts: &ConnectOptions, server: &NodePublic) -> BytesMut {
 
 async fn connect_inner(target: &DerpTarget, opts: &ConnectOptions) -> Result<DerpConn, ConnectError> {
     let mut t = transport(target, opts).await?;
-    let mut buf = BytesMut::with_capacity(64 << 10);
+    let mut buf = BytesMut::with_capacity(4 << 10);
     let mut dec = FrameDecoder::new(Role::Client);
     if opts.websocket {
         t.stream = websocket_upgrade(&mut t, &mut buf).await?;
@@ -478,7 +485,7 @@ async fn connect_inner(target: &DerpTarget, opts: &ConnectOptions) -> Result<Der
         fast_start: fast_key.is_some(),
     };
     let (r, w) = tokio::io::split(t.stream);
-    let (sender, cancel) = spawn_writer(w, opts.send_queue);
+    let (sender, cancel) = spawn_writer(w, opts.send_queue, opts.write_timeout);
     let receiver = DerpReceiver {
         r,
         buf,
@@ -487,6 +494,7 @@ async fn connect_inner(target: &DerpTarget, opts: &ConnectOptions) -> Result<Der
         read_timeout: opts.read_timeout,
         cancel,
         closed: false,
+        read_chunk: MIN_READ_CHUNK,
     };
     Ok(DerpConn { sender, receiver, info })
 }
@@ -498,11 +506,15 @@ fn frame_type_of(m: &ServerToClient) -> u8 {
 }
 
 /// Spawns the writer task; returns the sender and a token cancelled when the writer stops.
-fn spawn_writer(w: WriteHalf<BoxStream>, depth: usize) -> (DerpSender, CancellationToken) {
+fn spawn_writer(
+    w: WriteHalf<BoxStream>,
+    depth: usize,
+    write_timeout: Option<Duration>,
+) -> (DerpSender, CancellationToken) {
     let (tx, rx) = mpsc::channel(depth.max(1));
     let cancel = CancellationToken::new();
     let stats = Arc::new(SendStats::default());
-    tokio::spawn(writer_loop(w, rx, cancel.clone(), stats.clone()));
+    tokio::spawn(writer_loop(w, rx, cancel.clone(), stats.clone(), write_timeout));
     (DerpSender { tx, stats, cancel: cancel.clone() }, cancel)
 }
 
@@ -513,8 +525,9 @@ async fn writer_loop(
     mut rx: mpsc::Receiver<ClientToServer>,
     cancel: CancellationToken,
     stats: Arc<SendStats>,
+    write_timeout: Option<Duration>,
 ) {
-    let mut buf = BytesMut::with_capacity(64 << 10);
+    let mut buf = BytesMut::new();
     loop {
         let first = tokio::select! {
             m = rx.recv() => m,
@@ -532,8 +545,17 @@ async fn writer_loop(
                 Err(_) => break,
             }
         }
+        let write = async { w.write_all(&buf).await?; w.flush().await };
+        let write = async {
+            match write_timeout {
+                Some(t) => tokio::time::timeout(t, write).await.unwrap_or_else(|_| {
+                    Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write deadline passed"))
+                }),
+                None => write.await,
+            }
+        };
         let res = tokio::select! {
-            r = async { w.write_all(&buf).await?; w.flush().await } => r,
+            r = write => r,
             _ = cancel.cancelled() => break,
         };
         if let Err(e) = res {
@@ -543,8 +565,9 @@ async fn writer_loop(
         stats.frames.fetch_add(frames, Ordering::Relaxed);
         stats.writes.fetch_add(1, Ordering::Relaxed);
         buf.clear();
-        if buf.capacity() > 4 * WRITE_BATCH_BYTES {
-            buf = BytesMut::with_capacity(64 << 10);
+        // Keep a big batch buffer only while busy: an idle connection holds none.
+        if buf.capacity() > (64 << 10) && rx.is_empty() {
+            buf = BytesMut::new();
         }
     }
     cancel.cancel();
@@ -664,7 +687,11 @@ pub struct DerpReceiver {
     read_timeout: Duration,
     cancel: CancellationToken,
     closed: bool,
+    read_chunk: usize,
 }
+
+const MIN_READ_CHUNK: usize = 4 << 10;
+const MAX_READ_CHUNK: usize = 64 << 10;
 
 impl DerpReceiver {
     /// The next frame from the server. Server Pings are answered (best effort) before being
@@ -698,9 +725,15 @@ impl DerpReceiver {
                     m => return Ok(m),
                 }
             }
-            if self.buf.capacity() - self.buf.len() < 16 << 10 {
-                self.buf.reserve(64 << 10);
+            // Read buffer sized to the traffic: 4 KiB when idle (many idle connections stay
+            // cheap), doubling up to 64 KiB while reads keep filling it.
+            if self.buf.is_empty() && self.buf.capacity() > 2 * self.read_chunk {
+                self.buf = BytesMut::new();
             }
+            if self.buf.capacity() - self.buf.len() < self.read_chunk / 2 {
+                self.buf.reserve(self.read_chunk);
+            }
+            let spare = self.buf.capacity() - self.buf.len();
             let n = tokio::select! {
                 r = tokio::time::timeout(self.read_timeout, self.r.read_buf(&mut self.buf)) => match r {
                     Ok(r) => r?,
@@ -711,6 +744,13 @@ impl DerpReceiver {
             if n == 0 {
                 return Err(ConnError::Closed);
             }
+            self.read_chunk = if n >= spare {
+                (self.read_chunk * 2).min(MAX_READ_CHUNK)
+            } else if n < self.read_chunk / 4 {
+                (self.read_chunk / 2).max(MIN_READ_CHUNK)
+            } else {
+                self.read_chunk
+            };
         }
     }
 

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use derpfleet_proto::derpmap::{AddrUsage, CertCheck, DerpNode, DerpRegion};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
 /// Time each node gets to accept a TCP connection.
@@ -100,10 +100,26 @@ async fn resolve(host: &str, port: u16) -> Vec<SocketAddr> {
     }
 }
 
-async fn connect_any(addrs: Vec<SocketAddr>) -> std::io::Result<(TcpStream, SocketAddr)> {
+async fn connect_one(a: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(local) = bind else { return TcpStream::connect(a).await };
+    if local.is_ipv6() != a.is_ipv6() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            "source address of the other family",
+        ));
+    }
+    let sock = if a.is_ipv6() { TcpSocket::new_v6()? } else { TcpSocket::new_v4()? };
+    sock.bind(SocketAddr::new(local, 0))?;
+    sock.connect(a).await
+}
+
+async fn connect_any(
+    addrs: Vec<SocketAddr>,
+    bind: Option<IpAddr>,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
     for a in addrs {
-        match TcpStream::connect(a).await {
+        match connect_one(a, bind).await {
             Ok(s) => return Ok((s, a)),
             Err(e) => last = e,
         }
@@ -137,18 +153,26 @@ impl<A> MapFixed<A> for AddrUsage<A> {
     }
 }
 
-/// Dials one node, racing IPv4 and IPv6, within [`NODE_DIAL_TIMEOUT`].
-pub async fn dial_node(node: &DerpNode, prefer_ipv6: bool) -> std::io::Result<(TcpStream, SocketAddr)> {
+/// Dials one node, racing IPv4 and IPv6, within [`NODE_DIAL_TIMEOUT`]; `bind` fixes the source
+/// address (then only its family is tried).
+pub async fn dial_node(
+    node: &DerpNode,
+    prefer_ipv6: bool,
+    bind: Option<IpAddr>,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
     let port = node.derp_port();
     let attempt = async {
         let mut set = JoinSet::new();
         for v6 in [false, true] {
+            if bind.is_some_and(|b| b.is_ipv6() != v6) {
+                continue;
+            }
             let node = node.clone();
             set.spawn(async move {
                 if !v6 && prefer_ipv6 {
                     tokio::time::sleep(IPV4_DELAY_WHEN_V6).await;
                 }
-                connect_any(family_addrs(&node, v6, port).await).await
+                connect_any(family_addrs(&node, v6, port).await, bind).await
             });
         }
         let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no usable address");
@@ -170,10 +194,11 @@ pub async fn dial_node(node: &DerpNode, prefer_ipv6: bool) -> std::io::Result<(T
 pub async fn dial_region(
     region: &DerpRegion,
     prefer_ipv6: bool,
+    bind: Option<IpAddr>,
 ) -> Result<(TcpStream, SocketAddr, usize), DialError> {
     let mut errors = Vec::new();
     for (i, node) in region.nodes.iter().enumerate().filter(|(_, n)| !n.stun_only) {
-        match dial_node(node, prefer_ipv6).await {
+        match dial_node(node, prefer_ipv6, bind).await {
             Ok((s, a)) => return Ok((s, a, i)),
             Err(e) => errors.push(format!("{}: {e}", node.name)),
         }
@@ -184,13 +209,13 @@ pub async fn dial_region(
     Err(DialError::AllFailed(errors))
 }
 
-/// Dials a URL target (or its `dial_addr`).
-pub async fn dial_url(url: &DerpUrl) -> std::io::Result<(TcpStream, SocketAddr)> {
+/// Dials a URL target (or its `dial_addr`), from source address `bind` if given.
+pub async fn dial_url(url: &DerpUrl, bind: Option<IpAddr>) -> std::io::Result<(TcpStream, SocketAddr)> {
     let addrs = match url.dial_addr {
         Some(a) => vec![a],
         None => resolve(&url.host, url.port).await,
     };
-    connect_any(addrs).await
+    connect_any(addrs, bind).await
 }
 
 #[cfg(test)]
@@ -235,13 +260,30 @@ mod tests {
             nodes: vec![node("a", port, true), node("b", dead_port, false), node("c", port, false)],
             ..Default::default()
         };
-        let (_s, addr, idx) = dial_region(&region, false).await.unwrap();
+        let (_s, addr, idx) = dial_region(&region, false, None).await.unwrap();
         assert_eq!((idx, addr.port()), (2, port));
         let only_dead =
             DerpRegion { region_id: 1, nodes: vec![node("b", dead_port, false)], ..Default::default() };
-        let e = dial_region(&only_dead, false).await.unwrap_err();
+        let e = dial_region(&only_dead, false, None).await.unwrap_err();
         assert!(e.to_string().contains("b:"), "{e}");
         let none = DerpRegion { region_id: 1, nodes: vec![node("a", port, true)], ..Default::default() };
-        assert!(matches!(dial_region(&none, false).await, Err(DialError::NoNodes(1))));
+        assert!(matches!(dial_region(&none, false, None).await, Err(DialError::NoNodes(1))));
+    }
+}
+
+#[cfg(test)]
+mod bind_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn url_dial_uses_the_source_address() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: DerpUrl = format!("http://{}/derp", l.local_addr().unwrap()).parse().unwrap();
+        let src: IpAddr = "127.0.0.9".parse().unwrap();
+        let (_s, _) = dial_url(&url, Some(src)).await.unwrap();
+        let (_, peer) = l.accept().await.unwrap();
+        assert_eq!(peer.ip(), src);
+        let v6: IpAddr = "::1".parse().unwrap();
+        assert!(dial_url(&url, Some(v6)).await.is_err(), "family mismatch is an error");
     }
 }
