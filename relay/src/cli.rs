@@ -282,6 +282,33 @@ impl Flags {
     }
 }
 
+/// The flag and config-key reference of README.md ("## Running the relay"), generated from the
+/// same definitions as `--help` (a test keeps the README in step).
+pub fn flags_markdown() -> String {
+    use clap::CommandFactory;
+    let mut out = String::from("| flag | config key | default | meaning |\n|---|---|---|---|\n");
+    for arg in Flags::command().get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if arg.is_hide_set() {
+            continue;
+        }
+        let key = if matches!(long, "help" | "version" | "config") {
+            "—".to_owned()
+        } else {
+            format!("`{long}`")
+        };
+        let default: Vec<String> =
+            arg.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
+        let default = match default.join(",") {
+            d if d.is_empty() => "—".to_owned(),
+            d => format!("`{d}`"),
+        };
+        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default().replace('|', "\\|");
+        out.push_str(&format!("| `-{long}` | {key} | {default} | {help} |\n"));
+    }
+    out
+}
+
 fn parse_normalized(args: Vec<std::ffi::OsString>) -> Result<Flags, clap::Error> {
     use clap::{CommandFactory, FromArgMatches};
     let matches = Flags::command().try_get_matches_from(args)?;

@@ -1,0 +1,80 @@
+//! The TOML config file with the real binary: settings apply, flags override them, and a bad
+//! file stops the start naming the file, the line, the key and the reason.
+
+mod http_common;
+mod ops_common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use http_common::TempDir;
+use ops_common::*;
+
+#[tokio::test]
+async fn config_file_applies_and_flags_override_it() {
+    let dir = TempDir::new("ops-config");
+    let (file_port, flag_port, metrics_port) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let toml = dir.0.join("relay.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "# derpfleet-relay settings\na = \"127.0.0.1:{file_port}\"\nc = \"{}\"\nstun = false\n\
+             home = \"blank\"\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\ndrain-timeout = \"2s\"\n",
+            dir.0.join("k.key").display()
+        ),
+    )
+    .unwrap();
+    let flag_a = format!("127.0.0.1:{flag_port}");
+    let mut p = Proc::start(&["-config", toml.to_str().unwrap(), "-a", &flag_a]);
+    p.wait_for_line("derpfleet-relay running");
+    let addr: SocketAddr = flag_a.parse().unwrap();
+    let (status, body) = get(addr, "/").await;
+    assert_eq!((status, body.as_str()), (200, ""), "home = blank from the file");
+    let (status, body) = get(format!("127.0.0.1:{metrics_port}").parse().unwrap(), "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", file_port)).is_err(),
+        "the flag's -a replaced the file's"
+    );
+    p.signal("-TERM");
+    assert!(p.wait_exit(WAIT).expect("exits").success(), "{}", p.log());
+}
+
+#[test]
+fn bad_config_names_file_line_key_and_reason() {
+    let dir = TempDir::new("ops-config-bad");
+    let toml = dir.0.join("bad.toml");
+    std::fs::write(&toml, "a = \"127.0.0.1:0\"\n\nstun-port = \"lots\"\n").unwrap();
+    let out = Command::new(BIN).args(["-config", toml.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [toml.to_str().unwrap(), "line 3", "stun-port", "lots"] {
+        assert!(err.contains(needle), "{needle:?} missing from: {err}");
+    }
+    std::fs::write(&toml, "stun = true\nverify-client-url = \"ftp://x/\"\n").unwrap();
+    let out = Command::new(BIN).args(["-config", toml.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("line 2") && err.contains("verify-client-url") && err.contains("scheme"), "{err}");
+    std::fs::write(&toml, "no-such-flag = 1\n").unwrap();
+    let out = Command::new(BIN).args(["-config", toml.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 1") && err.contains("no-such-flag") && err.contains("unknown key"), "{err}");
+    let missing = dir.0.join("missing.toml");
+    let out = Command::new(BIN).args(["-config", missing.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("missing.toml"), "{err}");
+}
+
+#[test]
+fn verify_clients_is_refused_with_a_pointer_to_the_url() {
+    let dir = TempDir::new("ops-verify-clients");
+    let key = dir.0.join("k.key");
+    let out = Command::new(BIN)
+        .args(["-a", "127.0.0.1:0", "-c", key.to_str().unwrap(), "-stun=false", "-verify-clients"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("-verify-clients is not supported") && err.contains("-verify-client-url"), "{err}");
+}
