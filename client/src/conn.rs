@@ -215,7 +215,9 @@ impl DerpConn {
         &self.info
     }
 
-    /// The sending and receiving halves.
+    /// The sending and receiving halves. Keep the receiver alive (and reading) for as long as the
+    /// connection should live: dropping it closes the connection, since unread frames would
+    /// otherwise pile up on the server.
     pub fn split(self) -> (DerpSender, DerpReceiver) {
         (self.sender, self.receiver)
     }
