@@ -500,8 +500,9 @@ fn ops_config(
     if flags.verify_clients {
         return Err(StartupError::VerifyClientsUnsupported);
     }
-    let verify_url =
-        (!flags.verify_client_url.is_empty()).then(|| VerifyUrl::parse(&flags.verify_client_url)).transpose()?;
+    let verify_url = (!flags.verify_client_url.is_empty())
+        .then(|| VerifyUrl::parse(&flags.verify_client_url))
+        .transpose()?;
     let allowlist = match &flags.allowlist {
         Some(path) => {
             let list = Allowlist::load(path)?;

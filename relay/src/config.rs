@@ -34,18 +34,23 @@ pub enum ConfigError {
 
 /// Reads `path` and turns it into `--key=value` arguments.
 pub fn load_args(path: &Path) -> Result<Vec<String>, ConfigError> {
-    let text = fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text =
+        fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     args_from_toml(path, &text)
 }
 
 /// Turns TOML text into `--key=value` arguments, checking every key and value against the flags.
 pub fn args_from_toml(path: &Path, text: &str) -> Result<Vec<String>, ConfigError> {
     type Entries = Vec<(Spanned<String>, Spanned<toml::Value>)>;
-    let table: toml::map::Map<String, toml::Value> = toml::from_str(text)
-        .map_err(|e| ConfigError::Syntax { path: path.to_owned(), message: e.to_string().trim().to_owned() })?;
+    let table: toml::map::Map<String, toml::Value> = toml::from_str(text).map_err(|e| {
+        ConfigError::Syntax { path: path.to_owned(), message: e.to_string().trim().to_owned() }
+    })?;
     // Parse again keeping spans (the map above checked the syntax and duplicate keys).
     let spanned: std::collections::BTreeMap<Spanned<String>, Spanned<toml::Value>> = toml::from_str(text)
-        .map_err(|e| ConfigError::Syntax { path: path.to_owned(), message: e.to_string().trim().to_owned() })?;
+        .map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string().trim().to_owned(),
+        })?;
     let mut entries: Entries = spanned.into_iter().collect();
     entries.sort_by_key(|(k, _)| k.span().start);
     debug_assert_eq!(entries.len(), table.len());
@@ -94,7 +99,9 @@ fn value_text(v: &toml::Value) -> Result<String, String> {
             .collect::<Result<Vec<_>, _>>()?
             .join(","),
         toml::Value::Datetime(_) => return Err("a date is not a valid value here".to_owned()),
-        toml::Value::Table(_) => return Err("a table is not a valid value here (use top-level keys)".to_owned()),
+        toml::Value::Table(_) => {
+            return Err("a table is not a valid value here (use top-level keys)".to_owned())
+        }
     })
 }
 

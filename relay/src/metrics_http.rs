@@ -106,7 +106,12 @@ fn route(req: &Request<hyper::body::Incoming>, status: &Status) -> Resp {
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` until `cancel`.
-pub async fn serve(listener: TcpListener, status: Arc<Status>, cancel: CancellationToken, tasks: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    status: Arc<Status>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
     loop {
         let (stream, remote) = tokio::select! {
             _ = cancel.cancelled() => return,

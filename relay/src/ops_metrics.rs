@@ -61,8 +61,12 @@ impl OpsMetrics {
         let key = |name: &'static str, labels: &[(&'static str, &'static str)]| {
             Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, *v)).collect::<Vec<_>>())
         };
-        let c = |name, labels: &[(&'static str, &'static str)]| recorder.register_counter(&key(name, labels), &META);
-        let g = |name, labels: &[(&'static str, &'static str)]| recorder.register_gauge(&key(name, labels), &META);
+        let c = |name, labels: &[(&'static str, &'static str)]| {
+            recorder.register_counter(&key(name, labels), &META)
+        };
+        let g = |name, labels: &[(&'static str, &'static str)]| {
+            recorder.register_gauge(&key(name, labels), &META)
+        };
         let start_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         g("process_start_unix_time", &[]).set(start_unix);
         let m = OpsMetrics {

@@ -267,11 +267,10 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         assert_eq!((0..5).filter(|_| l.check(ip).is_ok()).count(), 5);
         assert_eq!(l.check(ip), Err(AcceptRefusal::Global));
-        let per_ip =
-            AcceptLimiter::new(AcceptRate { per_second: f64::INFINITY, burst: 0 }, AcceptRate {
-                per_second: 0.001,
-                burst: 2,
-            });
+        let per_ip = AcceptLimiter::new(
+            AcceptRate { per_second: f64::INFINITY, burst: 0 },
+            AcceptRate { per_second: 0.001, burst: 2 },
+        );
         let other: IpAddr = "::ffff:192.0.2.2".parse().unwrap();
         assert!(per_ip.check(ip).is_ok() && per_ip.check(ip).is_ok());
         assert_eq!(per_ip.check(ip), Err(AcceptRefusal::PerIp));

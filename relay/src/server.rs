@@ -278,8 +278,7 @@ impl Server {
             }
             None => None,
         };
-        let stun_addr =
-            stun_sockets.as_ref().and_then(|(s, _)| s.first()).and_then(|s| s.local_addr().ok());
+        let stun_addr = stun_sockets.as_ref().and_then(|(s, _)| s.first()).and_then(|s| s.local_addr().ok());
 
         let cancel = CancellationToken::new();
         let accept_cancel = cancel.child_token();

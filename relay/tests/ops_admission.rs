@@ -84,7 +84,8 @@ async fn verify_url_deny_gets_no_server_info() {
 
 #[tokio::test]
 async fn verify_url_non_200_or_bad_json_rejects_even_with_fail_open() {
-    for (status, body) in [(403, r#"{"Allow":true}"#), (500, ""), (200, "not json"), (200, r#"{"Allow":1}"#)] {
+    for (status, body) in [(403, r#"{"Allow":true}"#), (500, ""), (200, "not json"), (200, r#"{"Allow":1}"#)]
+    {
         let ctl = CannedHttp::start(status, body, Duration::ZERO).await;
         let server = relay_with_url(&ctl.url(), true).await;
         assert!(!admitted(server.local_addr(), &NodePrivate::generate()).await, "{status} {body}");
@@ -124,7 +125,7 @@ async fn mesh_key_holders_bypass_admission() {
     let ctl = CannedHttp::start(200, r#"{"Allow":false}"#, Duration::ZERO).await;
     let mesh = MeshKey::generate();
     let mut cfg = config(NodePrivate::generate());
-    cfg.derp.mesh_key = Some(mesh.clone());
+    cfg.derp.mesh_key = Some(mesh);
     let dir = TempDir::new("ops-allow-mesh");
     let list = dir.0.join("allow.txt");
     std::fs::write(&list, "# nobody\n").unwrap();
@@ -165,7 +166,8 @@ async fn allowlist_reload_changes_admission_without_dropping_clients() {
     let list = dir.0.join("allow.txt");
     let (k1, k2, k3) = (NodePrivate::generate(), NodePrivate::generate(), NodePrivate::generate());
     write_allowlist(&list, &[k1.public(), k2.public()]);
-    let ops = OpsConfig { allowlist: Some(Arc::new(Allowlist::load(&list).unwrap())), ..OpsConfig::default() };
+    let ops =
+        OpsConfig { allowlist: Some(Arc::new(Allowlist::load(&list).unwrap())), ..OpsConfig::default() };
     let server = Server::spawn_with(config(NodePrivate::generate()), ops).await.unwrap();
     let addr = server.local_addr();
     let mut c1 = try_connect(addr, &k1, info()).await.expect("k1 listed");

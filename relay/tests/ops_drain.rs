@@ -116,7 +116,10 @@ async fn drain_closes_stragglers_at_the_deadline_and_stops_accepting() {
     let frames = reader.await.unwrap();
     assert_eq!(
         frames,
-        [ServerToClient::Restarting { reconnect_in: Duration::from_millis(100), try_for: Duration::from_secs(5) }]
+        [ServerToClient::Restarting {
+            reconnect_in: Duration::from_millis(100),
+            try_for: Duration::from_secs(5)
+        }]
     );
     // The listener is gone: a new connection is refused.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());

@@ -25,7 +25,8 @@ async fn stun_round_trips(stun: SocketAddr, n: usize) {
         let txid = TxId::random();
         sock.send_to(&build_request(txid), stun).await.unwrap();
         let mut buf = [0u8; 1500];
-        let (len, _) = tokio::time::timeout(WAIT, sock.recv_from(&mut buf)).await.expect("STUN answer").unwrap();
+        let (len, _) =
+            tokio::time::timeout(WAIT, sock.recv_from(&mut buf)).await.expect("STUN answer").unwrap();
         let (got_txid, addr) = parse_response(&buf[..len]).unwrap();
         assert_eq!((got_txid, addr), (txid, me));
     }

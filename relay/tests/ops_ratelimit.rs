@@ -152,7 +152,8 @@ async fn receive(c: &mut RawDerp<TcpStream>, want: u64) -> u64 {
 async fn limited_relay(mesh: Option<MeshKey>) -> Server {
     let mut cfg = config(NodePrivate::generate());
     cfg.derp.mesh_key = mesh;
-    let ops = OpsConfig { recv_rate: RecvRate { bytes_per_sec: RATE, burst_bytes: 0 }, ..OpsConfig::default() };
+    let ops =
+        OpsConfig { recv_rate: RecvRate { bytes_per_sec: RATE, burst_bytes: 0 }, ..OpsConfig::default() };
     Server::spawn_with(cfg, ops).await.unwrap()
 }
 
@@ -200,7 +201,7 @@ async fn per_client_rate_holds_the_sender_with_zero_drops() {
 #[tokio::test]
 async fn mesh_peers_are_exempt_from_the_receive_rate() {
     let mesh = MeshKey::generate();
-    let server = limited_relay(Some(mesh.clone())).await;
+    let server = limited_relay(Some(mesh)).await;
     let addr = server.local_addr();
     let key = NodePrivate::generate();
     let mut m = RawDerp::new(derp_upgrade(addr).await);

@@ -23,7 +23,8 @@ fn readme_lists_every_flag_and_config_key() {
         panic!("README.md flag table is stale; rerun with UPDATE_README=1. Expected:\n{want}");
     }
     // Every flag of --help appears in the table, and so does every config key.
-    let help = std::process::Command::new(env!("CARGO_BIN_EXE_derpfleet-relay")).arg("-help").output().unwrap();
+    let help =
+        std::process::Command::new(env!("CARGO_BIN_EXE_derpfleet-relay")).arg("-help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     for word in help.split_whitespace().filter(|w| w.starts_with("--")) {
         let flag = word.trim_start_matches('-').split(['=', ',', '[', '<', ']']).next().unwrap();

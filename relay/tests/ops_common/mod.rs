@@ -112,7 +112,12 @@ pub async fn scrape(addr: SocketAddr) -> MetricsSnapshot {
 }
 
 /// Scrapes until `name{labels}` equals `value` (counters are published in batches).
-pub async fn wait_metric(addr: SocketAddr, name: &str, labels: &[(&str, &str)], value: f64) -> MetricsSnapshot {
+pub async fn wait_metric(
+    addr: SocketAddr,
+    name: &str,
+    labels: &[(&str, &str)],
+    value: f64,
+) -> MetricsSnapshot {
     let deadline = Instant::now() + WAIT;
     loop {
         let snap = scrape(addr).await;
