@@ -23,6 +23,10 @@ use serde_json::Value;
 struct TmpDir(PathBuf);
 impl Drop for TmpDir {
     fn drop(&mut self) {
+        if std::env::var_os("NODE_LAB_KEEP").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -30,7 +34,7 @@ impl Drop for TmpDir {
 fn spawn_logged(ns: &Netns, bin: &Path, args: &[&str], log: &Path, what: &str) -> Result<Child> {
     let mut cmd = ns.command(bin);
     cmd.args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", std::env::var("NODE_LAB_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(File::create(log)?)
         .stderr(File::create(log.with_extension("err"))?);
@@ -43,7 +47,12 @@ fn keygen() -> Result<[String; 4]> {
     let text = String::from_utf8(out.stdout)?;
     let vals: Vec<String> = text.lines().filter_map(|l| l.split('"').nth(1).map(str::to_string)).collect();
     if vals.len() != 4 {
-        bail!("keygen output: {text}");
+        bail!(
+            "`derpfleet-client keygen` failed ({}): was the binary built without its default `node` \
+             feature?\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok([vals[0].clone(), vals[1].clone(), vals[2].clone(), vals[3].clone()])
 }

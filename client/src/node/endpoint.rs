@@ -18,8 +18,6 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
 pub const SESSION_ACTIVE_TIMEOUT: Duration = Duration::from_secs(45);
 /// No endpoint is pinged more often than this (outside heartbeats and CallMeMaybe).
 pub const DISCO_PING_INTERVAL: Duration = Duration::from_secs(5);
-/// While untrusted, a ping from the peer is answered with our own ping at most this often.
-pub const PING_BACK_INTERVAL: Duration = Duration::from_secs(1);
 /// An unanswered ping is forgotten after this.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// A runtime-learned candidate (from a ping we received) is dropped this long after last use.
@@ -172,17 +170,20 @@ impl Endpoint {
     }
 
     /// Notes an address a ping arrived from. Returns true when it should be pinged back now, which
-    /// opens our NAT towards it: while no path is trusted, if not pinged in the last second (the
-    /// peer's ping proves its NAT is open now, so waiting for our next 5 s round only delays the
-    /// upgrade); otherwise if not pinged in the last 5 s.
+    /// opens our NAT towards it: while no path is trusted, always. Both sides ping at once after
+    /// CallMeMaybe; the first ping is dropped by the far NAT and the second passes (even 2 ms
+    /// later), so an earlier ping of ours is probably lost, and waiting for the next round (5 s) or
+    /// the peer's heartbeat (3 s) only delays the upgrade. This cannot loop: every ping-back answers
+    /// one received ping and draws a pong, and the first pong brings trust; once trusted, at most
+    /// one ping-back per 5 s.
     pub fn note_ping_from(&mut self, addr: SocketAddr, now: Instant) -> bool {
         if self.candidates.len() >= MAX_CANDIDATES && !self.candidates.contains_key(&addr) {
             return false;
         }
-        let gap = if self.trusted(now) { DISCO_PING_INTERVAL } else { PING_BACK_INTERVAL };
+        let trusted = self.trusted(now);
         let c = self.candidates.entry(addr).or_default();
         c.learned_at = Some(now);
-        c.last_ping.is_none_or(|t| now.duration_since(t) >= gap)
+        !trusted || c.last_ping.is_none_or(|t| now.duration_since(t) >= DISCO_PING_INTERVAL)
     }
 
     /// Records a ping sent to `addr` with `tx_id`.
@@ -369,13 +370,24 @@ mod tests {
     }
 
     #[test]
+    fn ping_back_always_while_untrusted_then_once_per_interval() {
+        let t0 = Instant::now();
+        let mut e = Endpoint::default();
+        let a = sa("9.9.9.9:9");
+        assert!(e.note_ping_from(a, t0));
+        e.note_ping_sent(a, [1; 12], t0);
+        assert!(e.note_ping_from(a, t0 + Duration::from_millis(1)));
+        e.note_ping_sent(a, [2; 12], t0 + Duration::from_millis(1));
+        assert_eq!(e.on_pong([2; 12], a, t0 + Duration::from_millis(2)), PongOutcome::NewBest);
+        assert!(!e.note_ping_from(a, t0 + Duration::from_millis(3)));
+        assert!(e.note_ping_from(a, t0 + DISCO_PING_INTERVAL + Duration::from_millis(1)));
+    }
+
+    #[test]
     fn learned_endpoints_expire_and_candidates_are_bounded() {
         let t0 = Instant::now();
         let mut e = Endpoint::default();
         assert!(e.note_ping_from(sa("9.9.9.9:9"), t0));
-        e.note_ping_sent(sa("9.9.9.9:9"), [1; 12], t0);
-        assert!(!e.note_ping_from(sa("9.9.9.9:9"), t0 + Duration::from_millis(500)));
-        assert!(e.note_ping_from(sa("9.9.9.9:9"), t0 + PING_BACK_INTERVAL));
         assert_eq!(e.candidate_count(), 1);
         e.send_path(t0 + LEARNED_ENDPOINT_TTL);
         e.pings_due(t0 + LEARNED_ENDPOINT_TTL);

@@ -308,6 +308,7 @@ impl Node {
     }
 
     fn send_ping(&self, peer: &Peer, to: SocketAddr) {
+        debug!(peer = %peer.cfg.public_key.short(), %to, "send disco ping");
         let tx_id: [u8; 12] = rand::random();
         peer.path.lock().note_ping_sent(to, tx_id, Instant::now());
         self.send_disco(
@@ -339,7 +340,9 @@ impl Node {
                 };
                 self.send_disco(peer, &DiscoMessage::Pong { tx_id, src }, via);
                 if let DiscoVia::Udp(a) = via {
-                    if peer.path.lock().note_ping_from(a, now) {
+                    let back = peer.path.lock().note_ping_from(a, now);
+                    debug!(peer = %peer.cfg.public_key.short(), from = %a, back, "disco ping");
+                    if back {
                         self.send_ping(peer, a);
                     }
                 }
@@ -347,6 +350,7 @@ impl Node {
             DiscoMessage::Pong { tx_id, .. } => {
                 if let DiscoVia::Udp(a) = via {
                     let out = peer.path.lock().on_pong(tx_id, a, now);
+                    debug!(peer = %peer.cfg.public_key.short(), from = %a, ?out, "disco pong");
                     if out == PongOutcome::NewBest {
                         info!(peer = %peer.cfg.public_key.short(), addr = %a, "direct path");
                     }
