@@ -42,6 +42,7 @@ module "node" {
   vpc_id              = local.vpc_id
   subnet_id           = each.value.subnet_id
   instance_type       = var.instance_type
+  enable_ipv6         = var.enable_ipv6
   mesh_key            = var.mesh_key
   mesh_with           = local.hostnames
   relay_binary_url    = var.relay_binary_url

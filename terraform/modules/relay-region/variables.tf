@@ -57,6 +57,12 @@ variable "relay_binary_sha256" {
   type        = string
 }
 
+variable "enable_ipv6" {
+  description = "IPv6 address and AAAA record per node (the subnets need IPv6 CIDRs)."
+  type        = bool
+  default     = false
+}
+
 variable "instance_type" {
   description = "Instance type for every node of the region."
   type        = string
