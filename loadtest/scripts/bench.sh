@@ -11,6 +11,7 @@ secs=${2:-10}
 out=${3:-/tmp/derpfleet-bench-$mode}
 bin=${BIN:-target/release}
 mkdir -p "$out"
+rm -f "$out/ORDER"
 work=$(mktemp -d)
 relay_pid=""
 cleanup() { [ -n "$relay_pid" ] && kill "$relay_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
@@ -39,6 +40,7 @@ lt() { # name, args...
   local name=$1; shift
   echo "+ derpfleet-loadtest $* --url $url --relay-pid \$RELAY --json  # load $(cut -d' ' -f1 /proc/loadavg)" >&2
   "$bin/derpfleet-loadtest" "$@" --url "$url" --insecure --relay-pid "$relay_pid" --json >"$out/$name.json"
+  echo "$name" >>"$out/ORDER"
 }
 
 echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC'); $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'); mode $mode; queue depth ${QDEPTH:-default}" | tee "$out/HOST"
@@ -65,7 +67,8 @@ fi
 echo
 echo "| run | pairs | rate/sender | sent pps | received pps | loss % | Mbit/s recv | latency p50 / p99 µs | relay CPU µs/pkt |"
 echo "|---|---|---|---|---|---|---|---|---|"
-for f in "$out"/tp*.json; do
+for n in $(grep '^tp' "$out/ORDER"); do
+  f="$out/$n.json"
   jq -r --arg n "$(basename "$f" .json)" '"| \($n) | \(.config.pairs) | \(.config.rate_per_sender // "unthrottled") | \(.results.sent_pps|floor) | \(.results.received_pps|floor) | \(.results.loss_pct) | \(.results.received_mbps|floor) | \(.latency_us.p50_us) / \(.latency_us.p99_us) | \(.results.relay_cpu_us_per_event) |"' "$f"
 done
 jq -r '"\npingpong 8 pairs: \(.results.round_trips_per_s|floor) round trips/s, RTT p50 \(.latency_us.p50_us) µs, p90 \(.latency_us.p90_us) µs, p99 \(.latency_us.p99_us) µs, max \(.latency_us.max_us) µs, lost \(.results.lost)"' "$out/pingpong8.json"
