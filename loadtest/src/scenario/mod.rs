@@ -37,7 +37,9 @@ pub async fn connect_all(targets: &[(String, DerpTarget)], which: Vec<usize>) ->
                 let public = key.public();
                 let mut opts = ConnectOptions::new(key);
                 opts.app_name = Some("derpfleet-loadtest".into());
-                opts.send_queue = 4096;
+                // Deep enough for a scheduling tick's burst; shallow so unthrottled senders do not
+                // measure their own queue.
+                opts.send_queue = 256;
                 let c = DerpConn::connect(&target, &opts)
                     .await
                     .with_context(|| format!("connecting to {name}"))?;
