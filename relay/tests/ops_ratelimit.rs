@@ -223,3 +223,40 @@ async fn mesh_peers_are_exempt_from_the_receive_rate() {
     receiver.abort();
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn rate_config_reload_applies_to_connected_clients() {
+    let dir = http_common::TempDir::new("ops-rate-reload");
+    let file = dir.0.join("rate.json");
+    std::fs::write(&file, r#"{"PerClientRateLimitBytesPerSec":0}"#).unwrap();
+    let ops = OpsConfig {
+        recv_rate: derpfleet_relay::ratelimit::load_rate_config(&file).unwrap(),
+        rate_config_path: Some(file.clone()),
+        ..OpsConfig::default()
+    };
+    let server = Server::spawn_with(config(NodePrivate::generate()), ops).await.unwrap();
+    let addr = server.local_addr();
+    let (mut a, _) = derp_client(addr).await;
+    socket2::SockRef::from(&a.io).set_send_buffer_size(32 << 10).unwrap();
+    let (mut b, b_key) = derp_client(addr).await;
+    let receiver = tokio::spawn(async move { receive(&mut b, u64::MAX).await });
+    let (samples, _) = blast(&mut a, b_key.public(), Duration::from_millis(1000)).await;
+    let unlimited = rate_between(&samples, Duration::from_millis(300));
+    assert!(unlimited > 2.0 * RATE as f64, "not limited yet: {unlimited:.0} B/s");
+
+    std::fs::write(&file, format!(r#"{{"PerClientRateLimitBytesPerSec":{RATE}}}"#)).unwrap();
+    let report = server.reload();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.recv_rate, Some(RecvRate { bytes_per_sec: RATE, burst_bytes: 65_568 }));
+    let (samples, _) = blast(&mut a, b_key.public(), Duration::from_millis(3500)).await;
+    let limited = rate_between(&samples, Duration::from_millis(1500));
+    eprintln!("before reload {unlimited:.0} B/s, after {limited:.0} B/s");
+    assert!((limited - RATE as f64).abs() <= RATE as f64 * 0.10, "after reload: {limited:.0} B/s");
+
+    std::fs::write(&file, "{not json").unwrap();
+    let report = server.reload();
+    assert_eq!(report.errors.len(), 1, "a broken file is reported");
+    assert_eq!(report.recv_rate.map(|r| r.bytes_per_sec), Some(RATE), "and the old rate stays");
+    receiver.abort();
+    server.shutdown().await;
+}
