@@ -85,13 +85,31 @@ fn throughput_at_a_rate_delivers_the_schedule_and_plots() {
 }
 
 #[test]
-fn pingpong_measures_round_trips() {
+fn pingpong_measures_round_trips_and_plots_their_distribution() {
     let relay = Relay::plain();
     let url = relay.url();
+    let dir = TempDir::new("plot");
+    let svg = dir.0.join("rtt.svg");
     let v = run_json(
-        &["pingpong", "--url", &url, "--pairs", "3", "--size", "100", "--duration", "1s", "--warmup", "0.2s"],
+        &[
+            "pingpong",
+            "--url",
+            &url,
+            "--pairs",
+            "3",
+            "--size",
+            "100",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0.2s",
+            "--plot",
+            svg.to_str().unwrap(),
+        ],
         LIMIT,
     );
+    let s = std::fs::read_to_string(&svg).unwrap();
+    assert!(s.contains("latency distribution") && s.contains("99.9%"), "{s}");
     check_common(&v, "pingpong");
     let rounds = num(&v, &["results", "round_trips"]);
     assert!(rounds > 0.0, "{v:#}");
