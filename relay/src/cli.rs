@@ -242,6 +242,21 @@ pub struct Flags {
           value_name = "duration")]
     pub drop_log_interval: Duration,
 
+    /// file holding the region's mesh key (64 hex chars); default /home/derp/keys/derp-mesh.key or
+    /// $HOME/keys/derp-mesh.key if present
+    #[arg(long = "mesh-psk-file", value_name = "path")]
+    pub mesh_psk_file: Option<PathBuf>,
+
+    /// optional comma-separated list of hostnames to mesh with: host[:port][/dialhost] (https,
+    /// verified against the system trust store); an entry starting with http:// is dialed without
+    /// TLS. May include this server itself. A name with several addresses meshes with each
+    #[arg(long = "mesh-with", default_value = "", value_name = "string")]
+    pub mesh_with: String,
+
+    /// extra PEM CA bundle trusted for -mesh-with TLS, besides the system trust store
+    #[arg(long = "mesh-ca-file", value_name = "path")]
+    pub mesh_ca_file: Option<PathBuf>,
+
     /// print this help
     #[arg(long = "help", visible_alias = "h", action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -395,6 +410,14 @@ pub enum StartupError {
     RateConfig(#[from] RateConfigError),
     #[error("-metrics-addr {addr:?}: {reason}")]
     MetricsAddr { addr: String, reason: String },
+    #[error("-mesh-psk-file: {0}")]
+    MeshKey(#[from] crate::mesh::MeshKeyError),
+    #[error(transparent)]
+    MeshWith(#[from] crate::mesh::MeshPeerError),
+    #[error("-mesh-with requires a mesh key (-mesh-psk-file)")]
+    MeshWithoutKey,
+    #[error("-mesh-ca-file: {0}")]
+    MeshCaFile(#[from] crate::mesh::CaFileError),
 }
 
 /// What the binary needs to start and to tell the operator.
@@ -411,6 +434,8 @@ pub struct Startup {
     pub ops: OpsConfig,
     /// What a graceful shutdown does.
     pub drain: DrainOptions,
+    /// The mesh to start next to the server (`-mesh-with`), if any.
+    pub mesh: Option<crate::mesh::MeshConfig>,
 }
 
 /// Turns flags into a server configuration: resolves the address, loads or creates the key file,
@@ -487,7 +512,31 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
         try_for: flags.restart_try_for,
         deadline: flags.drain_timeout,
     };
-    Ok(Startup { config, cert_name, notes, ops, drain })
+    let (mesh_key, mesh) = mesh_config(flags, &mut notes)?;
+    let mut config = config;
+    config.derp.mesh_key = mesh_key;
+    Ok(Startup { config, cert_name, notes, ops, drain, mesh })
+}
+
+/// The mesh key (`-mesh-psk-file` or derper's default file) and the `-mesh-with` links.
+fn mesh_config(
+    flags: &Flags,
+    notes: &mut Vec<String>,
+) -> Result<(Option<derpfleet_proto::MeshKey>, Option<crate::mesh::MeshConfig>), StartupError> {
+    use crate::mesh;
+    let path = flags.mesh_psk_file.clone().or_else(mesh::default_mesh_psk_file);
+    let key = path.as_deref().map(mesh::load_mesh_key).transpose()?;
+    let peers = mesh::parse_mesh_with(&flags.mesh_with)?;
+    if peers.is_empty() {
+        return Ok((key, None));
+    }
+    let key = key.ok_or(StartupError::MeshWithoutKey)?;
+    let mut config = mesh::MeshConfig::new(key, peers);
+    if let Some(ca) = &flags.mesh_ca_file {
+        config.extra_roots.extend(mesh::load_ca_file(ca)?);
+    }
+    notes.push(format!("meshing with {} -mesh-with entries", config.peers.len()));
+    Ok((Some(key), Some(config)))
 }
 
 /// The operations part of the flags (admission, limits, metrics, STUN, reload).

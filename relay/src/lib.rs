@@ -22,6 +22,8 @@
 //! - Operations (issue 4): [`admission`] (allowlist, `-verify-client-url`), [`ratelimit`]
 //!   (accept limits, per-client receive rate), [`ops_metrics`] and [`metrics_http`] (`/metrics`,
 //!   `/healthz`, drop log), [`config`] (the TOML file), certificate reload in [`tls`].
+//! - Mesh (issue 5): [`mesh`] (`-mesh-with` watch links, forwarders; the multi-forwarder policy
+//!   lives in [`registry`]).
 
 pub mod admission;
 pub mod cli;
@@ -29,6 +31,7 @@ pub mod config;
 pub mod derp_server;
 pub mod http;
 pub mod keyfile;
+pub mod mesh;
 pub mod metrics;
 pub mod metrics_http;
 pub mod ops_metrics;

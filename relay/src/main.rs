@@ -60,6 +60,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let server = Server::spawn_with(startup.config, startup.ops).await?;
+    let mesh = startup.mesh.map(|m| derpfleet_relay::mesh::Mesh::start(server.derp().clone(), m));
     tracing::info!(public_key = %server.derp().public_key(), addr = %server.local_addr(), "derpfleet-relay running");
     if let Some(addr) = server.stun_addr() {
         tracing::info!(%addr, "STUN listening");
@@ -96,6 +97,9 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         }
         _ = term.recv() => tracing::warn!("second signal: exiting without finishing the drain"),
         _ = int.recv() => tracing::warn!("second signal: exiting without finishing the drain"),
+    }
+    if let Some(mesh) = mesh {
+        mesh.shutdown().await;
     }
     Ok(())
 }

@@ -152,6 +152,17 @@ pub struct Metrics {
     pub control_frames_dropped: Counter,
     /// ForwardPacket frames received from mesh peers.
     pub packets_forwarded_in: Counter,
+    /// ForwardPacket frames queued to mesh links (issue 5).
+    pub packets_forwarded_out: Counter,
+    /// Keys that went from one forwarder to several.
+    pub multiforwarder_created: Counter,
+    /// Keys that went from several forwarders back to one.
+    pub multiforwarder_deleted: Counter,
+    /// Mesh links (to other servers of the region) currently connected and watching.
+    pub mesh_peers_connected: Gauge,
+    /// ForwardPacket frames dropped because a mesh link's queue was full or the link closed
+    /// (also counted in `derp_packets_dropped` as `queue_tail` / `gone_disconnected`).
+    pub mesh_forward_dropped: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -226,6 +237,11 @@ impl Metrics {
             handshake_errors: c("derp_handshake_errors"),
             control_frames_dropped: c("derp_control_frames_dropped"),
             packets_forwarded_in: c("derp_packets_forwarded_in"),
+            packets_forwarded_out: c("derp_packets_forwarded_out"),
+            multiforwarder_created: c("derp_multiforwarder_created"),
+            multiforwarder_deleted: c("derp_multiforwarder_deleted"),
+            mesh_peers_connected: g("derp_mesh_peers_connected"),
+            mesh_forward_dropped: c("derp_mesh_forward_dropped"),
         };
         // Gauges only appear in the output once touched; make every series visible from the start.
         for gauge in [
@@ -235,6 +251,7 @@ impl Metrics {
             &m.current_dup_client_keys,
             &m.current_dup_client_conns,
             &m.watchers,
+            &m.mesh_peers_connected,
         ] {
             gauge.set(0.0);
         }

@@ -7,10 +7,12 @@
 //! that watchers see a consistent stream: a watcher's initial flood and the later updates never
 //! miss a connection.
 //!
-//! Extension point for the mesh (issue 5): a destination with no local connection may have a
-//! [`PacketForwarder`] (a connection to another server of the region). `route` already prefers
-//! local delivery, then a forwarder, then "unknown"; a key whose last local connection leaves is
-//! only reported gone when no forwarder knows it. The multi-forwarder policy is left to issue 5.
+//! The mesh (issue 5, [`crate::mesh`]): a destination with no local connection may have
+//! [`PacketForwarder`]s (links to other servers of the region). `route` prefers local delivery,
+//! then the key's preferred forwarder, then "unknown"; a key whose last local connection leaves is
+//! only reported gone when no forwarder knows it. Several forwarders for one key follow derper's
+//! `multiForwarder`: the first registered stays preferred, and when it goes the one registered
+//! earliest among the rest takes over.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -108,6 +110,16 @@ impl ClientSet {
     }
 }
 
+/// The forwarders of one key, in registration order: the first is preferred. Almost always one.
+struct Forwarders(Vec<Arc<dyn PacketForwarder>>);
+
+impl Forwarders {
+    #[inline]
+    fn preferred(&self) -> Option<&Arc<dyn PacketForwarder>> {
+        self.0.first()
+    }
+}
+
 /// What [`Registry::route`] did with a packet.
 #[derive(Debug)]
 pub enum Routed {
@@ -129,7 +141,7 @@ struct Membership {
 /// The server's table of connections.
 pub struct Registry {
     clients: DashMap<NodePublic, ClientSet>,
-    forwarders: DashMap<NodePublic, Arc<dyn PacketForwarder>>,
+    forwarders: DashMap<NodePublic, Forwarders>,
     membership: Mutex<Membership>,
     /// src key → receivers that were sent packets from it (conn id → conn).
     sent_to: Mutex<HashMap<NodePublic, HashMap<u64, Weak<Conn>>>>,
@@ -309,7 +321,7 @@ impl Registry {
             };
         }
         if may_forward && !self.forwarders.is_empty() {
-            if let Some(f) = self.forwarders.get(&dst).map(|f| f.clone()) {
+            if let Some(f) = self.forwarders.get(&dst).and_then(|f| f.preferred().cloned()) {
                 f.forward_packet(src, dst, data);
                 return Routed::Forwarded;
             }
@@ -358,19 +370,57 @@ impl Registry {
         self.clients.get(key).and_then(|s| s.active().cloned())
     }
 
-    /// Registers `f` as the way to reach `key` when it has no local connection (issue 5 builds
-    /// the multi-forwarder policy on this; here the first forwarder stays).
+    /// Registers `f` as a way to reach `key` when it has no local connection. The first
+    /// forwarder of a key stays preferred; adding one already registered is a no-op.
     pub fn add_packet_forwarder(&self, key: NodePublic, f: Arc<dyn PacketForwarder>) {
-        self.forwarders.entry(key).or_insert(f);
+        match self.forwarders.entry(key) {
+            Entry::Vacant(e) => {
+                e.insert(Forwarders(vec![f]));
+            }
+            Entry::Occupied(mut e) => {
+                let list = &mut e.get_mut().0;
+                if list.iter().any(|g| g.forwarder_id() == f.forwarder_id()) {
+                    return;
+                }
+                if list.len() == 1 {
+                    self.metrics.multiforwarder_created.increment(1);
+                }
+                list.push(f);
+            }
+        }
     }
 
-    /// Removes the forwarder `forwarder_id` for `key`. When that leaves the key nowhere in the
-    /// region, the connections that were sent packets from it get PeerGone.
+    /// Removes the forwarder `forwarder_id` for `key`; the earliest registered of the others
+    /// takes over. When that leaves the key nowhere in the region, the connections that were
+    /// sent packets from it get PeerGone.
     pub fn remove_packet_forwarder(&self, key: NodePublic, forwarder_id: u64) {
-        let removed = self.forwarders.remove_if(&key, |_, f| f.forwarder_id() == forwarder_id).is_some();
-        if removed && !self.clients.contains_key(&key) {
+        let mut gone = false;
+        if let Entry::Occupied(mut e) = self.forwarders.entry(key) {
+            let list = &mut e.get_mut().0;
+            let before = list.len();
+            list.retain(|f| f.forwarder_id() != forwarder_id);
+            if list.len() < before {
+                if list.is_empty() {
+                    e.remove();
+                    gone = true;
+                } else if list.len() == 1 && before == 2 {
+                    self.metrics.multiforwarder_deleted.increment(1);
+                }
+            }
+        }
+        if gone && !self.clients.contains_key(&key) {
             self.notify_region_gone(key);
         }
+    }
+
+    /// The id of the forwarder `route` would use for `key` (tests, debugging).
+    pub fn preferred_forwarder(&self, key: &NodePublic) -> Option<u64> {
+        self.forwarders.get(key).and_then(|f| f.preferred().map(|f| f.forwarder_id()))
+    }
+
+    /// Number of keys reachable through a forwarder.
+    pub fn forwarded_key_count(&self) -> usize {
+        self.forwarders.len()
     }
 }
 
@@ -421,6 +471,52 @@ mod tests {
         assert_eq!(s.get("derp_current_connections", &[]), 1.0);
         r.unregister(&b, &SeenSources::default());
         assert_eq!(r.key_count(), 0);
+    }
+
+    struct Fwd {
+        id: u64,
+        got: Mutex<Vec<NodePublic>>,
+    }
+
+    impl PacketForwarder for Fwd {
+        fn forward_packet(&self, _src: NodePublic, dst: NodePublic, _data: Bytes) {
+            self.got.lock().push(dst);
+        }
+        fn forwarder_id(&self) -> u64 {
+            self.id
+        }
+    }
+
+    fn fwd(id: u64) -> Arc<Fwd> {
+        Arc::new(Fwd { id, got: Mutex::new(Vec::new()) })
+    }
+
+    #[test]
+    fn multi_forwarder_first_stays_preferred_and_lowest_index_takes_over() {
+        let m = Arc::new(Metrics::new());
+        let r = Registry::new(NodePublic([9; 32]), m.clone());
+        let k = NodePublic([1; 32]);
+        let (f1, f2, f3) = (fwd(1), fwd(2), fwd(3));
+        r.add_packet_forwarder(k, f2.clone());
+        r.add_packet_forwarder(k, f1.clone());
+        r.add_packet_forwarder(k, f3.clone());
+        r.add_packet_forwarder(k, f2.clone());
+        assert_eq!(r.preferred_forwarder(&k), Some(2), "first registered stays; re-adding is a no-op");
+        assert!(matches!(r.route(k, k, Bytes::new(), PacketKind::Other, true), Routed::Forwarded));
+        assert!(matches!(r.route(k, k, Bytes::new(), PacketKind::Other, false), Routed::Unknown(_)));
+        assert_eq!(f2.got.lock().len(), 1);
+        r.remove_packet_forwarder(k, 2);
+        assert_eq!(r.preferred_forwarder(&k), Some(1), "next by insertion order, not by id");
+        r.remove_packet_forwarder(k, 7);
+        assert_eq!(r.preferred_forwarder(&k), Some(1), "removing an unknown id changes nothing");
+        r.remove_packet_forwarder(k, 1);
+        assert_eq!(r.preferred_forwarder(&k), Some(3));
+        let s = m.snapshot();
+        assert_eq!(s.get("derp_multiforwarder_created", &[]), 1.0);
+        assert_eq!(s.get("derp_multiforwarder_deleted", &[]), 1.0);
+        r.remove_packet_forwarder(k, 3);
+        assert_eq!(r.preferred_forwarder(&k), None);
+        assert_eq!(r.forwarded_key_count(), 0);
     }
 
     #[test]
