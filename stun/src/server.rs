@@ -46,6 +46,8 @@ use crate::message::{parse_binding_request, parse_tailscale_request, write_respo
 const LIMITER_PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause after a failed receive call, so a persistent socket error cannot spin a core.
 const READ_ERROR_BACKOFF: Duration = Duration::from_millis(10);
+/// Batches a socket task handles before yielding to the runtime under sustained load.
+const BATCHES_PER_TURN: usize = 16;
 /// Requested socket buffer size; the kernel caps it at `net.core.{r,w}mem_max`.
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
@@ -226,15 +228,21 @@ async fn socket_loop(inner: Arc<Inner>, sock: UdpSocket, cancel: CancellationTok
                 }
             }
         }
-        // Drain the socket: one batch in, its answers out, until it would block.
-        loop {
+        // Drain the socket: one batch in, its answers out, until it would block or the task has
+        // had its turn (then yield, so cancellation and other tasks on this worker get to run).
+        let mut turn_used_up = true;
+        for _ in 0..BATCHES_PER_TURN {
             match sock.try_io(Interest::READABLE, || recv_batch(sock.as_fd(), &mut rx)) {
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    turn_used_up = false;
+                    break;
+                }
                 Err(e) => {
                     inner.metrics.read_error.increment(1);
                     tracing::debug!(error = %e, "STUN receive failed");
                     tokio::time::sleep(READ_ERROR_BACKOFF).await;
+                    turn_used_up = false;
                     break;
                 }
             }
@@ -265,6 +273,9 @@ async fn socket_loop(inner: Arc<Inner>, sock: UdpSocket, cancel: CancellationTok
             if !flush(&sock, &mut tx, &mut tally, &inner.metrics, &cancel).await {
                 return;
             }
+        }
+        if turn_used_up {
+            tokio::task::yield_now().await;
         }
     }
 }

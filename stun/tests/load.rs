@@ -35,3 +35,25 @@ async fn closed_and_open_loop_runs_count_valid_answers() {
     assert!(served <= closed.sent + open.sent, "served {served}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responder_stops_promptly_while_flooded() {
+    let server = TestServer::start("127.0.0.1:0", 1, StunConfig::default());
+    let flood = LoadConfig {
+        server: server.addr,
+        bind: "127.0.0.1:0".parse().unwrap(),
+        sockets: 2,
+        rate: 2_000_000,
+        window: 1,
+        // Far longer than the stop allowance below: a responder that only noticed cancellation
+        // when its socket ran dry would miss it.
+        duration: Duration::from_secs(20),
+    };
+    let load = tokio::spawn(async move { run(&flood).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(server.counter(r#"stun_requests{disposition="success"}"#) > 0, "flood is being answered");
+    // A liveness bound, not a speed target: the responder yields every few batches, so it
+    // notices cancellation within milliseconds even when its socket never runs dry.
+    server.stop_within(Duration::from_secs(2)).await;
+    load.abort();
+}

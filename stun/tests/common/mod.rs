@@ -57,12 +57,17 @@ impl TestServer {
         assert_eq!(self.counter(series), want, "{series}");
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_within(Duration::from_secs(5)).await;
+    }
+
+    /// Cancels the responder and asserts that `serve` returns within `limit`.
+    pub async fn stop_within(mut self, limit: Duration) {
         self.cancel.cancel();
         let task = self.task.take().unwrap();
-        tokio::time::timeout(Duration::from_secs(5), task)
+        tokio::time::timeout(limit, task)
             .await
-            .expect("responder stops within 5 s of cancellation")
+            .unwrap_or_else(|_| panic!("responder did not stop within {limit:?} of cancellation"))
             .expect("responder task did not panic")
             .expect("responder returned Ok");
     }
