@@ -34,7 +34,7 @@ pub struct Common {
     /// Skip TLS certificate verification (https URLs).
     #[arg(long, global = true)]
     pub insecure: bool,
-    /// Speak DERP over WebSocket (not supported by derpfleet-client yet: refused).
+    /// DERP over WebSocket (subprotocol `derp`); connections and churn only for now.
     #[arg(long, global = true)]
     pub websocket: bool,
     /// Print one JSON document (fields in loadtest/README.md) instead of the table.

@@ -29,12 +29,14 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 pub struct LeanTarget {
     addr: SocketAddr,
     request: Arc<[u8]>,
+    /// WebSocket instead of the DERP upgrade: (Host header, path).
+    websocket: Option<(Arc<str>, Arc<str>)>,
     tls: Option<(ServerName<'static>, tokio_rustls::TlsConnector)>,
 }
 
 impl LeanTarget {
-    /// Resolves the URL's host once.
-    pub async fn new(url: &DerpUrl) -> Result<Self> {
+    /// Resolves the URL's host once; `websocket` selects DERP over WebSocket.
+    pub async fn new(url: &DerpUrl, websocket: bool) -> Result<Self> {
         let addr = match url.dial_addr {
             Some(a) => a,
             None => tokio::net::lookup_host((url.host.as_str(), url.port))
@@ -56,7 +58,8 @@ impl LeanTarget {
         } else {
             None
         };
-        Ok(Self { addr, request: request.into_bytes().into(), tls })
+        let websocket = websocket.then(|| (url.host_header().into(), url.path.as_str().into()));
+        Ok(Self { addr, request: request.into_bytes().into(), websocket, tls })
     }
 
     /// The address dialed.
@@ -77,6 +80,12 @@ impl LeanTarget {
             Some((name, connector)) => Box::new(connector.connect(name.clone(), tcp).await.context("TLS")?),
             None => Box::new(tcp),
         };
+        if let Some((host, path)) = &self.websocket {
+            let ws = crate::ws::upgrade(s, host, path).await.context("WebSocket upgrade")?;
+            let mut s: Box<dyn Stream> = Box::new(ws);
+            derp_handshake(&mut s, BytesMut::new(), key).await?;
+            return Ok(s);
+        }
         handshake(&mut s, &self.request, key).await?;
         Ok(s)
     }
@@ -104,6 +113,11 @@ async fn handshake(s: &mut Box<dyn Stream>, request: &[u8], key: &NodePrivate) -
             httparse::Status::Partial => {}
         }
     }
+    derp_handshake(s, buf, key).await
+}
+
+/// ServerKey, ClientInfo, ServerInfo; `buf` holds bytes already read past the HTTP response.
+async fn derp_handshake(s: &mut Box<dyn Stream>, mut buf: BytesMut, key: &NodePrivate) -> Result<()> {
     let mut dec = FrameDecoder::new(Role::Client);
     let server_key = match next_frame(s, &mut buf, &mut dec).await? {
         ServerToClient::ServerKey(k) => k,

@@ -23,6 +23,15 @@ fn main() -> ExitCode {
         Scenario::Stun(_) => None,
         _ => Some(Spread::Single),
     };
+    if cli.common.websocket && !matches!(cli.scenario, Scenario::Connections(_) | Scenario::Churn(_)) {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--websocket works with connections and churn only: derpfleet-client has no WebSocket \
+                 transport yet for the packet scenarios",
+            )
+            .exit();
+    }
     let targets = match spread.map(|s| target::resolve(&cli.common, s)).transpose() {
         Ok(t) => t.unwrap_or_default(),
         Err(e) => Cli::command().error(clap::error::ErrorKind::ArgumentConflict, e.to_string()).exit(),
@@ -73,8 +82,10 @@ async fn run(
         Scenario::Mesh(a) => flow::run("mesh", a, targets, stop).await,
         Scenario::Fleet(a) => flow::run("fleet", a, targets, stop).await,
         Scenario::Pingpong(a) => pingpong::run(a, targets, stop).await,
-        Scenario::Connections(a) => connections::run(a, cli.common.relay_pid, targets, stop).await,
-        Scenario::Churn(a) => churn::run(a, targets, stop).await,
+        Scenario::Connections(a) => {
+            connections::run(a, cli.common.relay_pid, cli.common.websocket, targets, stop).await
+        }
+        Scenario::Churn(a) => churn::run(a, cli.common.websocket, targets, stop).await,
         Scenario::Stun(a) => stun::run(a, stop).await,
     }
 }

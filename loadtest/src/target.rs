@@ -31,9 +31,6 @@ pub enum Spread {
 /// The targets for `spread`, with a printable name each.
 pub fn resolve(c: &Common, spread: Spread) -> Result<Vec<(String, DerpTarget)>, TargetError> {
     let err = |m: String| Err(TargetError(m));
-    if c.websocket {
-        return err("--websocket: DERP over WebSocket is not supported by derpfleet-client yet".into());
-    }
     if !c.urls.is_empty() && c.derp_map.is_some() {
         return err("give either --url or --derp-map, not both".into());
     }

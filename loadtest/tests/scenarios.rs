@@ -250,3 +250,17 @@ fn sigint_ends_the_run_early_with_a_report() {
     assert!(v["notes"].to_string().contains("interrupted"), "{v:#}");
     assert!(num(&v, &["elapsed_s"]) < 30.0, "{v:#}");
 }
+
+#[test]
+fn connections_and_churn_over_websocket() {
+    let relay = Relay::plain();
+    let url = relay.url();
+    let v = run_json(&["connections", "--url", &url, "--websocket", "--count", "20", "--hold", "0s"], LIMIT);
+    check_common(&v, "connections");
+    assert_eq!(v["config"]["websocket"], true);
+    assert_eq!(num(&v, &["results", "opened"]), 20.0, "{v:#}");
+    let v = run_json(&["churn", "--url", &url, "--websocket", "--rate", "20", "--duration", "0.5s"], LIMIT);
+    check_common(&v, "churn");
+    assert_eq!(num(&v, &["results", "failed"]), 0.0, "{v:#}");
+    assert!(num(&v, &["results", "succeeded"]) >= 9.0, "{v:#}");
+}

@@ -33,8 +33,13 @@ struct Shared {
 }
 
 /// Runs the scenario.
-pub async fn run(a: &ChurnArgs, targets: &[(String, DerpTarget)], stop: CancellationToken) -> Result<Report> {
-    let target = LeanTarget::new(&as_url(&targets[0].1)).await?;
+pub async fn run(
+    a: &ChurnArgs,
+    websocket: bool,
+    targets: &[(String, DerpTarget)],
+    stop: CancellationToken,
+) -> Result<Report> {
+    let target = LeanTarget::new(&as_url(&targets[0].1), websocket).await?;
     let _ = crate::sys::raise_nofile_limit();
     let sources: Vec<Option<IpAddr>> = match &a.source_ips {
         Some(v) => v.0.iter().copied().map(Some).collect(),
@@ -103,6 +108,7 @@ pub async fn run(a: &ChurnArgs, targets: &[(String, DerpTarget)], stop: Cancella
         .put("rate", a.rate)
         .put("duration_s", a.duration.as_secs_f64())
         .put("concurrency", a.concurrency)
+        .put("websocket", websocket)
         .put("source_ips", sources.iter().flatten().count() as u64);
     rep.elapsed_s = r3(schedule_secs);
     rep.results

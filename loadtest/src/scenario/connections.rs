@@ -55,11 +55,12 @@ impl Failures {
 pub async fn run(
     a: &ConnArgs,
     relay_pid: Option<u32>,
+    websocket: bool,
     targets: &[(String, DerpTarget)],
     stop: CancellationToken,
 ) -> Result<Report> {
     let mut rep = Report::new("connections", targets.iter().map(|(n, _)| n.clone()).take(1).collect());
-    let target = LeanTarget::new(&as_url(&targets[0].1)).await?;
+    let target = LeanTarget::new(&as_url(&targets[0].1), websocket).await?;
     let mut count = a.count as u64;
     match sys::raise_nofile_limit() {
         Ok(limit) if count + SPARE_FDS > limit => {
@@ -138,6 +139,7 @@ pub async fn run(
         .put("concurrency", a.concurrency)
         .put("source_ips", sources.iter().flatten().count() as u64)
         .put("hold_s", a.hold.as_secs_f64())
+        .put("websocket", websocket)
         .put("relay_pid", relay_pid.map(serde_json::Value::from).unwrap_or_default());
     rep.elapsed_s = r3(open_secs);
     rep.results
