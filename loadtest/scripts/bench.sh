@@ -61,6 +61,8 @@ done
 if [ -z "${SKIP_CONNS:-}" ]; then
   start_relay # fresh relay: memory per connection from a clean start
   lt conns10k connections --count 10000 --concurrency 128 --hold 3s
+  start_relay
+  lt conns10k_ws connections --count 10000 --concurrency 128 --hold 3s --websocket
   lt churn churn --rate 1000 --duration "${secs}s"
 fi
 
@@ -74,5 +76,6 @@ done
 jq -r '"\npingpong 8 pairs: \(.results.round_trips_per_s|floor) round trips/s, RTT p50 \(.latency_us.p50_us) µs, p90 \(.latency_us.p90_us) µs, p99 \(.latency_us.p99_us) µs, max \(.latency_us.max_us) µs, lost \(.results.lost)"' "$out/pingpong8.json"
 if [ -f "$out/conns10k.json" ]; then
   jq -r '"connections: opened \(.results.opened), failed \(.results.failed), \(.results.handshakes_per_s|floor) handshakes/s (concurrency 128), handshake p50 \(.latency_us.p50_us) µs p99 \(.latency_us.p99_us) µs; relay RSS \(.results.relay_rss_before_kib) → \(.results.relay_rss_after_kib) KiB = \(.results.relay_bytes_per_conn|floor) B/conn; loadtest \(.results.loadtest_bytes_per_conn|floor) B/conn"' "$out/conns10k.json"
+  jq -r '"connections over WebSocket: opened \(.results.opened), failed \(.results.failed), \(.results.handshakes_per_s|floor) handshakes/s, relay \(.results.relay_bytes_per_conn|floor) B/conn"' "$out/conns10k_ws.json"
   jq -r '"churn at \(.config.rate)/s: \(.results.succeeded) ok, \(.results.failed) failed, \(.results.handshakes_per_s|floor)/s, handshake p50 \(.latency_us.p50_us) µs p99 \(.latency_us.p99_us) µs, relay CPU \(.results.relay_cpu_us_per_event) µs/handshake"' "$out/churn.json"
 fi
