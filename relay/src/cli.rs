@@ -95,9 +95,23 @@ pub struct Flags {
           value_name = "bool")]
     pub derp: bool,
 
-    /// mode for getting a cert. possible options: manual, letsencrypt (letsencrypt is not supported yet)
+    /// mode for getting a cert. possible options: manual, letsencrypt (ACME, TLS-ALPN-01 on the main
+    /// port; gcp is not supported)
     #[arg(long = "certmode", default_value = "letsencrypt", value_name = "string")]
     pub certmode: String,
+
+    /// -certmode letsencrypt: contact e-mail for the ACME account (optional)
+    #[arg(long = "acme-email", default_value = "", value_name = "string")]
+    pub acme_email: String,
+
+    /// -certmode letsencrypt: the ACME directory URL (another CA, e.g. a test CA)
+    #[arg(long = "acme-directory-url", default_value = crate::acme::LETS_ENCRYPT_DIRECTORY,
+          value_name = "url")]
+    pub acme_directory_url: String,
+
+    /// -certmode letsencrypt: extra PEM CA certificates trusted for the ACME server's API
+    #[arg(long = "acme-ca-file", value_name = "path")]
+    pub acme_ca_file: Option<PathBuf>,
 
     /// directory to store LetsEncrypt certs, if addr's port is :443, or to find <hostname>.crt/.key with
     /// -certmode manual (default $XDG_CACHE_HOME/tailscale/derper-certs)
@@ -388,8 +402,8 @@ pub enum StartupError {
     #[error("-home: {0}")]
     Home(String),
     #[error(
-        "-certmode {0:?} is not supported yet; use -certmode manual with a certificate in -certdir \
-         (an IP -hostname gets a self-signed one), or a port other than 443 for plain HTTP"
+        "-certmode {0:?} is not supported; use -certmode letsencrypt, or manual with a certificate in \
+         -certdir (an IP -hostname gets a self-signed one), or a port other than 443 for plain HTTP"
     )]
     UnsupportedCertMode(String),
     #[error("-certmode {0:?}: unknown mode (use manual or letsencrypt)")]
@@ -400,6 +414,8 @@ pub enum StartupError {
     KeyFile(#[from] KeyFileError),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("ACME: {0}")]
+    Acme(#[from] crate::acme::AcmeError),
     #[error("-verify-clients is not supported (it needs tailscaled's LocalAPI); use -verify-client-url")]
     VerifyClientsUnsupported,
     #[error("-verify-client-url: {0}")]
@@ -472,8 +488,21 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
     let serve_tls = port_is_https || manual;
     let mut cert_name = None;
     let mut cert_reloader = None;
+    let mut acme_task = None;
     let tls = if !serve_tls {
         None
+    } else if flags.certmode == "letsencrypt" {
+        let settings = crate::acme::AcmeSettings {
+            hostname: flags.hostname.clone(),
+            certdir: flags.certdir.clone().unwrap_or_else(default_certdir),
+            directory_url: flags.acme_directory_url.clone(),
+            email: (!flags.acme_email.is_empty()).then(|| flags.acme_email.clone()),
+            extra_roots: flags.acme_ca_file.clone(),
+        };
+        let (config, task) = crate::acme::setup(&settings, &server_public)?;
+        notes.push(format!("ACME certificate for {} from {}", flags.hostname, flags.acme_directory_url));
+        acme_task = Some(task);
+        Some(config)
     } else if !manual {
         return Err(StartupError::UnsupportedCertMode(flags.certmode.clone()));
     } else {
@@ -505,7 +534,8 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
             user_timeout: non_zero(flags.tcp_user_timeout),
         },
     };
-    let ops = ops_config(flags, listen, cert_reloader, &mut notes)?;
+    let mut ops = ops_config(flags, listen, cert_reloader, &mut notes)?;
+    ops.acme = acme_task;
     let drain = DrainOptions {
         reconnect_in: flags.restart_reconnect_in,
         reconnect_jitter: flags.restart_reconnect_jitter,
@@ -600,6 +630,7 @@ fn ops_config(
         stun,
         cert_reloader,
         cert_reload_interval: (!flags.cert_reload_interval.is_zero()).then_some(flags.cert_reload_interval),
+        acme: None,
         drop_log_interval: flags.drop_log_interval.max(Duration::from_millis(100)),
     })
 }
@@ -755,9 +786,13 @@ mod tests {
     fn letsencrypt_on_443_is_refused_clearly() {
         let dir = std::env::temp_dir().join(format!("derpfleet-cli-le-{}", std::process::id()));
         let key = dir.join("k.key");
-        let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap()];
+        let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap(), "-certmode", "gcp"];
         let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
-        assert!(e.contains("letsencrypt") && e.contains("not supported"), "{e}");
+        assert!(e.contains("gcp") && e.contains("not supported"), "{e}");
+        // letsencrypt needs a DNS name.
+        let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap(), "-hostname", "192.0.2.1"];
+        let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("ACME needs a DNS name"), "{e}");
         // Plain HTTP on another port is fine with the default certmode.
         let args = ["x", "-a", "127.0.0.1:8080", "-c", key.to_str().unwrap()];
         let s = build(&Flags::parse_go(args).unwrap()).unwrap();

@@ -25,6 +25,7 @@
 //! - Mesh (issue 5): [`mesh`] (`-mesh-with` watch links, forwarders; the multi-forwarder policy
 //!   lives in [`registry`]).
 
+pub mod acme;
 pub mod admission;
 pub mod cli;
 pub mod config;

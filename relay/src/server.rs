@@ -108,6 +108,8 @@ pub struct OpsConfig {
     pub cert_reloader: Option<Arc<CertReloader>>,
     /// How often to look at them.
     pub cert_reload_interval: Option<Duration>,
+    /// `-certmode letsencrypt`: the ACME task to run (obtains and renews the certificate).
+    pub acme: Option<Arc<crate::acme::AcmeTask>>,
     /// At most one drop-log line per reason per this interval.
     pub drop_log_interval: Duration,
 }
@@ -128,6 +130,7 @@ impl Default for OpsConfig {
             stun: None,
             cert_reloader: None,
             cert_reload_interval: None,
+            acme: None,
             drop_log_interval: Duration::from_secs(10),
         }
     }
@@ -342,6 +345,9 @@ impl Server {
         }
         if let (Some(reloader), Some(every)) = (ops.cert_reloader.clone(), ops.cert_reload_interval) {
             tracker.spawn(watch_certificates(reloader, every, ops_metrics.clone(), cancel.clone()));
+        }
+        if let Some(task) = ops.acme.clone() {
+            tracker.spawn(crate::acme::run(task, cancel.clone()));
         }
         tracker.spawn(metrics_http::drop_log(derp.clone(), ops.drop_log_interval, cancel.clone()));
         tracing::info!(

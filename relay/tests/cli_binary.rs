@@ -240,12 +240,14 @@ fn version_help_and_bad_flags() {
 fn startup_errors_are_clear() {
     let dir = TempDir::new("cli-errors");
     let keyfile = dir.0.join("k.key");
-    // letsencrypt (the default certmode) on 443 is refused before binding anything.
-    let out =
-        Command::new(BIN).args(["-a", "127.0.0.1:443", "-c", keyfile.to_str().unwrap()]).output().unwrap();
+    // gcp (ACME with EAB) on 443 is refused before binding anything.
+    let out = Command::new(BIN)
+        .args(["-a", "127.0.0.1:443", "-c", keyfile.to_str().unwrap(), "-certmode", "gcp"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("letsencrypt") && err.contains("not supported"), "{err}");
+    assert!(err.contains("gcp") && err.contains("not supported"), "{err}");
     // A broken key file is named, with the field.
     std::fs::write(&keyfile, r#"{"PrivateKey":"nope"}"#).unwrap();
     let port = free_port().to_string();
