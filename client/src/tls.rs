@@ -1,8 +1,9 @@
 //! TLS for dialing DERP nodes (spec §2.6): the four verification modes and the meta-certificate.
 //!
-//! - [`CertCheck::HostName`] / [`CertCheck::Name`]: Web PKI with the Mozilla roots bundled by
-//!   `webpki-roots` (they include ISRG Root X1, which the Go client bakes in) plus any extra roots
-//!   the caller trusts. `Name(X)` verifies the certificate for X while the SNI stays `HostName`.
+//! - [`CertCheck::HostName`] / [`CertCheck::Name`]: Web PKI against the system trust store (so a
+//!   private CA installed on the host works, as with the Go client), plus any extra roots the
+//!   caller trusts, plus the Mozilla roots bundled by `webpki-roots` (they include ISRG Root X1,
+//!   which the Go client bakes in). `Name(X)` verifies for X while the SNI stays `HostName`.
 //! - [`CertCheck::Sha256Raw`]: an IP-only server's self-signed leaf, pinned by the SHA-256 of its
 //!   DER. `derpkey…` meta-certificates are ignored; exactly one other certificate is allowed.
 //! - [`CertCheck::Insecure`]: no verification (tests only).
@@ -27,12 +28,26 @@ fn provider() -> Arc<CryptoProvider> {
     P.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
 }
 
+/// The operating system's trust store (read once; honours `SSL_CERT_FILE` / `SSL_CERT_DIR`).
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static R: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+    R.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::debug!("system trust store: {e}");
+        }
+        found.certs
+    })
+}
+
+/// System roots first, then the caller's extra roots, then the bundled Mozilla set (which holds
+/// ISRG Root X1, the root the Go client bakes in for hosts with a broken trust store).
 fn roots(extra: &[CertificateDer<'static>]) -> Arc<RootCertStore> {
-    let mut r = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    for c in extra {
-        // A malformed extra root is skipped; verification against it then simply fails.
-        let _ = r.add(c.clone());
-    }
+    let mut r = RootCertStore::empty();
+    // Unparsable certificates in a trust store are skipped, as Go does.
+    let _ = r.add_parsable_certificates(system_roots().iter().cloned());
+    let _ = r.add_parsable_certificates(extra.iter().cloned());
+    r.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     Arc::new(r)
 }
 

@@ -1,5 +1,7 @@
 //! The `derpfleet-client` binary: netcheck output and map errors.
 
+mod support;
+
 use std::process::Command;
 
 fn bin() -> Command {
@@ -74,4 +76,31 @@ fn netcheck_prints_a_tailscale_style_report() {
     assert_eq!(v["PreferredDERP"], 900);
     assert!(v["RegionLatency"]["900"].as_u64().unwrap() > 0);
     responder.join().unwrap();
+}
+
+#[tokio::test]
+async fn connect_trusts_the_system_store_via_ssl_cert_file() {
+    let tls = support::Tls { enabled: true, meta_cert: true, tls12_only: false, ignore_fast_start: false };
+    let s = support::TestServer::start(tls).await;
+    let ca = std::env::temp_dir().join(format!("derpfleet-cli-{}-ca.pem", std::process::id()));
+    std::fs::write(&ca, s.leaf_pem.as_ref().unwrap()).unwrap();
+    let url = format!("https://127.0.0.1:{}/derp", s.addr.port());
+    let run = |with_ca: bool| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_derpfleet-client"));
+        c.args(["connect", "--url", &url, "--ping", "1"]).env_remove("SSL_CERT_DIR");
+        if with_ca {
+            c.env("SSL_CERT_FILE", &ca);
+        } else {
+            c.env("SSL_CERT_FILE", "/nonexistent");
+        }
+        c.output()
+    };
+    let ok = run(true).await.unwrap();
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out} {}", String::from_utf8_lossy(&ok.stderr));
+    assert!(out.contains("fast start: true") && out.contains("pong 0:"), "{out}");
+    let bad = run(false).await.unwrap();
+    let _ = std::fs::remove_file(&ca);
+    assert!(!bad.status.success(), "an untrusted self-signed certificate was accepted");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("TLS"), "{}", String::from_utf8_lossy(&bad.stderr));
 }

@@ -24,6 +24,8 @@ pub struct TestServer {
     pub key: NodePrivate,
     /// DER of the TLS leaf, when TLS is on.
     pub leaf_der: Option<Vec<u8>>,
+    /// The same leaf in PEM form.
+    pub leaf_pem: Option<String>,
     /// Request heads received, in order.
     pub requests: Arc<Mutex<Vec<String>>>,
     /// Frames received from clients, in order (ClientInfo as its opened JSON; SendPacket not kept).
@@ -60,11 +62,11 @@ impl TestServer {
     async fn start_full(addr: SocketAddr, tls: Tls, key: NodePrivate, delay: std::time::Duration) -> Self {
         let l = TcpListener::bind(addr).await.unwrap();
         let addr = l.local_addr().unwrap();
-        let (acceptor, leaf_der) = if tls.enabled {
-            let (a, d) = acceptor(&key.public(), addr, tls);
-            (Some(a), Some(d))
+        let (acceptor, leaf_der, leaf_pem) = if tls.enabled {
+            let (a, d, p) = acceptor(&key.public(), addr, tls);
+            (Some(a), Some(d), Some(p))
         } else {
-            (None, None)
+            (None, None, None)
         };
         let requests = Arc::new(Mutex::new(Vec::new()));
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -89,7 +91,7 @@ impl TestServer {
                 });
             }
         });
-        Self { addr, key, leaf_der, requests, received, push, task }
+        Self { addr, key, leaf_der, leaf_pem, requests, received, push, task }
     }
 
     /// Sends `m` to every connected client.
@@ -102,7 +104,7 @@ impl TestServer {
     }
 }
 
-fn acceptor(key: &NodePublic, addr: SocketAddr, tls: Tls) -> (tokio_rustls::TlsAcceptor, Vec<u8>) {
+fn acceptor(key: &NodePublic, addr: SocketAddr, tls: Tls) -> (tokio_rustls::TlsAcceptor, Vec<u8>, String) {
     let leaf = rcgen::generate_simple_self_signed(vec![addr.ip().to_string(), "localhost".into()]).unwrap();
     let mut chain = vec![leaf.cert.der().clone()];
     if tls.meta_cert {
@@ -121,7 +123,7 @@ fn acceptor(key: &NodePublic, addr: SocketAddr, tls: Tls) -> (tokio_rustls::TlsA
     };
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.signing_key.serialize_der()));
     let cfg = b.with_no_client_auth().with_single_cert(chain, key_der).unwrap();
-    (tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), leaf.cert.der().to_vec())
+    (tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), leaf.cert.der().to_vec(), leaf.cert.pem())
 }
 
 #[allow(clippy::too_many_arguments)]
