@@ -139,3 +139,45 @@ async fn relay_binary_serves_stun_and_counts_it() {
     p.signal("-TERM");
     assert!(p.wait_exit(Duration::from_secs(10)).expect("exits").success(), "{}", p.log());
 }
+
+#[tokio::test]
+async fn drop_logs_are_rate_limited_with_counts() {
+    let dir = http_common::TempDir::new("ops-droplog");
+    let key = dir.0.join("derper.key");
+    let port = free_tcp_port();
+    let a = format!("127.0.0.1:{port}");
+    let p = Proc::start(&[
+        "-a",
+        &a,
+        "-c",
+        key.to_str().unwrap(),
+        "-stun=false",
+        "-metrics-addr=",
+        "-drop-log-interval",
+        "300ms",
+    ]);
+    p.wait_for_line("derpfleet-relay running");
+    let (mut c, _) = derp_client(a.parse().unwrap()).await;
+    let nobody = NodePrivate::generate().public();
+    for _ in 0..200 {
+        c.send(ClientToServer::SendPacket { dst: nobody, data: Bytes::from_static(b"to nobody") }).await;
+    }
+    // A ping round trip: every SendPacket before it has been handled.
+    c.send(ClientToServer::Ping(*b"barrier!")).await;
+    assert_eq!(c.next_data().await, Some(ServerToClient::Pong(*b"barrier!")));
+    p.wait_for_line("packets dropped");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let log = p.log();
+    let lines: Vec<_> = log.lines().filter(|l| l.contains("packets dropped")).collect();
+    // One line per interval at most (two if a tick fell inside the burst), counts adding up.
+    assert!(!lines.is_empty() && lines.len() <= 2, "{lines:#?}");
+    let total: u64 = lines
+        .iter()
+        .map(|l| {
+            assert!(l.contains("unknown_dest"), "{l}");
+            let before = &l[..l.find(" packets dropped").unwrap()];
+            before.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(total, 200, "{lines:#?}");
+}
