@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use derpfleet_e2e::netns::{unique_tag, veth, Netns};
 use derpfleet_e2e::{bin_path, Child};
+
 use serde_json::Value;
 
 struct TmpDir(PathBuf);
@@ -28,6 +29,15 @@ impl Drop for TmpDir {
             return;
         }
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A workspace binary; `NODE_LAB_BIN_DIR` (e.g. `target/release`) overrides the test's profile
+/// directory, so the throughput runs can use optimised builds.
+fn bin(name: &str) -> PathBuf {
+    match std::env::var_os("NODE_LAB_BIN_DIR") {
+        Some(d) => PathBuf::from(d).join(name),
+        None => bin_path(name),
     }
 }
 
@@ -43,7 +53,7 @@ fn spawn_logged(ns: &Netns, bin: &Path, args: &[&str], log: &Path, what: &str) -
 
 /// `derpfleet-client keygen` → (private_key line value, disco_key value, public key, disco public).
 fn keygen() -> Result<[String; 4]> {
-    let out = std::process::Command::new(bin_path("derpfleet-client")).arg("keygen").output()?;
+    let out = std::process::Command::new(bin("derpfleet-client")).arg("keygen").output()?;
     let text = String::from_utf8(out.stdout)?;
     let vals: Vec<String> = text.lines().filter_map(|l| l.split('"').nth(1).map(str::to_string)).collect();
     if vals.len() != 4 {
@@ -133,7 +143,7 @@ impl Lab {
         let mut children = Vec::new();
         children.push(spawn_logged(
             &public,
-            &bin_path("derpfleet-stun"),
+            &bin("derpfleet-stun"),
             &["--a", &format!("{RELAY_IP}:3478")],
             &dir.join("stun.log"),
             "stun",
@@ -141,7 +151,7 @@ impl Lab {
         let certdir = dir.join("certs");
         children.push(spawn_logged(
             &public,
-            &bin_path("derpfleet-relay"),
+            &bin("derpfleet-relay"),
             &[
                 "-a",
                 ":443",
@@ -199,7 +209,7 @@ impl Lab {
             std::fs::write(&path, cfg)?;
             let child = spawn_logged(
                 &self.homes[i],
-                &bin_path("derpfleet-client"),
+                &bin("derpfleet-client"),
                 &["up", "--config", path.to_str().unwrap()],
                 &self.dir.join(format!("node{i}.log")),
                 "node",
@@ -236,7 +246,7 @@ impl Lab {
     }
 
     fn status(&self, i: usize) -> Result<Value> {
-        let out = std::process::Command::new(bin_path("derpfleet-client"))
+        let out = std::process::Command::new(bin("derpfleet-client"))
             .args(["status", "--json", "--control", self.control(i).to_str().unwrap()])
             .output()?;
         if !out.status.success() {
@@ -295,6 +305,20 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// TCP throughput A → B through the tunnel: `iperf3 -c 100.64.0.2 -t secs` (Mbit/s received).
+    fn iperf(&self, secs: u32) -> Result<f64> {
+        let mut cmd = self.homes[1].command("iperf3");
+        cmd.args(["-s", "-1", "-B", TUN_IPS[1]]).stdout(Stdio::null()).stderr(Stdio::null());
+        let _server = Child::spawn(cmd, "iperf3 server")?;
+        std::thread::sleep(Duration::from_millis(300));
+        let out = self.homes[0].exec("iperf3", &["-c", TUN_IPS[1], "-t", &secs.to_string(), "-J"])?;
+        let v: Value = serde_json::from_str(&out)?;
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e6)
+            .with_context(|| format!("iperf3 output: {out}"))
     }
 
     /// Blocks the direct path between the NATs (in `pub`), leaving the relay reachable.
@@ -389,5 +413,35 @@ fn direct_path_cut_falls_back_to_derp_and_returns() -> Result<()> {
     let back = lab.wait_path(0, Duration::from_secs(12), |p| p.starts_with("direct "))?;
     eprintln!("direct again {back:?} after lifting the cut");
     let _ = pinger.wait_timeout(Duration::from_secs(20));
+    Ok(())
+}
+
+/// Acceptance 5 (figures for BENCHMARKS.md; ignored by default, run by hand with optimised
+/// binaries: `NODE_LAB_BIN_DIR=target/release cargo test -p derpfleet-e2e --test node_lab
+/// throughput -- --ignored --nocapture`): iperf3 TCP through the tunnel, relayed (symmetric NATs)
+/// and direct (endpoint-independent NATs), three 5 s runs each.
+#[test]
+#[ignore]
+fn throughput_relayed_and_direct() -> Result<()> {
+    for (name, nat, want_direct) in
+        [("relayed", Nat::Symmetric, false), ("direct", Nat::EndpointIndependent, true)]
+    {
+        let mut lab = Lab::new(if want_direct { "td" } else { "tr" }, nat)?;
+        lab.up()?;
+        assert_eq!(lab.ping(0, 1, "0.2")?, 1);
+        if want_direct {
+            lab.wait_path(0, Duration::from_secs(5), |p| p.starts_with("direct "))?;
+            lab.wait_path(1, Duration::from_secs(5), |p| p.starts_with("direct "))?;
+        }
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            runs.push(lab.iperf(5)?);
+        }
+        let path = lab.path(0)?;
+        assert_eq!(path.starts_with("direct "), want_direct, "{path}");
+        runs.sort_by(f64::total_cmp);
+        eprintln!("BENCH node {name} ({path}): runs {runs:.0?} Mbit/s, median {:.0}", runs[1]);
+        eprintln!("drops A {} B {}", lab.status(0)?["drops"], lab.status(1)?["drops"]);
+    }
     Ok(())
 }

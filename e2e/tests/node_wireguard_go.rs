@@ -28,6 +28,14 @@ impl Drop for Cleanup {
     }
 }
 
+/// A workspace binary; `NODE_LAB_BIN_DIR` overrides the test's profile directory.
+fn bin(name: &str) -> PathBuf {
+    match std::env::var_os("NODE_LAB_BIN_DIR") {
+        Some(d) => PathBuf::from(d).join(name),
+        None => bin_path(name),
+    }
+}
+
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
@@ -101,7 +109,7 @@ fn handshakes_and_pings_a_wireguard_go_peer() -> Result<()> {
     veth(&a, "va", "10.201.0.1/24", &b, "vb", "10.201.0.2/24")?;
 
     // Keys: ours from keygen (hex), wireguard-go's from wg genkey (base64).
-    let out = std::process::Command::new(bin_path("derpfleet-client")).arg("keygen").output()?;
+    let out = std::process::Command::new(bin("derpfleet-client")).arg("keygen").output()?;
     let text = String::from_utf8(out.stdout)?;
     let vals: Vec<&str> = text.lines().filter_map(|l| l.split('"').nth(1)).collect();
     if vals.len() != 4 {
@@ -159,7 +167,7 @@ fn handshakes_and_pings_a_wireguard_go_peer() -> Result<()> {
         b64_to_hex(&wg_pub)?,
     );
     std::fs::write(dir.join("node.toml"), cfg)?;
-    let mut cmd = a.command(bin_path("derpfleet-client"));
+    let mut cmd = a.command(bin("derpfleet-client"));
     cmd.args(["up", "--config", dir.join("node.toml").to_str().unwrap()])
         .env("RUST_LOG", "info")
         .stdout(File::create(dir.join("node.log"))?)
@@ -183,12 +191,98 @@ fn handshakes_and_pings_a_wireguard_go_peer() -> Result<()> {
     let hs = b.exec("wg", &["show", &wg_if, "latest-handshakes"])?;
     let secs: u64 = hs.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     assert!(secs > 0, "wireguard-go saw no handshake: {hs}");
-    let st = std::process::Command::new(bin_path("derpfleet-client"))
+    let st = std::process::Command::new(bin("derpfleet-client"))
         .args(["status", "--json", "--control", control.to_str().unwrap()])
         .output()?;
     let st: serde_json::Value = serde_json::from_slice(&st.stdout)?;
     assert_eq!(st["peers"][0]["path"], "direct 10.201.0.2:51820", "{st:#}");
     assert!(st["peers"][0]["last_handshake_secs"].as_f64().is_some(), "{st:#}");
     assert_eq!(st["peers"][0]["derp_tx_packets"], 0, "{st:#}");
+    Ok(())
+}
+
+/// Starts wireguard-go as `ifname` in `ns` with `key_file`, peer `peer_pub` at `endpoint`.
+fn start_wg_go(
+    ns: &Netns,
+    ifname: &str,
+    key_file: &Path,
+    port: &str,
+    peer: (&str, &str, &str),
+    addr: &str,
+    log: &Path,
+) -> Result<Child> {
+    let mut cmd = ns.command("wireguard-go");
+    cmd.arg("-f").arg(ifname).stdout(File::create(log)?).stderr(Stdio::null());
+    let child = Child::spawn(cmd, "wireguard-go")?;
+    let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sock.exists() {
+        if Instant::now() > deadline {
+            bail!("wireguard-go made no UAPI socket: {}", read(log));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (peer_pub, allowed, endpoint) = peer;
+    let key = key_file.to_str().unwrap();
+    ns.exec("wg", &["set", ifname, "listen-port", port, "private-key", key, "peer", peer_pub])?;
+    ns.exec("wg", &["set", ifname, "peer", peer_pub, "allowed-ips", allowed, "endpoint", endpoint])?;
+    ns.ip(&["addr", "add", addr, "dev", ifname])?;
+    ns.ip(&["link", "set", ifname, "up"])?;
+    Ok(child)
+}
+
+/// The wireguard-go baseline for BENCHMARKS.md (ignored by default): two wireguard-go peers on a
+/// veth, iperf3 TCP through the tunnel, three 5 s runs.
+#[test]
+#[ignore]
+fn throughput_wireguard_go_baseline() -> Result<()> {
+    let tag = unique_tag();
+    let dir = std::env::temp_dir().join(format!("derpfleet-wgb-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (if_a, if_b) = (format!("wga{tag}"), format!("wgb{tag}"));
+    let _cleanup = Cleanup(vec![
+        dir.clone(),
+        PathBuf::from(format!("/var/run/wireguard/{if_a}.sock")),
+        PathBuf::from(format!("/var/run/wireguard/{if_b}.sock")),
+    ]);
+    let a = Netns::new(&format!("wb{tag}a"))?;
+    let b = Netns::new(&format!("wb{tag}b"))?;
+    veth(&a, "va", "10.201.0.1/24", &b, "vb", "10.201.0.2/24")?;
+    let (ka, kb) = (wg(&["genkey"], None)?, wg(&["genkey"], None)?);
+    let (pa, pb) = (wg(&["pubkey"], Some(&ka))?, wg(&["pubkey"], Some(&kb))?);
+    std::fs::write(dir.join("a.key"), &ka)?;
+    std::fs::write(dir.join("b.key"), &kb)?;
+    let _wa = start_wg_go(
+        &a,
+        &if_a,
+        &dir.join("a.key"),
+        "51820",
+        (&pb, "100.64.0.2/32", "10.201.0.2:51820"),
+        "100.64.0.1/24",
+        &dir.join("a.log"),
+    )?;
+    let _wb = start_wg_go(
+        &b,
+        &if_b,
+        &dir.join("b.key"),
+        "51820",
+        (&pa, "100.64.0.1/32", "10.201.0.1:51820"),
+        "100.64.0.2/24",
+        &dir.join("b.log"),
+    )?;
+    assert_eq!(ping(&a, "100.64.0.2", 2)?, 2);
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let mut cmd = b.command("iperf3");
+        cmd.args(["-s", "-1", "-B", "100.64.0.2"]).stdout(Stdio::null()).stderr(Stdio::null());
+        let _server = Child::spawn(cmd, "iperf3 server")?;
+        std::thread::sleep(Duration::from_millis(300));
+        let out = a.exec("iperf3", &["-c", "100.64.0.2", "-t", "5", "-J"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        runs.push(v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 json")? / 1e6);
+    }
+    runs.sort_by(f64::total_cmp);
+    eprintln!("BENCH wireguard-go direct: runs {runs:.0?} Mbit/s, median {:.0}", runs[1]);
     Ok(())
 }

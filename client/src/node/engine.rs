@@ -24,7 +24,7 @@ use super::config::{IpNet, NodeConfig, PeerConfig};
 use super::disco::{sender_key, DiscoMessage, DiscoPublic, SharedBox};
 use super::endpoint::{Endpoint, PongOutcome, SendPath};
 use super::magicsock::{classify, Kind, OwnEndpoints};
-use super::status::{PeerStatus, Status};
+use super::status::{DropCounts, PeerStatus, Status};
 use super::tun::Tun;
 use super::wg::{src_ip, WgIdentity, WgSender, WG_BUF_LEN};
 use crate::conn::{ConnectOptions, DerpSender, DerpTarget};
@@ -456,6 +456,12 @@ impl Node {
             listen: self.sock.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
             endpoints: self.own.lock().list(now),
             peers,
+            drops: DropCounts {
+                udp: self.drops.udp.load(Relaxed),
+                derp: self.drops.derp.load(Relaxed),
+                tun: self.drops.tun.load(Relaxed),
+                not_allowed: self.drops.not_allowed.load(Relaxed),
+            },
         }
     }
 

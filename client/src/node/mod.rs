@@ -79,8 +79,8 @@ impl Drop for RunningNode {
 /// Starts the node: UDP socket, netcheck (for the home region and our STUN mapping, when the
 /// config does not force a home), TUN, DERP connections, timers and the control socket.
 pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
-    let sock = UdpSocket::bind(("0.0.0.0", cfg.listen_port))
-        .await
+    let sock = magicsock::bind_udp(cfg.listen_port)
+        .and_then(UdpSocket::from_std)
         .map_err(|source| UpError::Bind { port: cfg.listen_port, source })?;
     let sock = Arc::new(sock);
     let port = sock.local_addr().map(|a| a.port()).unwrap_or(cfg.listen_port);

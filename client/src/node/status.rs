@@ -28,6 +28,22 @@ pub struct Status {
     pub endpoints: Vec<SocketAddr>,
     /// per-peer state
     pub peers: Vec<PeerStatus>,
+    /// datagrams dropped because a queue was full (or DERP down), by where
+    #[serde(default)]
+    pub drops: DropCounts,
+}
+
+/// Drop counters (bounded queues drop instead of growing).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DropCounts {
+    /// UDP sends that failed (socket buffer full, unreachable)
+    pub udp: u64,
+    /// DERP sends that failed (queue full or disconnected)
+    pub derp: u64,
+    /// TUN writes that failed
+    pub tun: u64,
+    /// inner packets whose source was outside the sending peer's allowed IPs
+    pub not_allowed: u64,
 }
 
 /// One peer's state.
@@ -118,6 +134,10 @@ pub fn render(s: &Status) -> String {
         if s.home_connected { "connected" } else { "not connected" },
         s.listen,
         s.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(","),
+    );
+    out += &format!(
+        "drops: udp {} derp {} tun {} not-allowed {}\n",
+        s.drops.udp, s.drops.derp, s.drops.tun, s.drops.not_allowed
     );
     out += "peer             path                       latency   tx bytes   rx bytes  handshake\n";
     for p in &s.peers {
