@@ -106,7 +106,12 @@ impl Client {
     /// Connects with `opts` over plain HTTP.
     pub async fn connect_with(addr: SocketAddr, opts: ConnectOptions) -> Result<Client> {
         let url: DerpUrl = format!("http://{addr}/derp").parse()?;
-        let conn = DerpConn::connect(&DerpTarget::Url(url), &opts).await?;
+        Self::connect_target(&DerpTarget::Url(url), opts).await
+    }
+
+    /// Connects to any target.
+    pub async fn connect_target(target: &DerpTarget, opts: ConnectOptions) -> Result<Client> {
+        let conn = DerpConn::connect(target, &opts).await?;
         let (tx, rx) = conn.split();
         Ok(Client { key: opts.private_key, tx, rx, gone: Vec::new() })
     }
