@@ -72,6 +72,8 @@ pub struct ConnectOptions {
     pub prefer_ipv6: bool,
     /// Source address for the TCP connection (load generators spread over many addresses).
     pub bind_addr: Option<std::net::IpAddr>,
+    /// Tunnel through this HTTP proxy (`CONNECT`); see [`crate::dial::HttpProxy::from_env`].
+    pub proxy: Option<crate::dial::HttpProxy>,
     /// Use the meta-certificate fast start when offered (on by default).
     pub fast_start: bool,
     /// Speak DERP inside a WebSocket (subprotocol `derp`) instead of `Upgrade: DERP`.
@@ -98,6 +100,7 @@ impl ConnectOptions {
             extra_roots: Vec::new(),
             prefer_ipv6: false,
             bind_addr: None,
+            proxy: None,
             fast_start: true,
             websocket: false,
             send_queue: 1024,
@@ -264,7 +267,8 @@ async fn tls_wrap(
 pub(crate) async fn transport(target: &DerpTarget, opts: &ConnectOptions) -> Result<Transport, ConnectError> {
     match target {
         DerpTarget::Region(region) => {
-            let (tcp, remote, idx) = dial::dial_region(region, opts.prefer_ipv6, opts.bind_addr).await?;
+            let (tcp, remote, idx) =
+                dial::dial_region(region, opts.prefer_ipv6, opts.bind_addr, opts.proxy.as_ref()).await?;
             let node = &region.nodes[idx];
             let (stream, meta_key) =
                 tls_wrap(tcp, &node.host_name, &node.cert_check(), &opts.extra_roots).await?;
@@ -281,7 +285,7 @@ pub(crate) async fn transport(target: &DerpTarget, opts: &ConnectOptions) -> Res
             })
         }
         DerpTarget::Url(url) => {
-            let (tcp, remote) = dial::dial_url(url, opts.bind_addr)
+            let (tcp, remote) = dial::dial_url(url, opts.bind_addr, opts.proxy.as_ref())
                 .await
                 .map_err(|e| ConnectError::Tcp(format!("{}:{}", url.host, url.port), e))?;
             let (stream, meta_key) = if url.https {
@@ -547,7 +551,10 @@ async fn writer_loop(
                 Err(_) => break,
             }
         }
-        let write = async { w.write_all(&buf).await?; w.flush().await };
+        let write = async {
+            w.write_all(&buf).await?;
+            w.flush().await
+        };
         let write = async {
             match write_timeout {
                 Some(t) => tokio::time::timeout(t, write).await.unwrap_or_else(|_| {
@@ -573,7 +580,8 @@ async fn writer_loop(
         }
     }
     cancel.cancel();
-    let _ = w.shutdown().await;
+    // Bounded: a peer that stopped reading must not keep this task alive.
+    let _ = tokio::time::timeout(Duration::from_secs(1), w.shutdown()).await;
 }
 
 #[derive(Debug, Default)]

@@ -153,14 +153,119 @@ impl<A> MapFixed<A> for AddrUsage<A> {
     }
 }
 
+/// An HTTP proxy that DERP connections tunnel through with `CONNECT host:port` (tailscaled honours
+/// the proxy from the environment; spec §2.6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpProxy {
+    /// `host:port` of the proxy.
+    pub addr: String,
+    /// `user:pass` for `Proxy-Authorization: Basic`, if the URL carried it.
+    pub credentials: Option<String>,
+    /// Host names (or `.suffix`es) reached directly (`NO_PROXY`); `*` bypasses the proxy entirely.
+    pub no_proxy: Vec<String>,
+}
+
+impl HttpProxy {
+    /// Parses `http://[user:pass@]host[:port]` (port 80 by default).
+    pub fn parse(url: &str) -> Result<Self, BadUrl> {
+        let bad = |reason| BadUrl { url: url.to_string(), reason };
+        let rest = url.strip_prefix("http://").ok_or_else(|| bad("proxy URL must start with http://"))?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (credentials, hostport) = match authority.rsplit_once('@') {
+            Some((c, h)) => (Some(c.to_string()), h),
+            None => (None, authority),
+        };
+        if hostport.is_empty() {
+            return Err(bad("proxy URL has no host"));
+        }
+        let has_port = hostport.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !hostport.ends_with(']');
+        let addr = if has_port { hostport.to_string() } else { format!("{hostport}:80") };
+        Ok(Self { addr, credentials, no_proxy: Vec::new() })
+    }
+
+    /// The proxy from `HTTPS_PROXY`/`https_proxy` (then `ALL_PROXY`/`all_proxy`), with `NO_PROXY`.
+    pub fn from_env() -> Option<Self> {
+        let var = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()));
+        let url = var(&["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"])?;
+        let mut p = Self::parse(&url).ok()?;
+        if let Some(np) = var(&["NO_PROXY", "no_proxy"]) {
+            p.no_proxy =
+                np.split(',').map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty()).collect();
+        }
+        Some(p)
+    }
+
+    /// True when `host` is reached directly.
+    pub fn bypasses(&self, host: &str) -> bool {
+        let h = host.to_ascii_lowercase();
+        self.no_proxy.iter().any(|n| {
+            n == "*"
+                || *n == h
+                || (n.starts_with('.') && h.ends_with(n.as_str()))
+                || h.ends_with(&format!(".{n}"))
+        })
+    }
+
+    /// Opens a tunnel to `host:port` through the proxy.
+    pub async fn connect(&self, host: &str, port: u16, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (phost, pport) = self
+            .addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| {
+                Some((h.trim_start_matches('[').trim_end_matches(']'), p.parse::<u16>().ok()?))
+            })
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad proxy address"))?;
+        let (mut s, _) = connect_any(resolve(phost, pport).await, bind).await?;
+        let target = host_header(host, port, 0);
+        let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Some(c) = &self.credentials {
+            use base64::Engine;
+            let b = base64::engine::general_purpose::STANDARD.encode(c);
+            req.push_str(&format!("Proxy-Authorization: Basic {b}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).await?;
+        // Read the response head byte by byte: nothing after it may be consumed (TLS follows).
+        let mut head = Vec::with_capacity(256);
+        while !head.ends_with(b"\r\n\r\n") {
+            if head.len() > 8192 {
+                return Err(std::io::Error::other("proxy response head too large"));
+            }
+            let b = s.read_u8().await?;
+            head.push(b);
+        }
+        let status_line = String::from_utf8_lossy(&head);
+        let status_line = status_line.lines().next().unwrap_or_default().to_string();
+        let code = status_line.split_whitespace().nth(1).unwrap_or_default();
+        if code != "200" {
+            return Err(std::io::Error::other(format!("proxy refused CONNECT {target}: {status_line}")));
+        }
+        Ok(s)
+    }
+}
+
 /// Dials one node, racing IPv4 and IPv6, within [`NODE_DIAL_TIMEOUT`]; `bind` fixes the source
-/// address (then only its family is tried).
+/// address (then only its family is tried). Through `proxy` (unless it bypasses the host) the node
+/// is reached by name with one `CONNECT`; the returned address is then the proxy's.
 pub async fn dial_node(
     node: &DerpNode,
     prefer_ipv6: bool,
     bind: Option<IpAddr>,
+    proxy: Option<&HttpProxy>,
 ) -> std::io::Result<(TcpStream, SocketAddr)> {
     let port = node.derp_port();
+    if let Some(p) = proxy.filter(|p| !p.bypasses(&node.host_name)) {
+        let tunnel = async {
+            let s = p.connect(&node.host_name, port, bind).await?;
+            let a = s.peer_addr()?;
+            Ok((s, a))
+        };
+        return tokio::time::timeout(NODE_DIAL_TIMEOUT, tunnel).await.unwrap_or_else(|_| {
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "proxy dial timed out"))
+        });
+    }
     let attempt = async {
         let mut set = JoinSet::new();
         for v6 in [false, true] {
@@ -195,10 +300,11 @@ pub async fn dial_region(
     region: &DerpRegion,
     prefer_ipv6: bool,
     bind: Option<IpAddr>,
+    proxy: Option<&HttpProxy>,
 ) -> Result<(TcpStream, SocketAddr, usize), DialError> {
     let mut errors = Vec::new();
     for (i, node) in region.nodes.iter().enumerate().filter(|(_, n)| !n.stun_only) {
-        match dial_node(node, prefer_ipv6, bind).await {
+        match dial_node(node, prefer_ipv6, bind, proxy).await {
             Ok((s, a)) => return Ok((s, a, i)),
             Err(e) => errors.push(format!("{}: {e}", node.name)),
         }
@@ -209,8 +315,18 @@ pub async fn dial_region(
     Err(DialError::AllFailed(errors))
 }
 
-/// Dials a URL target (or its `dial_addr`), from source address `bind` if given.
-pub async fn dial_url(url: &DerpUrl, bind: Option<IpAddr>) -> std::io::Result<(TcpStream, SocketAddr)> {
+/// Dials a URL target (or its `dial_addr`), from source address `bind` if given, through `proxy`
+/// unless it bypasses the host (a `dial_addr` is always dialed directly).
+pub async fn dial_url(
+    url: &DerpUrl,
+    bind: Option<IpAddr>,
+    proxy: Option<&HttpProxy>,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    if let Some(p) = proxy.filter(|p| url.dial_addr.is_none() && !p.bypasses(&url.host)) {
+        let s = p.connect(&url.host, url.port, bind).await?;
+        let a = s.peer_addr()?;
+        return Ok((s, a));
+    }
     let addrs = match url.dial_addr {
         Some(a) => vec![a],
         None => resolve(&url.host, url.port).await,
@@ -260,14 +376,14 @@ mod tests {
             nodes: vec![node("a", port, true), node("b", dead_port, false), node("c", port, false)],
             ..Default::default()
         };
-        let (_s, addr, idx) = dial_region(&region, false, None).await.unwrap();
+        let (_s, addr, idx) = dial_region(&region, false, None, None).await.unwrap();
         assert_eq!((idx, addr.port()), (2, port));
         let only_dead =
             DerpRegion { region_id: 1, nodes: vec![node("b", dead_port, false)], ..Default::default() };
-        let e = dial_region(&only_dead, false, None).await.unwrap_err();
+        let e = dial_region(&only_dead, false, None, None).await.unwrap_err();
         assert!(e.to_string().contains("b:"), "{e}");
         let none = DerpRegion { region_id: 1, nodes: vec![node("a", port, true)], ..Default::default() };
-        assert!(matches!(dial_region(&none, false, None).await, Err(DialError::NoNodes(1))));
+        assert!(matches!(dial_region(&none, false, None, None).await, Err(DialError::NoNodes(1))));
     }
 }
 
@@ -280,10 +396,29 @@ mod bind_tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url: DerpUrl = format!("http://{}/derp", l.local_addr().unwrap()).parse().unwrap();
         let src: IpAddr = "127.0.0.9".parse().unwrap();
-        let (_s, _) = dial_url(&url, Some(src)).await.unwrap();
+        let (_s, _) = dial_url(&url, Some(src), None).await.unwrap();
         let (_, peer) = l.accept().await.unwrap();
         assert_eq!(peer.ip(), src);
         let v6: IpAddr = "::1".parse().unwrap();
-        assert!(dial_url(&url, Some(v6)).await.is_err(), "family mismatch is an error");
+        assert!(dial_url(&url, Some(v6), None).await.is_err(), "family mismatch is an error");
+    }
+}
+
+#[cfg(test)]
+mod proxy_tests {
+    use super::*;
+
+    #[test]
+    fn proxy_urls_and_no_proxy() {
+        let p = HttpProxy::parse("http://user:pw@proxy.example:3128/").unwrap();
+        assert_eq!((p.addr.as_str(), p.credentials.as_deref()), ("proxy.example:3128", Some("user:pw")));
+        assert_eq!(HttpProxy::parse("http://10.0.0.1").unwrap().addr, "10.0.0.1:80");
+        assert_eq!(HttpProxy::parse("http://[::1]:8080").unwrap().addr, "[::1]:8080");
+        assert!(HttpProxy::parse("socks5://x:1").is_err());
+        let p = HttpProxy { no_proxy: vec!["internal.example".into(), ".corp".into()], ..p };
+        assert!(
+            p.bypasses("derp.internal.example") && p.bypasses("internal.example") && p.bypasses("a.corp")
+        );
+        assert!(!p.bypasses("derp.example") && !p.bypasses("xinternal.example"));
     }
 }

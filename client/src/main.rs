@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use derpfleet_client::derpmap::{CertCheck, DerpMap};
+use derpfleet_client::dial::HttpProxy;
 use derpfleet_client::netcheck::{NetcheckConfig, Netchecker, Report};
 use derpfleet_client::{ConnectOptions, DerpConn, DerpTarget, DerpUrl};
 use derpfleet_proto::msg::ServerToClient;
@@ -85,7 +86,8 @@ async fn main() -> Result<()> {
 async fn netcheck(path: &PathBuf, json: bool, no_https: bool) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let map = DerpMap::from_json(&bytes).with_context(|| format!("DERP map {}", path.display()))?;
-    let cfg = NetcheckConfig { https_fallback: !no_https, ..Default::default() };
+    let mut cfg = NetcheckConfig { https_fallback: !no_https, ..Default::default() };
+    cfg.connect.proxy = HttpProxy::from_env();
     let mut nc = Netchecker::bind(cfg).await.context("binding UDP sockets")?;
     let report = nc.run(&map, true, None).await;
     if json {
@@ -162,7 +164,7 @@ async fn connect(
         None => NodePrivate::generate(),
     };
     let t0 = Instant::now();
-    let opts = ConnectOptions { websocket, ..ConnectOptions::new(key) };
+    let opts = ConnectOptions { websocket, proxy: HttpProxy::from_env(), ..ConnectOptions::new(key) };
     let conn = DerpConn::connect(&DerpTarget::Url(u), &opts).await?;
     let info = conn.info().clone();
     println!(

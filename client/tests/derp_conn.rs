@@ -380,3 +380,70 @@ async fn web_pki_with_extra_root_checks_host_and_cert_name() {
         .unwrap();
     assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
 }
+
+/// A minimal HTTP CONNECT proxy on loopback; returns its address and the request heads it saw.
+async fn connect_proxy() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    match c.read_u8().await {
+                        Ok(b) => head.push(b),
+                        Err(_) => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                seen.lock().unwrap().push(head.clone());
+                let target = head.split_whitespace().nth(1).unwrap_or_default().to_string();
+                let Ok(mut up) = tokio::net::TcpStream::connect(&target).await else {
+                    let _ = c.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                let _ = c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await;
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut up).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn https_through_a_connect_proxy() {
+    let s = TestServer::start(Tls {
+        enabled: true,
+        meta_cert: true,
+        tls12_only: false,
+        ignore_fast_start: false,
+    })
+    .await;
+    let (paddr, seen) = connect_proxy().await;
+    let mut proxy = derpfleet_client::dial::HttpProxy::parse(&format!("http://u:p@{paddr}")).unwrap();
+    let opts = ConnectOptions { proxy: Some(proxy.clone()), ..ConnectOptions::new(NodePrivate::generate()) };
+    let c = DerpConn::connect(&url(&s, true, pin(&s)), &opts).await.unwrap();
+    assert!(c.info().fast_start);
+    let heads = seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1);
+    assert!(heads[0].starts_with(&format!("CONNECT 127.0.0.1:{} HTTP/1.1\r\n", s.addr.port())), "{heads:?}");
+    assert!(heads[0].contains("Proxy-Authorization: Basic dTpw\r\n"), "{heads:?}");
+    // NO_PROXY-style bypass: reached directly, the proxy sees nothing new.
+    proxy.no_proxy = vec!["127.0.0.1".into()];
+    let opts = ConnectOptions { proxy: Some(proxy), ..ConnectOptions::new(NodePrivate::generate()) };
+    DerpConn::connect(&url(&s, true, pin(&s)), &opts).await.unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    // A proxy that refuses: a clear error.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let bad = derpfleet_client::dial::HttpProxy::parse(&format!("http://{paddr}")).unwrap();
+    let t = DerpTarget::Url(format!("http://{dead_addr}/derp").parse().unwrap());
+    let opts = ConnectOptions { proxy: Some(bad), ..ConnectOptions::new(NodePrivate::generate()) };
+    let e = DerpConn::connect(&t, &opts).await.err().unwrap();
+    assert!(e.to_string().contains("502"), "{e}");
+}
