@@ -124,3 +124,58 @@ async fn drain_closes_stragglers_at_the_deadline_and_stops_accepting() {
     // The listener is gone: a new connection is refused.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_reports_draining_while_a_stuck_client_holds_the_drain() {
+    use derpfleet_relay::server::OpsConfig;
+    use tokio::io::AsyncWriteExt;
+    let ops = OpsConfig { metrics_addr: Some("127.0.0.1:0".parse().unwrap()), ..OpsConfig::default() };
+    // No write deadline: a client that stops reading blocks its send loop until the drain ends.
+    let server = Server::spawn_with(config(NodePrivate::generate()), ops).await.unwrap();
+    let (addr, metrics) = (server.local_addr(), server.metrics_addr().unwrap());
+    assert_eq!(get(metrics, "/healthz").await.0, 200);
+
+    // The stuck client: a tiny receive buffer, and it never reads.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stream = sock.connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(http_common::read_head(&mut stream).await.status, 101);
+    let mut stuck = http_common::RawDerp::new(stream);
+    let stuck_key = NodePrivate::generate();
+    stuck.handshake(&stuck_key).await;
+    let (mut sender, _) = derp_client(addr).await;
+    // More than the kernel's socket buffers can absorb (tcp_wmem's maximum is 4 MiB).
+    for _ in 0..10_000 {
+        sender
+            .send(ClientToServer::SendPacket { dst: stuck_key.public(), data: Bytes::from(vec![0u8; 1000]) })
+            .await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while server.derp().registry().conns_of(&stuck_key.public()).first().map_or(0, |c| c.out.queued_packets())
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the stuck client's queue never filled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let opts = DrainOptions { deadline: Duration::from_millis(1500), ..DrainOptions::default() };
+    let drain = tokio::spawn(server.drain(opts));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = get(metrics, "/healthz").await;
+        if status == 503 {
+            assert!(body.contains("\"draining\""), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reported draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = drain.await.unwrap();
+    assert_eq!(report.notified, 2);
+    assert_eq!(report.closed, 1, "the stuck client was closed at the deadline: {report:?}");
+    drop(stuck);
+}
