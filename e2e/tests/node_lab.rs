@@ -348,9 +348,16 @@ fn handshake_age(s: &Value) -> Option<f64> {
 fn eim_nats_ping_via_derp_then_direct_and_relay_goes_quiet() -> Result<()> {
     let mut lab = Lab::new("e", Nat::EndpointIndependent)?;
     lab.up()?;
+    let relayed_before = lab.relay_packets_sent()?;
     let t0 = Instant::now();
     assert_eq!(lab.ping(0, 1, "0.2")?, 1, "first ping (2 s budget) failed\nlog0:\n{}", lab.log(0));
     assert!(t0.elapsed() < Duration::from_secs(2), "first ping took {:?}", t0.elapsed());
+    // The handshake and first ping went through the relay (no direct path existed yet).
+    let relayed_first = lab.relay_packets_sent()? - relayed_before;
+    assert!(
+        relayed_first >= 4,
+        "relay carried only {relayed_first} packets for the handshake and first ping"
+    );
     let first_ping = t0.elapsed();
     lab.wait_path(0, Duration::from_secs(5), |p| p.starts_with("direct 172.30.2.2:"))?;
     let a_direct = t0.elapsed();
@@ -366,6 +373,22 @@ fn eim_nats_ping_via_derp_then_direct_and_relay_goes_quiet() -> Result<()> {
     assert_eq!(after, before, "the relay still carried packets for the pair");
     let s = lab.status(0)?;
     assert!(s["peers"][0]["rx_bytes"].as_u64().unwrap() > 0, "{s:#}");
+
+    // Hostile datagrams on the shared socket (random bytes, a disco packet from an unknown key, a
+    // STUN answer nobody asked for, WireGuard data for a session index that does not exist) are
+    // ignored: the node stays up, on the direct path, and keeps carrying the ping.
+    let junk = [
+        "\\x01\\x02garbage",
+        "TS\\xf0\\x9f\\x92\\xacAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "\\x01\\x01\\x00\\x00\\x21\\x12\\xa4\\x42AAAAAAAAAAAA",
+        "\\x04\\x00\\x00\\x00\\xff\\xff\\xff\\x00AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "\\x04\\x00\\x00\\x00\\x01\\x00\\x00\\x00AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    ];
+    for j in junk {
+        lab.homes[0].exec("bash", &["-c", &format!("printf '{j}' > /dev/udp/127.0.0.1/41641")])?;
+    }
+    assert_eq!(lab.ping(0, 5, "0.2")?, 5, "log0:\n{}", lab.log(0));
+    assert!(lab.path(0)?.starts_with("direct "));
     Ok(())
 }
 

@@ -54,12 +54,18 @@ impl NodeCmd {
                 Ok(())
             }
             NodeCmd::Keygen => {
+                use std::io::Write;
                 let k = NodePrivate::generate();
                 let d = DiscoPrivate::generate();
-                println!("private_key = \"{}\"", k.to_text());
-                println!("disco_key = \"{}\"", d.to_text());
-                println!("# public_key = \"{}\"", k.public());
-                println!("# disco_public = \"{}\"", d.public());
+                let text = format!(
+                    "private_key = \"{}\"\ndisco_key = \"{}\"\n# public_key = \"{}\"\n# disco_public = \"{}\"\n",
+                    k.to_text(),
+                    d.to_text(),
+                    k.public(),
+                    d.public()
+                );
+                // A closed pipe (`| head`) is not worth a panic.
+                let _ = std::io::stdout().write_all(text.as_bytes());
                 Ok(())
             }
         }

@@ -154,3 +154,53 @@ pub fn render(s: &Status) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            node_key: "nodekey:00112233445566778899".into(),
+            disco_key: "discokey:aa".into(),
+            home_region: 900,
+            home_connected: true,
+            listen: "0.0.0.0:41641".parse().unwrap(),
+            endpoints: vec!["203.0.113.1:41641".parse().unwrap()],
+            peers: vec![PeerStatus {
+                node_key: "nodekey:ffeeddccbbaa99887766".into(),
+                path: "direct 203.0.113.2:41641".into(),
+                latency_ms: Some(1.25),
+                tx_bytes: 10,
+                rx_bytes: 20,
+                last_handshake_secs: Some(3.0),
+                derp_tx_packets: 1,
+                udp_tx_packets: 2,
+                candidates: 1,
+            }],
+            drops: DropCounts { udp: 1, derp: 2, tun: 3, not_allowed: 4 },
+        }
+    }
+
+    #[tokio::test]
+    async fn control_socket_serves_the_status_and_is_private() {
+        let dir =
+            std::env::temp_dir().join(format!("dfstatus-{}-{}", std::process::id(), rand::random::<u32>()));
+        let path = dir.join("x.sock");
+        let l = bind(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let server = tokio::spawn(serve(l, sample));
+        let st = fetch(&path).await.unwrap();
+        assert_eq!(st.peers[0].path, "direct 203.0.113.2:41641");
+        assert_eq!(st.drops.not_allowed, 4);
+        let text = render(&st);
+        assert!(
+            text.contains("ffeeddccbbaa9988") && text.contains("1.2ms") && text.contains("3s ago"),
+            "{text}"
+        );
+        server.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(fetch(&path).await, Err(StatusError::Io { .. })));
+    }
+}
