@@ -12,6 +12,7 @@ use futures_util::{Sink, Stream as _};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -27,7 +28,10 @@ pub struct WsStream<S> {
 pub async fn upgrade<S: Stream>(io: S, host_header: &str, path: &str) -> anyhow::Result<WsStream<S>> {
     let mut req = format!("ws://{host_header}{path}").into_client_request()?;
     req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("derp"));
-    let (ws, _resp) = tokio_tungstenite::client_async(req, io).await?;
+    // tungstenite's default 128 KiB read buffer per connection would dominate an idle-connection
+    // test; DERP frames are small and the adapter copies out of each message anyway.
+    let cfg = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+    let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, io, Some(cfg)).await?;
     Ok(WsStream { ws, pending: Bytes::new() })
 }
 

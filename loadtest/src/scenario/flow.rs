@@ -115,17 +115,22 @@ pub async fn run(
         c.close();
     }
     let mut hist = LatencyHist::default();
-    let (mut received, mut reordered, mut foreign) = (0u64, 0u64, 0u64);
+    let (mut received, mut reordered, mut foreign, mut last_ns) = (0u64, 0u64, 0u64, 0u64);
     for r in receivers {
         if let Ok(res) = r.await {
             received += res.received;
+            last_ns = last_ns.max(res.last_ns);
             reordered += res.reordered;
             foreign += res.foreign;
             hist.merge(&res.hist);
         }
     }
 
-    let elapsed = if stopped_early { (end_ns - win.start) as f64 / 1e9 } else { a.duration.as_secs_f64() };
+    // Rates are over the window, or over the time the window's packets really took to get through
+    // when the senders fell behind their schedule (or the relay held them back).
+    let window_s = a.duration.as_secs_f64();
+    let through_s = last_ns.saturating_sub(win.start) as f64 / 1e9;
+    let elapsed = if stopped_early { (end_ns - win.start) as f64 / 1e9 } else { window_s.max(through_s) };
     let mut rep = Report::new(name, targets.iter().map(|(n, _)| n.clone()).collect());
     rep.config
         .put("pairs", a.pairs)
@@ -164,6 +169,11 @@ pub async fn run(
     }
     if stopped_early {
         rep.notes.push("interrupted: figures cover the time run".into());
+    } else if through_s > window_s * 1.05 + 0.05 {
+        rep.notes.push(format!(
+            "the window's packets took {through_s:.2} s to get through instead of {window_s:.2} s: \
+             the offered load was not sustained; rates are over {through_s:.2} s"
+        ));
     }
     if received > sent {
         rep.notes.push("more packets received than sent in the window (duplicates?)".into());
@@ -256,6 +266,8 @@ struct RecvResult {
     reordered: u64,
     foreign: u64,
     hist: LatencyHist,
+    /// When the last packet sent inside the window arrived (ns of the run's clock).
+    last_ns: u64,
 }
 
 async fn recv_loop(
@@ -265,7 +277,8 @@ async fn recv_loop(
     timeline: Arc<Timeline>,
     received_all: Arc<AtomicU64>,
 ) -> RecvResult {
-    let mut res = RecvResult { received: 0, reordered: 0, foreign: 0, hist: LatencyHist::default() };
+    let mut res =
+        RecvResult { received: 0, reordered: 0, foreign: 0, hist: LatencyHist::default(), last_ns: 0 };
     let mut max_seq: Option<u64> = None;
     let (mut bucket_sec, mut bucket_n, mut flushed_ns) = (0u64, 0u64, 0u64);
     while let Ok(m) = rx.recv().await {
@@ -291,6 +304,7 @@ async fn recv_loop(
         }
         if win.contains(h.sent_ns) {
             res.received += 1;
+            res.last_ns = now;
             res.hist.record_ns(now.saturating_sub(h.sent_ns));
         }
     }
