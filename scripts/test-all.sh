@@ -42,7 +42,7 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 log "cargo build (all binaries)"
-cargo build --workspace --bins
+cargo build --workspace --bins --all-features
 
 log "cargo nextest"
 cargo nextest run --workspace --all-features --no-fail-fast "$@"
