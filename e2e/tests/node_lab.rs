@@ -190,6 +190,12 @@ impl Lab {
     /// Starts both nodes, peered with each other, and waits until both are connected to DERP and
     /// have a STUN endpoint.
     fn up(&mut self) -> Result<()> {
+        self.up_with(false)
+    }
+
+    /// [`Lab::up`]; with `netcheck_home`, node 1's config names no home region, so netcheck
+    /// (on the shared socket) picks it.
+    fn up_with(&mut self, netcheck_home: bool) -> Result<()> {
         let keys = [keygen()?, keygen()?];
         for i in 0..2 {
             let (me, peer) = (&keys[i], &keys[1 - i]);
@@ -205,6 +211,7 @@ impl Lab {
                 peer[3],
                 TUN_IPS[1 - i],
             );
+            let cfg = if netcheck_home && i == 1 { cfg.replacen("home_region = 900\n", "", 1) } else { cfg };
             let path = self.dir.join(format!("node{i}.toml"));
             std::fs::write(&path, cfg)?;
             let child = spawn_logged(
@@ -396,7 +403,8 @@ fn eim_nats_ping_via_derp_then_direct_and_relay_goes_quiet() -> Result<()> {
 #[test]
 fn symmetric_nats_stay_on_derp_and_ping_keeps_working() -> Result<()> {
     let mut lab = Lab::new("s", Nat::Symmetric)?;
-    lab.up()?;
+    lab.up_with(true)?;
+    assert_eq!(lab.status(1)?["home_region"], 900, "netcheck chose the home region");
     assert_eq!(lab.ping(0, 1, "0.2")?, 1, "log0:\n{}", lab.log(0));
     let before = lab.relay_packets_sent()?;
     assert_eq!(lab.ping(0, 40, "0.2")?, 40);

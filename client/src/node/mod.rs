@@ -9,6 +9,26 @@
 //! - [`tun`]: the TUN device.
 //! - [`engine`]: the running node gluing them together.
 //! - [`status`]: the control socket and `derpfleet-client status`.
+//!
+//! # Running
+//! ```text
+//! derpfleet-client keygen > node.toml      # private_key / disco_key lines + public halves as comments
+//! $EDITOR node.toml                        # add derp_map, [tun], [[peer]] (see `config`)
+//! derpfleet-client up --config node.toml   # root: creates the TUN, runs `ip` for address/MTU/routes
+//! derpfleet-client status --iface df0      # or --control PATH; --json for the raw document
+//! ```
+//! `up` prints one line when ready (`up: <iface> node <nodekey> disco <discokey> listen ... home
+//! derp-<id> control <path>`) and stops on SIGINT/SIGTERM (the TUN interface vanishes with it).
+//!
+//! Behaviour (spec §8): WireGuard goes over DERP to the peer's home region (SendPacket to its node
+//! key) until a disco pong over UDP makes a direct address trusted (6.5 s, renewed by 3 s
+//! heartbeats while traffic flows); while untrusted, each datagram goes both ways and a disco round
+//! (pings + CallMeMaybe over DERP) runs every 5 s. Peers with a static `endpoint` and no disco key
+//! are plain WireGuard peers (e.g. wireguard-go) reached directly.
+//!
+//! Limits: IPv4 underlay only (one `0.0.0.0` socket); DERP connections to every peer's home region
+//! stay open (Tailscale closes idle non-home regions after 60 s); endpoints are STUN (home region,
+//! re-STUN every 20 s) plus local interface addresses, no UPnP/NAT-PMP; no peer relays.
 
 #[cfg(feature = "cli")]
 pub mod cli;
