@@ -310,7 +310,7 @@ impl Lab {
                     self.log(i)
                 );
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
