@@ -26,7 +26,7 @@ use super::endpoint::{Endpoint, PongOutcome, SendPath};
 use super::magicsock::{classify, Kind, OwnEndpoints};
 use super::status::{DropCounts, PeerStatus, Status};
 use super::tun::Tun;
-use super::wg::{src_ip, WgIdentity, WgSender, WG_BUF_LEN};
+use super::wg::{src_ip, Screened, WgIdentity, WgSender, WG_BUF_LEN};
 use crate::conn::{ConnectOptions, DerpSender, DerpTarget};
 use crate::region::{DerpRegionClient, RegionClientConfig, RegionEvent};
 
@@ -270,10 +270,17 @@ impl Node {
             }
             Kind::Disco => self.on_disco(data, DiscoVia::Udp(from)),
             Kind::WireGuard => {
-                let idx = match self.wg.sender_of(data) {
-                    Some(WgSender::Key(k)) => self.by_node.get(&k).copied(),
-                    Some(WgSender::Index(i)) => Some(i as usize).filter(|&i| i < self.peers.len()),
-                    None => None,
+                let sender = match self.wg.screen(from, data, buf) {
+                    Screened::Peer(s) => s,
+                    Screened::Reply(cookie) => {
+                        self.udp_send(cookie, from);
+                        return;
+                    }
+                    Screened::Drop => return,
+                };
+                let idx = match sender {
+                    WgSender::Key(k) => self.by_node.get(&k).copied(),
+                    WgSender::Index(i) => Some(i as usize).filter(|&i| i < self.peers.len()),
                 };
                 if let Some(i) = idx {
                     self.on_wg(&self.peers[i], Some(from), data, buf);

@@ -63,7 +63,11 @@ impl WgIdentity {
     /// Identifies the peer of a UDP datagram without decrypting data: initiations name the sender's
     /// static key (one DH), everything else carries our index (peer slot in the top 24 bits).
     pub fn sender_of(&self, datagram: &[u8]) -> Option<WgSender> {
-        match Tunn::parse_incoming_packet(datagram).ok()? {
+        self.sender_of_packet(Tunn::parse_incoming_packet(datagram).ok()?)
+    }
+
+    fn sender_of_packet(&self, packet: Packet<'_>) -> Option<WgSender> {
+        match packet {
             Packet::HandshakeInit(init) => parse_handshake_anon(&self.secret, &self.public, &init)
                 .ok()
                 .map(|h| WgSender::Key(NodePublic(h.peer_static_public))),
@@ -72,6 +76,29 @@ impl WgIdentity {
             Packet::PacketData(p) => Some(WgSender::Index(p.receiver_idx >> 8)),
         }
     }
+
+    /// Screens a UDP datagram from `from` before any per-peer work, as boringtun's own device does:
+    /// handshake messages need a valid mac1 (keyed by our public key), and under handshake load a
+    /// valid mac2 cookie, else the answer is a cookie reply. Only then is the (costly, one DH)
+    /// initiation parsed to find its sender.
+    pub fn screen<'b>(&self, from: SocketAddr, datagram: &[u8], buf: &'b mut [u8]) -> Screened<'b> {
+        match self.limiter.verify_packet(Some(from.ip()), datagram, buf) {
+            Ok(packet) => self.sender_of_packet(packet).map_or(Screened::Drop, Screened::Peer),
+            Err(boringtun::noise::TunnResult::WriteToNetwork(cookie)) => Screened::Reply(cookie),
+            Err(_) => Screened::Drop,
+        }
+    }
+}
+
+/// What [`WgIdentity::screen`] decided.
+#[derive(Debug)]
+pub enum Screened<'b> {
+    /// Hand the datagram to this peer's tunnel.
+    Peer(WgSender),
+    /// Send this cookie reply back to the source instead.
+    Reply(&'b [u8]),
+    /// Drop it (malformed, bad mac, unknown sender).
+    Drop,
 }
 
 /// The address boringtun wants for cookie decisions.
@@ -128,5 +155,28 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(ia.sender_of(b"junk"), None);
+    }
+
+    #[test]
+    fn screen_checks_mac1_before_the_handshake_dh() {
+        let (ka, kb, kc) = (NodePrivate::generate(), NodePrivate::generate(), NodePrivate::generate());
+        let (ia, ib, ic) = (WgIdentity::new(&ka), WgIdentity::new(&kb), WgIdentity::new(&kc));
+        let mut ta = ia.tunnel(&kb.public(), 1, None);
+        let mut b1 = vec![0u8; WG_BUF_LEN];
+        let init = match ta.format_handshake_initiation(&mut b1, false) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let from: SocketAddr = "192.0.2.1:41641".parse().unwrap();
+        let mut buf = vec![0u8; WG_BUF_LEN];
+        assert!(
+            matches!(ib.screen(from, &init, &mut buf), Screened::Peer(WgSender::Key(k)) if k == ka.public())
+        );
+        // Addressed to B, so C's mac1 check fails: dropped without a DH.
+        assert!(matches!(ic.screen(from, &init, &mut buf), Screened::Drop));
+        let mut bad = init.clone();
+        bad[40] ^= 1;
+        assert!(matches!(ib.screen(from, &bad, &mut buf), Screened::Drop));
+        assert!(matches!(ib.screen(from, b"\x04\0\0\0junk", &mut buf), Screened::Drop));
     }
 }
