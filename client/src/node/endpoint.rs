@@ -16,6 +16,10 @@ pub const TRUST_UDP_ADDR_DURATION: Duration = Duration::from_millis(6500);
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
 /// Heartbeats stop after this much time without sending.
 pub const SESSION_ACTIVE_TIMEOUT: Duration = Duration::from_secs(45);
+/// While trusted, all candidates are re-pinged this often to find a better path...
+pub const UPGRADE_UDP_DIRECT_INTERVAL: Duration = Duration::from_secs(60);
+/// ...unless the current path is at least this fast.
+pub const GOOD_ENOUGH_LATENCY: Duration = Duration::from_millis(5);
 /// No endpoint is pinged more often than this (outside heartbeats and CallMeMaybe).
 pub const DISCO_PING_INTERVAL: Duration = Duration::from_secs(5);
 /// An unanswered ping is forgotten after this.
@@ -235,14 +239,29 @@ impl Endpoint {
         if !active {
             return (Vec::new(), false);
         }
-        if self.trusted(now) {
-            let b = self.best.expect("trusted implies best");
+        if let Some(b) = self.best.filter(|b| now < b.trust_until) {
+            let mut due = Vec::new();
             let last = self.candidates.get(&b.addr).and_then(|c| c.last_ping);
             if last.is_none_or(|t| now.duration_since(t) >= HEARTBEAT_INTERVAL) {
                 self.candidates.entry(b.addr).or_default();
-                return (vec![b.addr], false);
+                due.push(b.addr);
             }
-            return (Vec::new(), false);
+            // Once a minute, look for a better path unless this one is already good enough.
+            if b.latency > GOOD_ENOUGH_LATENCY
+                && self.last_round.is_none_or(|t| now.duration_since(t) >= UPGRADE_UDP_DIRECT_INTERVAL)
+            {
+                self.last_round = Some(now);
+                due.extend(
+                    self.candidates
+                        .iter()
+                        .filter(|(a, c)| {
+                            **a != b.addr
+                                && c.last_ping.is_none_or(|t| now.duration_since(t) >= DISCO_PING_INTERVAL)
+                        })
+                        .map(|(a, _)| *a),
+                );
+            }
+            return (due, false);
         }
         if self.last_round.is_some_and(|t| now.duration_since(t) < DISCO_PING_INTERVAL) {
             // Candidates added since the round (CallMeMaybe) have no last_ping: ping those.
@@ -367,6 +386,35 @@ mod tests {
         e.add_advertised(&[sa("1.2.3.4:1")], true);
         assert_eq!(e.pings_due(t0 + Duration::from_secs(6)).0, vec![sa("1.2.3.4:1")]);
         assert!(e.pings_due(t0 + Duration::from_secs(60)).0.is_empty());
+    }
+
+    #[test]
+    fn trusted_slow_path_looks_for_a_better_one_every_minute() {
+        let t0 = Instant::now();
+        let mut e = Endpoint::default();
+        let (far, near) = (sa("2.2.2.2:1"), sa("192.168.1.9:1"));
+        e.add_advertised(&[far, near], true);
+        e.send_path(t0);
+        let (due, round) = e.pings_due(t0);
+        assert!(round && due.len() == 2);
+        e.note_ping_sent(far, [1; 12], t0);
+        e.note_ping_sent(near, [2; 12], t0);
+        // Only the far one answers (20 ms): trusted, but not good enough.
+        assert_eq!(e.on_pong([1; 12], far, t0 + Duration::from_millis(20)), PongOutcome::NewBest);
+        let mut t = t0;
+        while t < t0 + UPGRADE_UDP_DIRECT_INTERVAL - HEARTBEAT_INTERVAL {
+            t += HEARTBEAT_INTERVAL;
+            e.send_path(t);
+            let (due, _) = e.pings_due(t);
+            assert_eq!(due, vec![far], "only heartbeats before a minute");
+            let tx = [t.duration_since(t0).as_secs() as u8; 12];
+            e.note_ping_sent(far, tx, t);
+            e.on_pong(tx, far, t + Duration::from_millis(20));
+        }
+        let t = t0 + UPGRADE_UDP_DIRECT_INTERVAL + Duration::from_millis(1);
+        e.send_path(t);
+        let (due, round) = e.pings_due(t);
+        assert!(!round && due.contains(&near), "{due:?}");
     }
 
     #[test]
