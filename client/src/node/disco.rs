@@ -330,4 +330,21 @@ mod tests {
         assert_eq!("nodekey:00".parse::<DiscoPublic>(), Err(DiscoKeyError::Prefix("discokey:")));
         assert_eq!("discokey:zz".parse::<DiscoPublic>(), Err(DiscoKeyError::Hex));
     }
+
+    /// Random bytes (and random bytes behind a valid header) never panic the codec or the box.
+    #[test]
+    fn random_input_never_panics() {
+        let (a, b) = (DiscoPrivate::generate(), DiscoPrivate::generate());
+        let bx = b.shared(&a.public());
+        for i in 0..20_000usize {
+            let len = i % 200;
+            let mut v: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+            let _ = DiscoMessage::decode(&v);
+            if v.len() >= HEADER_LEN {
+                v[..MAGIC.len()].copy_from_slice(&MAGIC);
+            }
+            let _ = sender_key(&v);
+            assert!(bx.open(&v).is_err());
+        }
+    }
 }

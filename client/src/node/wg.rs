@@ -179,4 +179,23 @@ mod tests {
         assert!(matches!(ib.screen(from, &bad, &mut buf), Screened::Drop));
         assert!(matches!(ib.screen(from, b"\x04\0\0\0junk", &mut buf), Screened::Drop));
     }
+
+    /// Random datagrams, including ones with a valid WireGuard type byte, never panic the screen.
+    #[test]
+    fn random_datagrams_never_panic_the_screen() {
+        let id = WgIdentity::new(&NodePrivate::generate());
+        let from: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let mut buf = vec![0u8; WG_BUF_LEN];
+        for i in 0..20_000usize {
+            let len = [0, 3, 4, 32, 92, 148, 200][i % 7];
+            let mut v: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+            if let Some(t) = v.first_mut() {
+                *t = (i % 5) as u8;
+            }
+            if v.len() >= 4 {
+                v[1..4].fill(0);
+            }
+            let _ = id.screen(from, &v, &mut buf);
+        }
+    }
 }
