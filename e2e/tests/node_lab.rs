@@ -196,6 +196,12 @@ impl Lab {
     /// [`Lab::up`]; with `netcheck_home`, node 1's config names no home region, so netcheck
     /// (on the shared socket) picks it.
     fn up_with(&mut self, netcheck_home: bool) -> Result<()> {
+        self.up_full(netcheck_home, false)
+    }
+
+    /// [`Lab::up_with`]; with `userspace0`, node 0 runs without a TUN and forwards local UDP port
+    /// 127.0.0.1:5000 to 100.64.0.2:7000 through the tunnel.
+    fn up_full(&mut self, netcheck_home: bool, userspace0: bool) -> Result<()> {
         let keys = [keygen()?, keygen()?];
         for i in 0..2 {
             let (me, peer) = (&keys[i], &keys[1 - i]);
@@ -211,6 +217,11 @@ impl Lab {
                 peer[3],
                 TUN_IPS[1 - i],
             );
+            let cfg = if userspace0 && i == 0 {
+                cfg.replace("[tun]\n", "[[forward]]\nlisten = \"127.0.0.1:5000\"\nto = \"100.64.0.2:7000\"\n[tun]\nuserspace = true\n")
+            } else {
+                cfg
+            };
             let cfg = if netcheck_home && i == 1 { cfg.replacen("home_region = 900\n", "", 1) } else { cfg };
             let path = self.dir.join(format!("node{i}.toml"));
             std::fs::write(&path, cfg)?;
@@ -474,5 +485,28 @@ fn throughput_relayed_and_direct() -> Result<()> {
         eprintln!("BENCH node {name} ({path}): runs {runs:.0?} Mbit/s, median {:.0}", runs[1]);
         eprintln!("drops A {} B {}", lab.status(0)?["drops"], lab.status(1)?["drops"]);
     }
+    Ok(())
+}
+
+/// Userspace mode: node 0 has no TUN; a local UDP port is forwarded through the tunnel (and the
+/// direct path) to a UDP echo server on node 1's tunnel address.
+#[test]
+fn userspace_node_forwards_a_udp_port_through_the_tunnel() -> Result<()> {
+    let mut lab = Lab::new("u", Nat::EndpointIndependent)?;
+    lab.up_full(false, true)?;
+    let echo =
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('100.64.0.2',7000))\n\
+                while True:\n d,a=s.recvfrom(2048)\n s.sendto(d.upper(),a)\n";
+    let mut cmd = lab.homes[1].command("python3");
+    cmd.args(["-c", echo]).stdout(Stdio::null());
+    let _echo = Child::spawn(cmd, "udp echo")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let client = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1)\n\
+                  for i in range(10):\n s.sendto(b'hello %d'%i,('127.0.0.1',5000))\n try:\n  print(s.recv(2048).decode())\n except Exception:\n  pass\n";
+    let out = lab.homes[0].exec("python3", &["-c", client])?;
+    let answers = out.lines().filter(|l| l.starts_with("HELLO ")).count();
+    assert!(answers >= 9, "{answers}/10 echoes came back: {out}\nlog0:\n{}", lab.log(0));
+    lab.wait_path(0, Duration::from_secs(5), |p| p.starts_with("direct "))?;
+    assert!(lab.homes[0].ip(&["link", "show", "df0"]).is_err(), "userspace mode made a TUN");
     Ok(())
 }

@@ -14,6 +14,11 @@
 //! name = "df0"
 //! addresses = ["100.64.0.1/24"]
 //! mtu = 1280
+//! userspace = false                        # true: no TUN; only [[forward]] ports carry traffic
+//!
+//! [[forward]]                              # userspace mode: local UDP port -> inner ip:port
+//! listen = "127.0.0.1:5000"
+//! to = "100.64.0.2:7"
 //!
 //! [[peer]]
 //! public_key = "nodekey:<hex>"
@@ -32,6 +37,7 @@ use derpfleet_proto::key::{NodePrivate, NodePublic};
 use serde::Deserialize;
 
 use super::disco::{DiscoPrivate, DiscoPublic};
+use super::userspace::Forward;
 
 /// Why the configuration was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +136,15 @@ struct RawConfig {
     tun: RawTun,
     #[serde(default)]
     peer: Vec<RawPeer>,
+    #[serde(default)]
+    forward: Vec<RawForward>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    listen: String,
+    to: String,
 }
 
 #[derive(Deserialize)]
@@ -139,6 +154,8 @@ struct RawTun {
     #[serde(default)]
     addresses: Vec<String>,
     mtu: Option<u16>,
+    #[serde(default)]
+    userspace: bool,
 }
 
 #[derive(Deserialize)]
@@ -195,6 +212,10 @@ pub struct NodeConfig {
     pub mtu: u16,
     /// peers
     pub peers: Vec<PeerConfig>,
+    /// no TUN: forward `forwards` through the tunnel instead
+    pub userspace: bool,
+    /// forwarded UDP ports (userspace mode)
+    pub forwards: Vec<Forward>,
 }
 
 /// Default control socket for an interface.
@@ -207,6 +228,14 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 }
 
 impl NodeConfig {
+    /// Our inner IPv4 address in userspace mode: the first IPv4 of `tun.addresses`.
+    pub fn userspace_address(&self) -> Option<std::net::Ipv4Addr> {
+        self.tun_addresses.iter().find_map(|a| match a.addr {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+    }
+
     /// Reads and validates a config file; relative paths in it are relative to the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = read(path)?;
@@ -286,6 +315,22 @@ impl NodeConfig {
                 keepalive: p.keepalive.filter(|&k| k > 0),
             });
         }
+        let mut forwards = Vec::new();
+        for (i, f) in raw.forward.iter().enumerate() {
+            let listen = f.listen.parse::<SocketAddr>().map_err(|_| {
+                invalid(format!("forward[{i}].listen"), format!("bad ip:port {:?}", f.listen))
+            })?;
+            let to = f.to.parse::<std::net::SocketAddrV4>().map_err(|_| {
+                invalid(format!("forward[{i}].to"), format!("need an IPv4 ip:port, got {:?}", f.to))
+            })?;
+            forwards.push(Forward { listen, to });
+        }
+        if !forwards.is_empty() && !raw.tun.userspace {
+            return Err(invalid("forward", "only used with tun.userspace = true"));
+        }
+        if raw.tun.userspace && !tun_addresses.iter().any(|a| a.addr.is_ipv4()) {
+            return Err(invalid("tun.addresses", "userspace mode needs an IPv4 address"));
+        }
         if peers.len() > (1 << 20) {
             return Err(invalid("peer", "too many peers"));
         }
@@ -301,6 +346,8 @@ impl NodeConfig {
             tun_addresses,
             mtu: raw.tun.mtu.unwrap_or(1280).clamp(576, 65000),
             peers,
+            userspace: raw.tun.userspace,
+            forwards,
         })
     }
 }

@@ -21,11 +21,11 @@ use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
 use super::config::{IpNet, NodeConfig, PeerConfig};
+use super::device::Device;
 use super::disco::{sender_key, DiscoMessage, DiscoPublic, SharedBox};
 use super::endpoint::{Endpoint, PongOutcome, SendPath};
 use super::magicsock::{classify, Kind, OwnEndpoints};
 use super::status::{DropCounts, PeerStatus, Status};
-use super::tun::Tun;
 use super::wg::{src_ip, Screened, WgIdentity, WgSender, WG_BUF_LEN};
 use crate::conn::{ConnectOptions, DerpSender, DerpTarget};
 use crate::region::{DerpRegionClient, RegionClientConfig, RegionEvent};
@@ -78,7 +78,7 @@ pub struct Node {
     disco_pub: DiscoPublic,
     wg: WgIdentity,
     sock: Arc<UdpSocket>,
-    tun: Tun,
+    dev: Device,
     peers: Vec<Peer>,
     by_node: HashMap<NodePublic, usize>,
     by_disco: HashMap<DiscoPublic, usize>,
@@ -89,7 +89,7 @@ pub struct Node {
 
 impl Node {
     /// Builds the node; `home` is the chosen home region.
-    pub fn new(cfg: &NodeConfig, home: i64, sock: Arc<UdpSocket>, tun: Tun) -> Self {
+    pub fn new(cfg: &NodeConfig, home: i64, sock: Arc<UdpSocket>, dev: Device) -> Self {
         let wg = WgIdentity::new(&cfg.private_key);
         let mut peers = Vec::new();
         let (mut by_node, mut by_disco) = (HashMap::new(), HashMap::new());
@@ -124,7 +124,7 @@ impl Node {
             disco_pub: cfg.disco_key.public(),
             wg,
             sock,
-            tun,
+            dev,
             peers,
             by_node,
             by_disco,
@@ -209,7 +209,7 @@ impl Node {
             self.drops.not_allowed.fetch_add(1, Relaxed);
             return;
         }
-        if self.tun.try_send(pkt).is_err() {
+        if self.dev.try_send(pkt).is_err() {
             self.drops.tun.fetch_add(1, Relaxed);
         }
     }
@@ -472,9 +472,9 @@ impl Node {
         }
     }
 
-    /// The TUN device.
-    pub fn tun(&self) -> &Tun {
-        &self.tun
+    /// The packet device.
+    pub fn device(&self) -> &Device {
+        &self.dev
     }
 
     /// The shared socket.
@@ -518,10 +518,10 @@ pub fn spawn_tasks(node: Arc<Node>, opts: ConnectOptions) -> Vec<tokio::task::Jo
         let mut rbuf = vec![0u8; 65536];
         let mut wbuf = vec![0u8; WG_BUF_LEN];
         loop {
-            match n.tun.recv(&mut rbuf).await {
+            match n.dev.recv(&mut rbuf).await {
                 Ok(len) => n.on_tun_packet(&rbuf[..len], &mut wbuf),
                 Err(e) => {
-                    warn!("tun read: {e}");
+                    warn!("device read: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

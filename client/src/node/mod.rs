@@ -6,7 +6,8 @@
 //! - [`endpoint`]: per-peer path state (candidates, trust 6.5 s, heartbeat 3 s, betterAddr).
 //! - [`magicsock`]: the shared UDP socket's demux (STUN / disco / WireGuard) and our endpoints.
 //! - [`wg`]: boringtun adapter (one `Tunn` per peer, shared rate limiter, peer lookup).
-//! - [`tun`]: the TUN device.
+//! - [`tun`]: the TUN device; [`userspace`]: UDP port forwarding instead of a TUN (`tun.userspace`);
+//!   [`device`]: either of them.
 //! - [`engine`]: the running node gluing them together.
 //! - [`status`]: the control socket and `derpfleet-client status`.
 //!
@@ -33,12 +34,14 @@
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
+pub mod device;
 pub mod disco;
 pub mod endpoint;
 pub mod engine;
 pub mod magicsock;
 pub mod status;
 pub mod tun;
+pub mod userspace;
 pub mod wg;
 
 use std::sync::Arc;
@@ -74,6 +77,15 @@ pub enum UpError {
         /// why
         source: std::io::Error,
     },
+    /// A forwarded port could not be bound (userspace mode).
+    #[error("userspace forward: {source}")]
+    Forward {
+        /// why
+        source: std::io::Error,
+    },
+    /// Userspace mode needs an IPv4 address in `tun.addresses`.
+    #[error("userspace mode needs an IPv4 address in tun.addresses")]
+    NoUserspaceAddress,
     /// No home region: netcheck found none and the config names none.
     #[error("no home DERP region: netcheck got no answer and home_region is not set")]
     NoHome,
@@ -120,12 +132,21 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
             report.preferred_derp
         }
     };
-    let tun = tun::Tun::create(&cfg.tun_name)?;
-    tun.configure(&cfg.tun_addresses, cfg.mtu)?;
-    for r in engine::extra_routes(&cfg) {
-        tun.add_route(&r)?;
-    }
-    let node = Arc::new(Node::new(&cfg, home, sock, tun));
+    let dev = if cfg.userspace {
+        let addr = cfg.userspace_address().ok_or(UpError::NoUserspaceAddress)?;
+        let u = userspace::Userspace::start(addr, &cfg.forwards)
+            .await
+            .map_err(|source| UpError::Forward { source })?;
+        device::Device::Userspace(u)
+    } else {
+        let tun = tun::Tun::create(&cfg.tun_name)?;
+        tun.configure(&cfg.tun_addresses, cfg.mtu)?;
+        for r in engine::extra_routes(&cfg) {
+            tun.add_route(&r)?;
+        }
+        device::Device::Tun(tun)
+    };
+    let node = Arc::new(Node::new(&cfg, home, sock, dev));
     {
         let mut own = node.own_endpoints().lock();
         own.set_local(magicsock::local_addresses(port, &cfg.tun_name));

@@ -1,0 +1,32 @@
+//! Where inner IP packets come from and go to: a TUN device, or the userspace port forwarder.
+
+use std::io;
+
+use super::tun::Tun;
+use super::userspace::Userspace;
+
+/// The node's packet device.
+pub enum Device {
+    /// A kernel TUN interface.
+    Tun(Tun),
+    /// Local UDP ports forwarded through the tunnel (no TUN).
+    Userspace(Userspace),
+}
+
+impl Device {
+    /// The next inner packet to send through the tunnel.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Device::Tun(t) => t.recv(buf).await,
+            Device::Userspace(u) => u.recv(buf).await,
+        }
+    }
+
+    /// Delivers an inner packet from the tunnel without waiting (a full queue drops it).
+    pub fn try_send(&self, pkt: &[u8]) -> io::Result<usize> {
+        match self {
+            Device::Tun(t) => t.try_send(pkt),
+            Device::Userspace(u) => u.try_send(pkt),
+        }
+    }
+}
