@@ -25,7 +25,9 @@
 //! key) until a disco pong over UDP makes a direct address trusted (6.5 s, renewed by 3 s
 //! heartbeats while traffic flows); while untrusted, each datagram goes both ways and a disco round
 //! (pings + CallMeMaybe over DERP) runs every 5 s. Peers with a static `endpoint` and no disco key
-//! are plain WireGuard peers (e.g. wireguard-go) reached directly.
+//! are plain WireGuard peers (e.g. wireguard-go) reached directly. With `tun.userspace = true` no
+//! TUN is created (no root needed apart from the control socket's default directory); `[[forward]]`
+//! entries carry local UDP ports through the tunnel instead (UDP over IPv4 only).
 //!
 //! Limits: IPv4 underlay only (one `0.0.0.0` socket); DERP connections to every peer's home region
 //! stay open (Tailscale closes idle non-home regions after 60 s); endpoints are STUN (home region,
