@@ -7,7 +7,9 @@
 //! SendPacket to such a key leaves as ForwardPacket over that link (exactly one hop; the other
 //! node delivers locally only). When a link breaks, every key it announced is removed (local
 //! senders to keys left nowhere get PeerGone), and the link reconnects after
-//! [`MeshConfig::retry_interval`] (5 s); the new flood re-adds the keys.
+//! [`MeshConfig::retry_interval`] (5 s, as derper); the new flood re-adds the keys. A failed
+//! connect is retried after [`MeshConfig::dial_retry_interval`] (1 s; derper waits 5 s), so a
+//! restarted node rejoins within about a second.
 //!
 //! Entries: `host[:port][/dialhost]` as derper (`https://host[:port]/derp`, TLS verified for
 //! `host` against the system trust store, TCP to `dialhost` if given). The name actually dialed
@@ -44,10 +46,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::derp_server::DerpServer;
 use crate::metrics::{DropReason, Metrics, PacketKind};
-use crate::registry::PacketForwarder;
+use crate::registry::{PacketForwarder, Registry};
 
-/// Pause between a failed or broken link and the next attempt (derper: 5 s).
+/// Pause after a link broke before reconnecting (derper: 5 s).
 pub const MESH_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// Pause after a failed connect before the next one: shorter than derper's 5 s, so a restarted
+/// node is back in the region within about a second of listening again (a refused connect costs
+/// next to nothing).
+pub const MESH_DIAL_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a `-mesh-with` name is resolved again.
 pub const MESH_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 /// ForwardPackets that may wait for one link's writer.
@@ -279,8 +285,10 @@ pub struct MeshConfig {
     pub peers: Vec<MeshPeer>,
     /// Roots trusted besides the bundled Mozilla roots: the system store, `-mesh-ca-file`.
     pub extra_roots: Vec<CertificateDer<'static>>,
-    /// Pause after a link fails or breaks.
+    /// Pause after a link breaks.
     pub retry_interval: Duration,
+    /// Pause after a connect fails.
+    pub dial_retry_interval: Duration,
     /// How often names are resolved again.
     pub resolve_interval: Duration,
     /// Per-link ForwardPacket queue depth.
@@ -309,6 +317,7 @@ impl MeshConfig {
             peers,
             extra_roots: system_roots(),
             retry_interval: MESH_RETRY_INTERVAL,
+            dial_retry_interval: MESH_DIAL_RETRY_INTERVAL,
             resolve_interval: MESH_RESOLVE_INTERVAL,
             queue_depth: MESH_QUEUE_DEPTH,
             resolver: Arc::new(DnsResolver),
@@ -426,28 +435,69 @@ async fn run_peer(ctx: LinkCtx, peer: MeshPeer, cancel: CancellationToken) {
 enum LinkEnd {
     /// Stopped (shutdown, address gone, or self-connect).
     Stop,
-    /// Try again after the retry interval.
-    Retry,
+    /// The link was up and broke: try again after the retry interval.
+    Broke,
+    /// The connect failed: try again after the dial retry interval.
+    DialFailed,
+}
+
+/// The keys one connected link announced, registered as forwarded through it. Dropping it (when
+/// the link ends, however it ends) removes them all and counts the link as disconnected.
+struct Announced<'a> {
+    registry: &'a Registry,
+    link_id: u64,
+    keys: HashSet<NodePublic>,
+}
+
+impl<'a> Announced<'a> {
+    fn new(registry: &'a Registry, link_id: u64) -> Self {
+        registry.metrics.mesh_peers_connected.increment(1.0);
+        Self { registry, link_id, keys: HashSet::new() }
+    }
+}
+
+impl Drop for Announced<'_> {
+    fn drop(&mut self) {
+        for key in self.keys.drain() {
+            self.registry.remove_packet_forwarder(key, self.link_id);
+        }
+        self.registry.metrics.mesh_peers_connected.decrement(1.0);
+    }
 }
 
 /// Connects, watches and forwards for one address until cancelled, reconnecting after breaks.
 async fn run_link(ctx: LinkCtx, peer: MeshPeer, addr: SocketAddr, cancel: CancellationToken) {
+    let mut failures = 0u32;
     loop {
-        let end = tokio::select! {
-            _ = cancel.cancelled() => LinkEnd::Stop,
-            end = link_once(&ctx, &peer, addr, &cancel) => end,
+        // Not raced against `cancel` from out here: `link_once` must run its cleanup.
+        let end = link_once(&ctx, &peer, addr, &cancel, failures).await;
+        let pause = match end {
+            LinkEnd::Stop => return,
+            LinkEnd::Broke => {
+                failures = 0;
+                ctx.config.retry_interval
+            }
+            LinkEnd::DialFailed => {
+                failures = failures.saturating_add(1);
+                ctx.config.dial_retry_interval
+            }
         };
-        if matches!(end, LinkEnd::Stop) || cancel.is_cancelled() {
-            return;
-        }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(ctx.config.retry_interval) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
 }
 
-async fn link_once(ctx: &LinkCtx, peer: &MeshPeer, addr: SocketAddr, cancel: &CancellationToken) -> LinkEnd {
+/// One connection: connect, watch, forward until it ends. `failures` (connects failed in a row)
+/// keeps repeated failures out of the warning log.
+async fn link_once(
+    ctx: &LinkCtx,
+    peer: &MeshPeer,
+    addr: SocketAddr,
+    cancel: &CancellationToken,
+    failures: u32,
+) -> LinkEnd {
     let server = ctx.derp.config();
     let opts = ConnectOptions {
         mesh_key: Some(ctx.config.mesh_key),
@@ -456,11 +506,21 @@ async fn link_once(ctx: &LinkCtx, peer: &MeshPeer, addr: SocketAddr, cancel: &Ca
         write_timeout: Some(MESH_WRITE_TIMEOUT),
         ..ConnectOptions::new(server.private_key.clone())
     };
-    let conn = match DerpConn::connect(&DerpTarget::Url(peer.url(addr)), &opts).await {
+    let target = DerpTarget::Url(peer.url(addr));
+    let connect = DerpConn::connect(&target, &opts);
+    let connected = tokio::select! {
+        _ = cancel.cancelled() => return LinkEnd::Stop,
+        c = connect => c,
+    };
+    let conn = match connected {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(%peer, %addr, "mesh: connecting: {e}");
-            return LinkEnd::Retry;
+            if failures.is_multiple_of(60) {
+                tracing::warn!(%peer, %addr, failures, "mesh: connecting: {e}; retrying every {:?}", ctx.config.dial_retry_interval);
+            } else {
+                tracing::debug!(%peer, %addr, "mesh: connecting: {e}");
+            }
+            return LinkEnd::DialFailed;
         }
     };
     if conn.info().server_key == ctx.derp.public_key() {
@@ -470,15 +530,14 @@ async fn link_once(ctx: &LinkCtx, peer: &MeshPeer, addr: SocketAddr, cancel: &Ca
     let other = conn.info().server_key;
     let (tx, mut rx) = conn.split();
     if tx.watch_conns().await.is_err() {
-        return LinkEnd::Retry;
+        return LinkEnd::Broke;
     }
     let metrics = ctx.derp.metrics().clone();
     let link =
         Arc::new(MeshLink { id: NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed), tx: tx.clone(), metrics });
     let registry = ctx.derp.registry();
-    registry.metrics.mesh_peers_connected.increment(1.0);
+    let mut present = Announced::new(registry, link.id);
     tracing::info!(%peer, %addr, server = %other.short(), "mesh: link up, watching connections");
-    let mut present: HashSet<NodePublic> = HashSet::new();
     let err = loop {
         let m = tokio::select! {
             _ = cancel.cancelled() => break None,
@@ -486,12 +545,12 @@ async fn link_once(ctx: &LinkCtx, peer: &MeshPeer, addr: SocketAddr, cancel: &Ca
         };
         match m {
             Ok(ServerToClient::PeerPresent { key, .. }) => {
-                if present.insert(key) {
+                if present.keys.insert(key) {
                     registry.add_packet_forwarder(key, link.clone());
                 }
             }
             Ok(ServerToClient::PeerGone { key, .. }) => {
-                if present.remove(&key) {
+                if present.keys.remove(&key) {
                     registry.remove_packet_forwarder(key, link.id);
                 }
             }
@@ -500,14 +559,11 @@ async fn link_once(ctx: &LinkCtx, peer: &MeshPeer, addr: SocketAddr, cancel: &Ca
         }
     };
     tx.close();
-    for key in present {
-        registry.remove_packet_forwarder(key, link.id);
-    }
-    registry.metrics.mesh_peers_connected.decrement(1.0);
+    drop(present);
     match err {
         Some(e) => {
-            tracing::warn!(%peer, %addr, server = %other.short(), "mesh: link broke: {e}; retrying");
-            LinkEnd::Retry
+            tracing::warn!(%peer, %addr, server = %other.short(), "mesh: link broke: {e}; reconnecting in {:?}", ctx.config.retry_interval);
+            LinkEnd::Broke
         }
         None => LinkEnd::Stop,
     }

@@ -117,6 +117,9 @@ async fn killed_node_senders_get_peer_gone_and_restart_resumes_within_6s() -> Re
     c1.deliver_to(&mut c2, "r1->r2 with r3 down").await?;
     c2.deliver_to(&mut c1, "r2->r1 with r3 down").await?;
 
+    // Restart out of step with the other nodes' 5 s reconnect pause: their first attempt fails,
+    // and the next one (1 s later) must find the node.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
     let restarted = Instant::now();
     let _r3 = start(&dir.0, "r3", ports[2], &with);
     drop(c3);
