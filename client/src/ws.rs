@@ -33,8 +33,15 @@ pub fn accept_for(key: &str) -> String {
     tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
 }
 
+/// Bounded messages, no compression (tungstenite never negotiates it), and small buffers: the
+/// defaults (128 KiB each way) made an idle WebSocket connection cost the relay ~148 KiB. Writes
+/// need no buffer of tungstenite's because [`WsBytes`] already sends one message per flush.
 fn config() -> WebSocketConfig {
-    WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE)).max_frame_size(Some(MAX_MESSAGE))
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+        .read_buffer_size(8 << 10)
+        .write_buffer_size(0)
 }
 
 /// `AsyncRead + AsyncWrite` over a WebSocket's binary messages.
