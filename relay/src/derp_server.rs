@@ -24,7 +24,7 @@ use derpfleet_proto::consts::{
     PER_CLIENT_SEND_QUEUE_DEPTH,
 };
 use derpfleet_proto::frame::{FrameDecoder, Role};
-use derpfleet_proto::handshake::{seal_server_info, ClientInfo, ServerInfo};
+use derpfleet_proto::handshake::ClientInfo;
 use derpfleet_proto::msg::{peer_present_flags as flags, ServerToClient};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -330,7 +330,7 @@ impl DerpServer {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let (key, client) =
+        let (key, client, sealed_server_info) =
             session::handshake(&self.config.private_key, &self.public_key, r, w, buf, dec, deadline).await?;
         let can_mesh = match (&self.config.mesh_key, &client.mesh_key) {
             (Some(ours), Some(theirs)) => ours.ct_eq(theirs),
@@ -372,8 +372,7 @@ impl DerpServer {
         ));
         self.registry.register(&conn);
         let mut frame = BytesMut::new();
-        let sealed = seal_server_info(&self.config.private_key, &key, &ServerInfo::default());
-        ServerToClient::ServerInfo(sealed).encode(&mut frame);
+        ServerToClient::ServerInfo(sealed_server_info).encode(&mut frame);
         let written = tokio::time::timeout_at(deadline, async {
             w.write_all(&frame).await?;
             w.flush().await

@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use derpfleet_proto::frame::{FrameDecoder, FrameError, FrameType, RawFrame};
-use derpfleet_proto::handshake::{open_client_info, server_key_frame, ClientInfo, HandshakeError};
+use derpfleet_proto::handshake::{
+    open_client_info_and_seal_reply, server_key_frame, ClientInfo, HandshakeError, ServerInfo,
+};
 use derpfleet_proto::msg::{ClientToServer, PeerGoneReason};
 use derpfleet_proto::{NodePrivate, NodePublic};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -62,7 +64,9 @@ pub enum HandshakeFailure {
 }
 
 /// Writes ServerKey and reads the ClientInfo, both before `deadline`. Bytes the client sent after
-/// the ClientInfo stay in `buf` for the reader loop.
+/// the ClientInfo stay in `buf` for the reader loop. Returns the client's key, its info, and the
+/// sealed ServerInfo payload to send once the client is admitted (sealed with the same key
+/// agreement that opened the ClientInfo).
 pub async fn handshake<R, W>(
     private_key: &NodePrivate,
     server_key: &NodePublic,
@@ -71,7 +75,7 @@ pub async fn handshake<R, W>(
     buf: &mut BytesMut,
     dec: &mut FrameDecoder,
     deadline: Instant,
-) -> Result<(NodePublic, ClientInfo), HandshakeFailure>
+) -> Result<(NodePublic, ClientInfo, Bytes), HandshakeFailure>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -98,7 +102,7 @@ where
     if first.ty != FrameType::ClientInfo as u8 {
         return Err(HandshakeFailure::NotClientInfo(first.ty));
     }
-    Ok(open_client_info(private_key, &first.payload)?)
+    Ok(open_client_info_and_seal_reply(private_key, &first.payload, &ServerInfo::default())?)
 }
 
 /// Why a reader loop ended with an error. Only this connection closes.
