@@ -1,100 +1,24 @@
 //! Issue 2 acceptance 3: the real `derpfleet-relay` binary with derper command lines.
 
 mod http_common;
+mod ops_common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use derpfleet_proto::NodePrivate;
 use http_common::*;
+use ops_common::{free_tcp_port, Proc, BIN};
 use tokio::io::AsyncWriteExt;
-
-const BIN: &str = env!("CARGO_BIN_EXE_derpfleet-relay");
-
-/// A running relay process; killed on drop. Its stderr lines are collected.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        // STUN off unless a test turns it on (a later `-stun` wins): parallel tests would
-        // otherwise race for UDP 3478.
-        let mut child = Command::new(BIN)
-            .arg("-stun=false")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// Waits (bounded) for a stderr line containing `needle`.
-    fn wait_for_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + STEP;
-        while Instant::now() < deadline {
-            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| l.contains(needle)) {
-                return l.clone();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("no log line with {needle:?}; got {:#?}", self.lines.lock().unwrap());
-    }
-
-    /// Waits (bounded) for exit.
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + STEP;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("process did not exit; log {:#?}", self.lines.lock().unwrap());
-    }
-
-    fn log(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn sigterm(p: &Proc) {
-    let st = Command::new("kill").args(["-TERM", &p.child.id().to_string()]).status().unwrap();
-    assert!(st.success());
-}
 
 #[tokio::test]
 async fn plain_http_with_key_file_and_blank_home() {
     let dir = TempDir::new("cli-plain");
     let keyfile = dir.0.join("derper.key");
-    let port = free_port();
+    let port = free_tcp_port();
     let a = format!("127.0.0.1:{port}");
-    let mut p = Proc::start(&["-a", &a, "-c", keyfile.to_str().unwrap(), "-home", "blank"]);
+    let mut p = Proc::start_without_stun(&["-a", &a, "-c", keyfile.to_str().unwrap(), "-home", "blank"]);
     p.wait_for_line("derpfleet-relay running");
     let addr: SocketAddr = a.parse().unwrap();
     let r = http(addr, "GET", "/", "").await;
@@ -109,8 +33,8 @@ async fn plain_http_with_key_file_and_blank_home() {
     let mut s = derp_upgrade(addr).await;
     let _ = s.flush().await;
     assert_eq!(RawDerp::new(s).handshake(&NodePrivate::generate()).await, key.public());
-    sigterm(&p);
-    assert!(p.wait_exit().success(), "SIGTERM exits 0; log:\n{}", p.log());
+    p.signal("-TERM");
+    assert!(p.wait_exit(STEP).expect("process did not exit").success(), "SIGTERM exits 0; log:\n{}", p.log());
 }
 
 #[tokio::test]
@@ -118,9 +42,9 @@ async fn tls_manual_with_ip_hostname_generates_pinned_self_signed_cert() {
     let dir = TempDir::new("cli-tls");
     let keyfile = dir.0.join("k.key");
     let certdir = dir.0.join("certs");
-    let port = free_port();
+    let port = free_tcp_port();
     let a = format!("127.0.0.1:{port}");
-    let mut p = Proc::start(&[
+    let mut p = Proc::start_without_stun(&[
         "-a",
         &a,
         "-c",
@@ -151,18 +75,18 @@ async fn tls_manual_with_ip_hostname_generates_pinned_self_signed_cert() {
     let key = derpfleet_relay::keyfile::load_or_create(&keyfile).unwrap().0;
     assert_eq!(RawDerp::new(s).handshake(&NodePrivate::generate()).await, key.public());
     assert!(!p.log().contains("http_port_addr=Some"), "-http-port -1 disables port 80");
-    sigterm(&p);
-    assert!(p.wait_exit().success());
+    p.signal("-TERM");
+    assert!(p.wait_exit(STEP).expect("process did not exit").success());
 }
 
 #[tokio::test]
 async fn go_flag_syntax_variants_parse() {
     let dir = TempDir::new("cli-syntax");
     let keyfile = dir.0.join("k.key");
-    let port = free_port();
+    let port = free_tcp_port();
     // `-a=x`, `--c x`, `-stun=false`, bare bool `-derp`, `-tcp-write-timeout=500ms`.
     let a = format!("-a=127.0.0.1:{port}");
-    let p = Proc::start(&[
+    let p = Proc::start_without_stun(&[
         &a,
         "--c",
         keyfile.to_str().unwrap(),
@@ -180,7 +104,7 @@ async fn go_flag_syntax_variants_parse() {
 
 #[test]
 fn dev_mode_uses_loopback_3340() {
-    let mut p = Proc::start(&["-dev"]);
+    let mut p = Proc::start_without_stun(&["-dev"]);
     // Either it serves on 127.0.0.1:3340, or (if something else holds that port) it says so.
     let deadline = Instant::now() + STEP;
     loop {
@@ -197,8 +121,8 @@ fn dev_mode_uses_loopback_3340() {
         assert!(Instant::now() < deadline, "dev mode did not start: {log}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    sigterm(&p);
-    assert!(p.wait_exit().success());
+    p.signal("-TERM");
+    assert!(p.wait_exit(STEP).expect("process did not exit").success());
 }
 
 #[test]
@@ -250,7 +174,7 @@ fn startup_errors_are_clear() {
     assert!(err.contains("gcp") && err.contains("not supported"), "{err}");
     // A broken key file is named, with the field.
     std::fs::write(&keyfile, r#"{"PrivateKey":"nope"}"#).unwrap();
-    let port = free_port().to_string();
+    let port = free_tcp_port().to_string();
     let out = Command::new(BIN)
         .args(["-a", &format!("127.0.0.1:{port}"), "-c", keyfile.to_str().unwrap()])
         .output()

@@ -2,10 +2,12 @@
 //! it, and watch the region heal without the other nodes' clients reconnecting. Also the
 //! `-mesh-psk-file`/`-mesh-with` start-up errors.
 
+mod http_common;
 mod mesh_common;
+mod ops_common;
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,30 +15,9 @@ use anyhow::{bail, Result};
 use derpfleet_client::ConnectOptions;
 use derpfleet_proto::msg::PeerGoneReason;
 use derpfleet_proto::{MeshKey, NodePrivate};
+use http_common::TempDir;
 use mesh_common::Client;
-
-const BIN: &str = env!("CARGO_BIN_EXE_derpfleet-relay");
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "derpfleet-{tag}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use ops_common::{free_tcp_port, BIN};
 
 /// A relay process, killed on drop.
 struct Relay {
@@ -49,10 +30,6 @@ impl Drop for Relay {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn start(dir: &Path, name: &str, port: u16, mesh_with: &str) -> Relay {
@@ -88,7 +65,7 @@ async fn connect_retrying(addr: SocketAddr, key: &NodePrivate) -> Result<Client>
 async fn killed_node_senders_get_peer_gone_and_restart_resumes_within_6s() -> Result<()> {
     let dir = TempDir::new("mesh-proc");
     std::fs::write(dir.0.join("mesh.key"), format!("{}\n", MeshKey::generate().to_hex()))?;
-    let ports = [free_port(), free_port(), free_port()];
+    let ports = [free_tcp_port(), free_tcp_port(), free_tcp_port()];
     let with = ports.map(|p| format!("http://127.0.0.1:{p}")).join(",");
     let r1 = start(&dir.0, "r1", ports[0], &with);
     let r2 = start(&dir.0, "r2", ports[1], &with);

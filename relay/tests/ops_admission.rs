@@ -200,21 +200,8 @@ async fn allowlist_reloads_on_sighup_in_the_binary() {
     let list = dir.0.join("allow.txt");
     let (k1, k2) = (NodePrivate::generate(), NodePrivate::generate());
     write_allowlist(&list, &[k1.public()]);
-    let port = free_tcp_port();
-    let a = format!("127.0.0.1:{port}");
     let key = dir.0.join("derper.key");
-    let p = Proc::start(&[
-        "-a",
-        &a,
-        "-c",
-        key.to_str().unwrap(),
-        "-stun=false",
-        "-metrics-addr=",
-        "-allowlist",
-        list.to_str().unwrap(),
-    ]);
-    p.wait_for_line("derpfleet-relay running");
-    let addr: SocketAddr = a.parse().unwrap();
+    let (p, addr) = start_plain_relay(&key, &["-allowlist", list.to_str().unwrap()]);
     let mut c1 = try_connect(addr, &k1, info()).await.expect("k1 listed");
     assert!(!admitted(addr, &k2).await);
     write_allowlist(&list, &[k1.public(), k2.public()]);

@@ -5,7 +5,6 @@
 mod http_common;
 mod ops_common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,26 +31,19 @@ async fn frames_until_close(mut c: http_common::RawDerp<tokio::net::TcpStream>) 
 async fn sigterm_with_100_clients_sends_restarting_then_exits_0() {
     let dir = TempDir::new("ops-drain");
     let key = dir.0.join("derper.key");
-    let port = free_tcp_port();
-    let a = format!("127.0.0.1:{port}");
-    let mut p = Proc::start(&[
-        "-a",
-        &a,
-        "-c",
-        key.to_str().unwrap(),
-        "-stun=false",
-        "-metrics-addr=",
-        "-drain-timeout",
-        "5s",
-        "-restart-reconnect-in",
-        "1s",
-        "-restart-reconnect-jitter",
-        "2s",
-        "-restart-try-for",
-        "30s",
-    ]);
-    p.wait_for_line("derpfleet-relay running");
-    let addr: SocketAddr = a.parse().unwrap();
+    let (mut p, addr) = start_plain_relay(
+        &key,
+        &[
+            "-drain-timeout",
+            "5s",
+            "-restart-reconnect-in",
+            "1s",
+            "-restart-reconnect-jitter",
+            "2s",
+            "-restart-try-for",
+            "30s",
+        ],
+    );
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         clients.push(derp_client(addr).await);

@@ -144,20 +144,8 @@ async fn relay_binary_serves_stun_and_counts_it() {
 async fn drop_logs_are_rate_limited_with_counts() {
     let dir = http_common::TempDir::new("ops-droplog");
     let key = dir.0.join("derper.key");
-    let port = free_tcp_port();
-    let a = format!("127.0.0.1:{port}");
-    let p = Proc::start(&[
-        "-a",
-        &a,
-        "-c",
-        key.to_str().unwrap(),
-        "-stun=false",
-        "-metrics-addr=",
-        "-drop-log-interval",
-        "300ms",
-    ]);
-    p.wait_for_line("derpfleet-relay running");
-    let (mut c, _) = derp_client(a.parse().unwrap()).await;
+    let (p, addr) = start_plain_relay(&key, &["-drop-log-interval", "300ms"]);
+    let (mut c, _) = derp_client(addr).await;
     let nobody = NodePrivate::generate().public();
     for _ in 0..200 {
         c.send(ClientToServer::SendPacket { dst: nobody, data: Bytes::from_static(b"to nobody") }).await;

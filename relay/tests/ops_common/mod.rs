@@ -1,9 +1,11 @@
 //! Shared fixtures for the operations tests (issue 4): the relay binary as a child process, a
-//! canned local HTTP server standing in for an admission controller, metric scraping.
+//! canned local HTTP server standing in for an admission controller, metric scraping. The CLI
+//! tests (`cli_binary.rs`) use the same process fixture.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,6 +42,12 @@ impl Proc {
             }
         });
         Proc { child, lines }
+    }
+
+    /// Like [`Proc::start`] with STUN off unless `args` turn it on (a later `-stun` wins):
+    /// parallel tests would otherwise race for UDP 3478.
+    pub fn start_without_stun(args: &[&str]) -> Proc {
+        Proc::start(&[&["-stun=false"], args].concat())
     }
 
     /// Waits (bounded) for a stderr line containing `needle`.
@@ -81,6 +89,16 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts the relay binary on a free loopback port with key file `key`, STUN and the metrics
+/// listener off, then the `extra` flags; returns once it logs that it is running.
+pub fn start_plain_relay(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
+    let addr = format!("127.0.0.1:{}", free_tcp_port());
+    let base = ["-a", &addr, "-c", key.to_str().unwrap(), "-stun=false", "-metrics-addr="];
+    let p = Proc::start(&[&base[..], extra].concat());
+    p.wait_for_line("derpfleet-relay running");
+    (p, addr.parse().unwrap())
 }
 
 pub fn free_tcp_port() -> u16 {
