@@ -58,11 +58,12 @@ pub fn client_config(check: &CertCheck, extra_roots: &[CertificateDer<'static>])
         .expect("ring supports the default protocol versions");
     let verifier: Arc<dyn ServerCertVerifier> = match check {
         CertCheck::HostName => webpki(extra_roots),
-        CertCheck::Name(name) => {
-            Arc::new(OtherName { inner: webpki(extra_roots), name: ServerName::try_from(name.clone()).ok() })
-        }
-        CertCheck::Sha256Raw(hash) => Arc::new(PinnedSelfSigned { hash: *hash }),
-        CertCheck::Insecure => Arc::new(NoVerification),
+        CertCheck::Name(name) => Arc::new(CustomCheck::OtherName {
+            inner: webpki(extra_roots),
+            name: ServerName::try_from(name.clone()).ok(),
+        }),
+        CertCheck::Sha256Raw(hash) => Arc::new(CustomCheck::Pinned(*hash)),
+        CertCheck::Insecure => Arc::new(CustomCheck::Insecure),
     };
     let cfg = builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
     Arc::new(cfg)
@@ -72,71 +73,6 @@ fn webpki(extra_roots: &[CertificateDer<'static>]) -> Arc<WebPkiServerVerifier> 
     WebPkiServerVerifier::builder_with_provider(roots(extra_roots), provider())
         .build()
         .expect("the bundled root store is not empty")
-}
-
-fn verify_12(
-    m: &[u8],
-    c: &CertificateDer<'_>,
-    d: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, TlsError> {
-    verify_tls12_signature(m, c, d, &provider().signature_verification_algorithms)
-}
-fn verify_13(
-    m: &[u8],
-    c: &CertificateDer<'_>,
-    d: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, TlsError> {
-    verify_tls13_signature(m, c, d, &provider().signature_verification_algorithms)
-}
-fn schemes() -> Vec<SignatureScheme> {
-    provider().signature_verification_algorithms.supported_schemes()
-}
-
-/// Web PKI verification for a name other than the SNI (`CertName` = DNS name).
-#[derive(Debug)]
-struct OtherName {
-    inner: Arc<WebPkiServerVerifier>,
-    name: Option<ServerName<'static>>,
-}
-
-impl ServerCertVerifier for OtherName {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, TlsError> {
-        let name =
-            self.name.as_ref().ok_or_else(|| TlsError::General("CertName is not a valid name".into()))?;
-        self.inner.verify_server_cert(end_entity, intermediates, name, ocsp, now)
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        verify_12(m, c, d)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        verify_13(m, c, d)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
-    }
-}
-
-/// `CertName = "sha256-raw:<hex>"`: one self-signed leaf, pinned by hash, within its dates.
-#[derive(Debug)]
-struct PinnedSelfSigned {
-    hash: [u8; 32],
 }
 
 /// The certificate's subject CN, if it parses.
@@ -179,19 +115,42 @@ pub(crate) fn check_pinned(
     Ok(())
 }
 
-impl ServerCertVerifier for PinnedSelfSigned {
+/// The verifications rustls's Web PKI verifier does not cover by itself (spec §2.6). They differ
+/// only in how the certificate is judged; the handshake signatures are checked the same way.
+#[derive(Debug)]
+enum CustomCheck {
+    /// `CertName` = DNS name: Web PKI verification for that name while the SNI stays HostName.
+    OtherName { inner: Arc<WebPkiServerVerifier>, name: Option<ServerName<'static>> },
+    /// `CertName = "sha256-raw:<hex>"`: one self-signed leaf, pinned by hash, within its dates.
+    Pinned([u8; 32]),
+    /// `InsecureForTests`: any certificate (signatures are still checked for consistency).
+    Insecure,
+}
+
+impl ServerCertVerifier for CustomCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
-        _ocsp: &[u8],
+        ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let chain: Vec<&[u8]> =
-            std::iter::once(end_entity.as_ref()).chain(intermediates.iter().map(|c| c.as_ref())).collect();
-        check_pinned(&self.hash, &chain, server_name, now).map_err(TlsError::General)?;
-        Ok(ServerCertVerified::assertion())
+        match self {
+            Self::OtherName { inner, name } => {
+                let name =
+                    name.as_ref().ok_or_else(|| TlsError::General("CertName is not a valid name".into()))?;
+                inner.verify_server_cert(end_entity, intermediates, name, ocsp, now)
+            }
+            Self::Pinned(hash) => {
+                let chain: Vec<&[u8]> = std::iter::once(end_entity.as_ref())
+                    .chain(intermediates.iter().map(|c| c.as_ref()))
+                    .collect();
+                check_pinned(hash, &chain, server_name, now).map_err(TlsError::General)?;
+                Ok(ServerCertVerified::assertion())
+            }
+            Self::Insecure => Ok(ServerCertVerified::assertion()),
+        }
     }
     fn verify_tls12_signature(
         &self,
@@ -199,7 +158,7 @@ impl ServerCertVerifier for PinnedSelfSigned {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        verify_12(m, c, d)
+        verify_tls12_signature(m, c, d, &provider().signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -207,46 +166,10 @@ impl ServerCertVerifier for PinnedSelfSigned {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        verify_13(m, c, d)
+        verify_tls13_signature(m, c, d, &provider().signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
-    }
-}
-
-/// `InsecureForTests`: accept any certificate (signatures are still checked for consistency).
-#[derive(Debug)]
-struct NoVerification;
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, TlsError> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        verify_12(m, c, d)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        verify_13(m, c, d)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
+        provider().signature_verification_algorithms.supported_schemes()
     }
 }
 
