@@ -5,7 +5,7 @@
 //! operator would use, so the interface looks exactly as if configured by hand.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::process::Command;
 
 use tokio::io::unix::AsyncFd;
@@ -115,15 +115,7 @@ impl Tun {
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut g = self.fd.readable().await?;
-            // SAFETY: reading into a valid mutable buffer of buf.len() bytes.
-            match g.try_io(|fd| {
-                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            }) {
+            match g.try_io(|fd| read_fd(fd.as_raw_fd(), buf)) {
                 Ok(r) => return r,
                 Err(_would_block) => continue,
             }
@@ -132,31 +124,39 @@ impl Tun {
 
     /// Writes one IP packet without waiting; fails with `WouldBlock` when the device queue is full.
     pub fn try_send(&self, pkt: &[u8]) -> io::Result<usize> {
-        // SAFETY: writing from a valid buffer of pkt.len() bytes to a non-blocking fd we own.
-        let n = unsafe { libc::write(self.fd.get_ref().as_raw_fd(), pkt.as_ptr().cast(), pkt.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        write_fd(self.fd.get_ref().as_raw_fd(), pkt)
     }
 
     /// Writes one IP packet.
     pub async fn send(&self, pkt: &[u8]) -> io::Result<usize> {
         loop {
             let mut g = self.fd.writable().await?;
-            // SAFETY: writing from a valid buffer of pkt.len() bytes.
-            match g.try_io(|fd| {
-                let n = unsafe { libc::write(fd.as_raw_fd(), pkt.as_ptr().cast(), pkt.len()) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            }) {
+            match g.try_io(|fd| write_fd(fd.as_raw_fd(), pkt)) {
                 Ok(r) => return r,
                 Err(_would_block) => continue,
             }
         }
+    }
+}
+
+/// One `read(2)` on the non-blocking TUN fd.
+fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: reading into a valid mutable buffer of buf.len() bytes from a fd we own.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// One `write(2)` on the non-blocking TUN fd (one IP packet).
+fn write_fd(fd: RawFd, pkt: &[u8]) -> io::Result<usize> {
+    // SAFETY: writing from a valid buffer of pkt.len() bytes to a fd we own.
+    let n = unsafe { libc::write(fd, pkt.as_ptr().cast(), pkt.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
