@@ -10,9 +10,9 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use derpfleet_relay::cli::{self, Flags, FlagsError};
+use derpfleet_relay::http::tls;
 use derpfleet_relay::server::Server;
-use derpfleet_relay::tls;
+use derpfleet_relay::startup::cli::{self, Flags, FlagsError};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {

@@ -44,9 +44,9 @@ use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::derp_server::DerpServer;
-use crate::metrics::{DropReason, Metrics, PacketKind};
-use crate::registry::{PacketForwarder, Registry};
+use crate::core::derp_server::DerpServer;
+use crate::core::metrics::{DropReason, Metrics, PacketKind};
+use crate::core::registry::{PacketForwarder, Registry};
 
 /// Pause after a link broke before reconnecting (derper: 5 s).
 pub const MESH_RETRY_INTERVAL: Duration = Duration::from_secs(5);

@@ -23,14 +23,14 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::{Admitter, Allowlist, VerifyUrl};
-use crate::derp_server::{jitter, CoreOptions, DerpServer, DerpServerConfig};
+use crate::core::derp_server::{jitter, CoreOptions, DerpServer, DerpServerConfig};
+use crate::core::writer::Control;
+use crate::http::tls::CertReloader;
 use crate::http::{self, HomePage, HttpContext};
-use crate::metrics_http::{self, Status};
-use crate::ops_metrics::OpsMetrics;
-use crate::ratelimit::{load_rate_config, AcceptLimiter, AcceptRate, RecvRate, SharedRecvRate};
-use crate::tls::CertReloader;
-use crate::writer::Control;
+use crate::ops::admission::{Admitter, Allowlist, VerifyUrl};
+use crate::ops::metrics_http::{self, Status};
+use crate::ops::ops_metrics::OpsMetrics;
+use crate::ops::ratelimit::{load_rate_config, AcceptLimiter, AcceptRate, RecvRate, SharedRecvRate};
 
 /// How often a drain looks for connections still open (or newly handshaken).
 const DRAIN_POLL: Duration = Duration::from_millis(20);
@@ -109,7 +109,7 @@ pub struct OpsConfig {
     /// How often to look at them.
     pub cert_reload_interval: Option<Duration>,
     /// `-certmode letsencrypt`: the ACME task to run (obtains and renews the certificate).
-    pub acme: Option<Arc<crate::acme::AcmeTask>>,
+    pub acme: Option<Arc<crate::ops::acme::AcmeTask>>,
     /// At most one drop-log line per reason per this interval.
     pub drop_log_interval: Duration,
 }
@@ -347,7 +347,7 @@ impl Server {
             tracker.spawn(watch_certificates(reloader, every, ops_metrics.clone(), cancel.clone()));
         }
         if let Some(task) = ops.acme.clone() {
-            tracker.spawn(crate::acme::run(task, cancel.clone()));
+            tracker.spawn(crate::ops::acme::run(task, cancel.clone()));
         }
         tracker.spawn(metrics_http::drop_log(derp.clone(), ops.drop_log_interval, cancel.clone()));
         tracing::info!(

@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::derp_server::{ConnInfo, CoreOptions, DerpServer, DerpServerConfig};
+use crate::core::derp_server::{ConnInfo, CoreOptions, DerpServer, DerpServerConfig};
 
 /// A default timeout for `want_*` calls in tests.
 pub const WANT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -26,7 +26,7 @@ async fn plain_http_with_key_file_and_blank_home() {
     // The key file was created (0600) and is the identity the server presents.
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&keyfile).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
-    let key = derpfleet_relay::keyfile::load_or_create(&keyfile).unwrap().0;
+    let key = derpfleet_relay::startup::keyfile::load_or_create(&keyfile).unwrap().0;
     let (mut c, _) = derp_client(addr).await;
     c.send(derpfleet_proto::msg::ClientToServer::Ping(*b"12345678")).await;
     assert_eq!(c.next_data().await, Some(derpfleet_proto::msg::ServerToClient::Pong(*b"12345678")));
@@ -72,7 +72,7 @@ async fn tls_manual_with_ip_hostname_generates_pinned_self_signed_cert() {
         .unwrap();
     s.write_all(b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: DERP\r\n\r\n").await.unwrap();
     assert_eq!(read_head(&mut s).await.status, 101);
-    let key = derpfleet_relay::keyfile::load_or_create(&keyfile).unwrap().0;
+    let key = derpfleet_relay::startup::keyfile::load_or_create(&keyfile).unwrap().0;
     assert_eq!(RawDerp::new(s).handshake(&NodePrivate::generate()).await, key.public());
     assert!(!p.log().contains("http_port_addr=Some"), "-http-port -1 disables port 80");
     p.signal("-TERM");

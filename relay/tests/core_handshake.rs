@@ -8,7 +8,7 @@ use derpfleet_proto::consts::MAGIC;
 use derpfleet_proto::frame::FrameType;
 use derpfleet_proto::handshake::{open, seal, server_key_frame, ClientInfo};
 use derpfleet_proto::{MeshKey, NodePrivate};
-use derpfleet_relay::derp_server::{CoreOptions, DerpServerConfig};
+use derpfleet_relay::core::derp_server::{CoreOptions, DerpServerConfig};
 use derpfleet_relay::testing::{spawn_core_relay, spawn_core_relay_with, tailscaled_info, TestClient};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -225,16 +225,16 @@ async fn mesh_key_holder_is_flagged_and_wrong_mesh_key_is_a_regular_client() -> 
 /// Rejects every key except one.
 struct OnlyKey(derpfleet_proto::NodePublic);
 
-impl derpfleet_relay::derp_server::AdmissionCheck for OnlyKey {
+impl derpfleet_relay::core::derp_server::AdmissionCheck for OnlyKey {
     fn check<'a>(
         &'a self,
         key: derpfleet_proto::NodePublic,
         _info: &'a ClientInfo,
-        _conn: &'a derpfleet_relay::derp_server::ConnInfo,
+        _conn: &'a derpfleet_relay::core::derp_server::ConnInfo,
     ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = derpfleet_relay::derp_server::Admission> + Send + 'a>,
+        Box<dyn std::future::Future<Output = derpfleet_relay::core::derp_server::Admission> + Send + 'a>,
     > {
-        use derpfleet_relay::derp_server::Admission;
+        use derpfleet_relay::core::derp_server::Admission;
         let verdict =
             if key == self.0 { Admission::Allow } else { Admission::Reject("not on the list".into()) };
         Box::pin(async move { verdict })
@@ -243,7 +243,7 @@ impl derpfleet_relay::derp_server::AdmissionCheck for OnlyKey {
 
 #[tokio::test]
 async fn admission_hook_rejects_before_server_info_and_mesh_peers_bypass_it() -> Result<()> {
-    use derpfleet_relay::derp_server::AdmissionHook;
+    use derpfleet_relay::core::derp_server::AdmissionHook;
     let allowed = NodePrivate::generate();
     let mesh = MeshKey::generate();
     let options = CoreOptions {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bytes::{BufMut, BytesMut};
 use derpfleet_proto::frame::{put_header, FrameType};
-use derpfleet_relay::metrics::{DropReason, PacketKind};
+use derpfleet_relay::core::metrics::{DropReason, PacketKind};
 use derpfleet_relay::testing::spawn_core_relay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -8,8 +8,8 @@ use derpfleet_proto::disco;
 use derpfleet_proto::frame::FrameType;
 use derpfleet_proto::msg::{ClientToServer, PeerGoneReason};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
-use derpfleet_relay::derp_server::{jitter, CoreOptions, DerpServerConfig};
-use derpfleet_relay::metrics::{DropReason, PacketKind};
+use derpfleet_relay::core::derp_server::{jitter, CoreOptions, DerpServerConfig};
+use derpfleet_relay::core::metrics::{DropReason, PacketKind};
 use derpfleet_relay::testing::{mesh_info, spawn_core_relay, spawn_core_relay_with, CoreRelay, TestClient};
 
 const T: Duration = Duration::from_secs(5);

@@ -8,8 +8,8 @@ use anyhow::Result;
 use derpfleet_proto::handshake::seal_client_info;
 use derpfleet_proto::msg::PeerGoneReason;
 use derpfleet_proto::NodePrivate;
-use derpfleet_relay::derp_server::{CoreOptions, DerpServerConfig};
-use derpfleet_relay::metrics::{DropReason, PacketKind};
+use derpfleet_relay::core::derp_server::{CoreOptions, DerpServerConfig};
+use derpfleet_relay::core::metrics::{DropReason, PacketKind};
 use derpfleet_relay::testing::{
     spawn_core_relay, spawn_core_relay_with, tailscaled_info, CoreRelay, TestClient,
 };

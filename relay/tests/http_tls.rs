@@ -5,7 +5,7 @@ mod http_common;
 use std::sync::Arc;
 
 use derpfleet_proto::NodePrivate;
-use derpfleet_relay::tls;
+use derpfleet_relay::http::tls;
 use http_common::*;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::AsyncWriteExt;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Result;
 use derpfleet_client::{ConnectOptions, DerpTarget, DerpUrl};
 use derpfleet_proto::{MeshKey, NodePrivate};
-use derpfleet_relay::derp_server::DerpServerConfig;
+use derpfleet_relay::core::derp_server::DerpServerConfig;
 use derpfleet_relay::http::HomePage;
 use derpfleet_relay::mesh::{Mesh, MeshConfig, MeshPeer};
 use derpfleet_relay::server::{Server, ServerConfig, TcpTuning};
@@ -44,7 +44,8 @@ async fn tls_relay(dir: &TempDir, name: &str, ca: &Issuer<'static, KeyPair>, mes
     std::fs::write(dir.0.join(format!("{name}.crt")), leaf.pem()).unwrap();
     std::fs::write(dir.0.join(format!("{name}.key")), key.serialize_pem()).unwrap();
     let private = NodePrivate::generate();
-    let setup = derpfleet_relay::tls::manual(&dir.0, name, &private.public()).expect("certificate loads");
+    let setup =
+        derpfleet_relay::http::tls::manual(&dir.0, name, &private.public()).expect("certificate loads");
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         tls: Some(setup.config),

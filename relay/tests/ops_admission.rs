@@ -11,7 +11,7 @@ use std::time::Duration;
 use derpfleet_proto::handshake::{seal_client_info, ClientInfo};
 use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
-use derpfleet_relay::admission::{Allowlist, VerifyUrl};
+use derpfleet_relay::ops::admission::{Allowlist, VerifyUrl};
 use derpfleet_relay::server::{OpsConfig, Server};
 use http_common::{config, derp_upgrade, RawDerp, TempDir};
 use ops_common::*;
@@ -51,7 +51,7 @@ async fn relay_with_url(url: &str, fail_open: bool) -> Server {
 }
 
 fn admission_count(server: &Server, result: &str) -> f64 {
-    derpfleet_relay::metrics::MetricsSnapshot::parse(&server.status().render_metrics())
+    derpfleet_relay::core::metrics::MetricsSnapshot::parse(&server.status().render_metrics())
         .get("derp_admission", &[("result", result)])
 }
 

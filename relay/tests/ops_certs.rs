@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::NodePrivate;
-use derpfleet_relay::metrics::MetricsSnapshot;
+use derpfleet_relay::core::metrics::MetricsSnapshot;
+use derpfleet_relay::http::tls::{self_signed_ip_cert, sha256_raw_name};
 use derpfleet_relay::server::{OpsConfig, Server};
-use derpfleet_relay::tls::{self_signed_ip_cert, sha256_raw_name};
 use http_common::*;
 use ops_common::WAIT;
 use rustls::pki_types::CertificateDer;
@@ -41,7 +41,7 @@ async fn tls_ok(addr: SocketAddr, pin: [u8; 32]) -> bool {
 async fn replaced_certificate_files_are_served_to_new_connections_only() {
     let dir = TempDir::new("ops-certs");
     let key = NodePrivate::generate();
-    let setup = derpfleet_relay::tls::manual(&dir.0, "127.0.0.1", &key.public()).unwrap();
+    let setup = derpfleet_relay::http::tls::manual(&dir.0, "127.0.0.1", &key.public()).unwrap();
     let crt_path = setup.cert_path.clone();
     let key_path = crt_path.with_extension("key");
     let pin1 = pin_of_pem(&std::fs::read_to_string(&crt_path).unwrap());

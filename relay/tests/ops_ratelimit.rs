@@ -14,8 +14,8 @@ use derpfleet_proto::frame::{put_header, FrameType};
 use derpfleet_proto::handshake::{seal_client_info, ClientInfo};
 use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
-use derpfleet_relay::metrics::MetricsSnapshot;
-use derpfleet_relay::ratelimit::{AcceptRate, RecvRate};
+use derpfleet_relay::core::metrics::MetricsSnapshot;
+use derpfleet_relay::ops::ratelimit::{AcceptRate, RecvRate};
 use derpfleet_relay::server::{OpsConfig, Server};
 use http_common::{config, derp_client, derp_upgrade, RawDerp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -188,8 +188,8 @@ async fn per_client_rate_holds_the_sender_with_zero_drops() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let m = snap(&server);
-    for reason in derpfleet_relay::metrics::DropReason::ALL {
-        for kind in derpfleet_relay::metrics::PacketKind::ALL {
+    for reason in derpfleet_relay::core::metrics::DropReason::ALL {
+        for kind in derpfleet_relay::core::metrics::PacketKind::ALL {
             assert_eq!(m.dropped(reason, kind), 0.0, "{reason:?}/{kind:?}");
         }
     }
@@ -230,7 +230,7 @@ async fn rate_config_reload_applies_to_connected_clients() {
     let file = dir.0.join("rate.json");
     std::fs::write(&file, r#"{"PerClientRateLimitBytesPerSec":0}"#).unwrap();
     let ops = OpsConfig {
-        recv_rate: derpfleet_relay::ratelimit::load_rate_config(&file).unwrap(),
+        recv_rate: derpfleet_relay::ops::ratelimit::load_rate_config(&file).unwrap(),
         rate_config_path: Some(file.clone()),
         ..OpsConfig::default()
     };

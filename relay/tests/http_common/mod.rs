@@ -12,7 +12,7 @@ use derpfleet_proto::frame::Role;
 use derpfleet_proto::handshake::{open_server_info, seal_client_info, ClientInfo};
 use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::{FrameDecoder, NodePrivate, NodePublic};
-use derpfleet_relay::derp_server::DerpServerConfig;
+use derpfleet_relay::core::derp_server::DerpServerConfig;
 use derpfleet_relay::http::HomePage;
 use derpfleet_relay::server::{Server, ServerConfig, TcpTuning};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -64,9 +64,9 @@ pub fn rand_u64() -> u64 {
 }
 
 /// A TLS relay (certmode manual, IP hostname → self-signed) with the plain-HTTP port on.
-pub async fn tls_relay(dir: &TempDir) -> (Server, NodePrivate, derpfleet_relay::tls::TlsSetup) {
+pub async fn tls_relay(dir: &TempDir) -> (Server, NodePrivate, derpfleet_relay::http::tls::TlsSetup) {
     let key = NodePrivate::generate();
-    let setup = derpfleet_relay::tls::manual(&dir.0, "127.0.0.1", &key.public()).unwrap();
+    let setup = derpfleet_relay::http::tls::manual(&dir.0, "127.0.0.1", &key.public()).unwrap();
     let mut cfg = config(key.clone());
     cfg.tls = Some(setup.config.clone());
     cfg.http_port = Some(0);

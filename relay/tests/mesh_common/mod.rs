@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Result};
 use derpfleet_client::{ConnectOptions, DerpConn, DerpReceiver, DerpSender, DerpTarget, DerpUrl};
 use derpfleet_proto::msg::{PeerGoneReason, ServerToClient};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
-use derpfleet_relay::derp_server::DerpServerConfig;
+use derpfleet_relay::core::derp_server::DerpServerConfig;
 use derpfleet_relay::http::HomePage;
 use derpfleet_relay::mesh::{Mesh, MeshConfig, MeshPeer};
 use derpfleet_relay::server::{Server, ServerConfig, TcpTuning};

@@ -27,8 +27,8 @@ use derpfleet_proto::NodePublic;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{DropReason, Metrics, PacketKind};
-use crate::writer::{Control, Outbox, SeenSources};
+use crate::core::metrics::{DropReason, Metrics, PacketKind};
+use crate::core::writer::{Control, Outbox, SeenSources};
 
 /// One accepted, handshaken connection as the rest of the server sees it.
 #[derive(Debug)]

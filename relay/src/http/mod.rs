@@ -8,6 +8,9 @@
 //! those bytes, to hyper's HTTP/1.1 server ([`serve_http`]), which also handles DERP upgrades on
 //! later keep-alive requests (without fast start). HTTP/2 is never spoken.
 
+pub mod tls;
+pub mod websocket;
+
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -28,8 +31,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::derp_server::{ConnInfo, DerpServer};
-use crate::websocket;
+use crate::core::derp_server::{ConnInfo, DerpServer};
 
 /// Cap on the first request head we buffer while sniffing.
 pub const MAX_HEAD_LEN: usize = 16 << 10;
@@ -76,7 +78,7 @@ pub struct HttpContext {
     /// Stops those tasks at shutdown.
     pub cancel: CancellationToken,
     /// `/healthz` and the metrics text of `/debug/varz`.
-    pub status: Arc<crate::metrics_http::Status>,
+    pub status: Arc<crate::ops::metrics_http::Status>,
 }
 
 /// Why the first request could not be read; the connection is closed.
@@ -356,7 +358,7 @@ fn route_request(req: Request<Incoming>, remote: SocketAddr, ctx: &Arc<HttpConte
     }
     match path.as_str() {
         "/derp/probe" | "/derp/latency-check" => probe(req.method()),
-        "/healthz" => crate::metrics_http::healthz_response(&ctx.status),
+        "/healthz" => crate::ops::metrics_http::healthz_response(&ctx.status),
         "/derp" if ctx.derp_enabled => derp_upgrade_via_hyper(req, remote, ctx),
         "/robots.txt" => with_browser_headers(text(
             StatusCode::OK,

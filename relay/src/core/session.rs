@@ -22,10 +22,10 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::metrics::{DropReason, Metrics, PacketKind};
-use crate::ratelimit::ClientRecvLimiter;
-use crate::registry::{Conn, Registry, Routed};
-use crate::writer::Control;
+use crate::core::metrics::{DropReason, Metrics, PacketKind};
+use crate::core::registry::{Conn, Registry, Routed};
+use crate::core::writer::Control;
+use crate::ops::ratelimit::ClientRecvLimiter;
 
 /// Read buffer while traffic keeps filling it.
 const READ_LARGE: usize = 64 << 10;

@@ -18,7 +18,7 @@
 //!   derper's global one; both apply to the main listener, TLS or not.
 //! - Graceful restart: `-drain-timeout`, `-restart-reconnect-in` (+ `-restart-reconnect-jitter`),
 //!   `-restart-try-for` (see [`crate::server::Server::drain`]).
-//! - `-config FILE`: a TOML file with any flag as a key ([`crate::config`]); flags win over it.
+//! - `-config FILE`: a TOML file with any flag as a key ([`crate::startup::config`]); flags win over it.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::num::NonZeroU32;
@@ -31,13 +31,13 @@ use derpfleet_proto::NodePrivate;
 
 use derpfleet_stun::{PerIpLimit, StunConfig};
 
-use crate::admission::{Allowlist, AllowlistError, VerifyUrl, VerifyUrlError};
-use crate::derp_server::DerpServerConfig;
+use crate::core::derp_server::DerpServerConfig;
+use crate::http::tls::{self, TlsError};
 use crate::http::HomePage;
-use crate::keyfile::{self, KeyFileError};
-use crate::ratelimit::{load_rate_config, AcceptRate, RateConfigError, RecvRate};
+use crate::ops::admission::{Allowlist, AllowlistError, VerifyUrl, VerifyUrlError};
+use crate::ops::ratelimit::{load_rate_config, AcceptRate, RateConfigError, RecvRate};
 use crate::server::{DrainOptions, OpsConfig, ServerConfig, StunSettings, TcpTuning};
-use crate::tls::{self, TlsError};
+use crate::startup::keyfile::{self, KeyFileError};
 
 /// The relay's command-line flags (derper's names; write them as `-name value`, `-name=value`
 /// or `--name value`; booleans as `-name` or `-name=false`).
@@ -105,7 +105,7 @@ pub struct Flags {
     pub acme_email: String,
 
     /// -certmode letsencrypt: the ACME directory URL (another CA, e.g. a test CA)
-    #[arg(long = "acme-directory-url", default_value = crate::acme::LETS_ENCRYPT_DIRECTORY,
+    #[arg(long = "acme-directory-url", default_value = crate::ops::acme::LETS_ENCRYPT_DIRECTORY,
           value_name = "url")]
     pub acme_directory_url: String,
 
@@ -299,10 +299,10 @@ impl Flags {
         T: Into<std::ffi::OsString>,
     {
         let args: Vec<std::ffi::OsString> = derpfleet_proto::goflag::normalize_args(args);
-        let Some(path) = crate::config::config_arg(&args) else {
+        let Some(path) = crate::startup::config::config_arg(&args) else {
             return Ok(parse_normalized(args)?);
         };
-        let from_file = crate::config::load_args(&path)?;
+        let from_file = crate::startup::config::load_args(&path)?;
         let mut all: Vec<std::ffi::OsString> = Vec::with_capacity(args.len() + from_file.len());
         all.extend(args.first().cloned());
         all.extend(from_file.into_iter().map(Into::into));
@@ -355,7 +355,7 @@ pub enum FlagsError {
     Flags(#[from] clap::Error),
     /// A bad config file.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] crate::startup::config::ConfigError),
 }
 
 /// `+Inf`/`Inf`/`inf` or a non-negative number (connections per second).
@@ -415,7 +415,7 @@ pub enum StartupError {
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
     #[error("ACME: {0}")]
-    Acme(#[from] crate::acme::AcmeError),
+    Acme(#[from] crate::ops::acme::AcmeError),
     #[error("-verify-clients is not supported (it needs tailscaled's LocalAPI); use -verify-client-url")]
     VerifyClientsUnsupported,
     #[error("-verify-client-url: {0}")]
@@ -492,14 +492,14 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
     let tls = if !serve_tls {
         None
     } else if flags.certmode == "letsencrypt" {
-        let settings = crate::acme::AcmeSettings {
+        let settings = crate::ops::acme::AcmeSettings {
             hostname: flags.hostname.clone(),
             certdir: flags.certdir.clone().unwrap_or_else(default_certdir),
             directory_url: flags.acme_directory_url.clone(),
             email: (!flags.acme_email.is_empty()).then(|| flags.acme_email.clone()),
             extra_roots: flags.acme_ca_file.clone(),
         };
-        let (config, task) = crate::acme::setup(&settings, &server_public)?;
+        let (config, task) = crate::ops::acme::setup(&settings, &server_public)?;
         notes.push(format!("ACME certificate for {} from {}", flags.hostname, flags.acme_directory_url));
         acme_task = Some(task);
         Some(config)
@@ -573,7 +573,7 @@ fn mesh_config(
 fn ops_config(
     flags: &Flags,
     listen: SocketAddr,
-    cert_reloader: Option<std::sync::Arc<crate::tls::CertReloader>>,
+    cert_reloader: Option<std::sync::Arc<crate::http::tls::CertReloader>>,
     notes: &mut Vec<String>,
 ) -> Result<OpsConfig, StartupError> {
     if flags.verify_clients {

@@ -29,9 +29,9 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::metrics::{DropReason, Metrics, PacketKind};
-use crate::queue::BoundedQueue;
-use crate::registry::{Conn, Registry};
+use crate::core::metrics::{DropReason, Metrics, PacketKind};
+use crate::core::queue::BoundedQueue;
+use crate::core::registry::{Conn, Registry};
 
 /// Write out the buffer (without flushing) once it holds this much, while still draining.
 const WRITE_CHUNK: usize = 64 << 10;

@@ -30,8 +30,8 @@ use metrics::Counter;
 use parking_lot::RwLock;
 use tokio::net::TcpStream;
 
-use crate::derp_server::{Admission, AdmissionCheck, AdmissionHook, ConnInfo};
-use crate::ratelimit::unmap;
+use crate::core::derp_server::{Admission, AdmissionCheck, AdmissionHook, ConnInfo};
+use crate::ops::ratelimit::unmap;
 
 /// derper's admission-controller timeout.
 pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -271,7 +271,7 @@ where
 
 fn https_client_config() -> Result<Arc<rustls::ClientConfig>, String> {
     let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+    let config = rustls::ClientConfig::builder_with_provider(crate::http::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)

@@ -5,9 +5,9 @@
 //! request headers must already be readable from `io`) and a [`ConnInfo`]. Everything after the
 //! HTTP upgrade — ServerKey, handshake, frames — happens here. Keep these signatures stable.
 //!
-//! `accept` runs: ServerKey and ClientInfo under the handshake deadline ([`crate::session`]),
-//! the admission hook (skipped for mesh-key holders), registration ([`crate::registry`]),
-//! ServerInfo, then the reader loop and the send loop ([`crate::writer`]) side by side in the
+//! `accept` runs: ServerKey and ClientInfo under the handshake deadline ([`crate::core::session`]),
+//! the admission hook (skipped for mesh-key holders), registration ([`crate::core::registry`]),
+//! ServerInfo, then the reader loop and the send loop ([`crate::core::writer`]) side by side in the
 //! caller's task until either ends, then unregistration. No read-idle timeout after the handshake.
 
 use std::fmt;
@@ -31,11 +31,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use crate::ratelimit::SharedRecvRate;
-use crate::registry::{Conn, Registry};
-use crate::session::{self, HandshakeFailure, Reader};
-use crate::writer::{self, Outbox, SeenSources, WriterSettings};
+use crate::core::metrics::Metrics;
+use crate::core::registry::{Conn, Registry};
+use crate::core::session::{self, HandshakeFailure, Reader};
+use crate::core::writer::{self, Outbox, SeenSources, WriterSettings};
+use crate::ops::ratelimit::SharedRecvRate;
 
 /// Control-queue depth (PeerGone) of a regular connection.
 const CONTROL_QUEUE_DEPTH: usize = 512;

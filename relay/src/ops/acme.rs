@@ -20,7 +20,7 @@ use rustls_acme::caches::DirCache;
 use rustls_acme::{AcmeConfig, AcmeState, ResolvesServerCertAcme};
 use tokio_util::sync::CancellationToken;
 
-use crate::tls::{meta_cert, provider, server_config, TlsError};
+use crate::http::tls::{meta_cert, provider, server_config, TlsError};
 
 /// Let's Encrypt's production directory (derper's default CA).
 pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";

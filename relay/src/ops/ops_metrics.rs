@@ -1,7 +1,7 @@
 //! Metrics of the relay process around the DERP core: accepts and refusals, admission, the rate
 //! limit setting, certificate reloads, graceful restarts, STUN, and process gauges.
 //!
-//! They live in a recorder of their own (the core's [`crate::metrics::Metrics`] keeps the DERP
+//! They live in a recorder of their own (the core's [`crate::core::metrics::Metrics`] keeps the DERP
 //! series), so each [`crate::server::Server`] has separate numbers; `/metrics` renders both.
 //! Names follow derper where it has one (`tls_listener_*_connections`, `process_start_unix_time`,
 //! `uptime_sec`, `derp_current_file_descriptors`, `derp_rate_limit_per_client_*`, `stun_*`).
@@ -11,8 +11,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::admission::AdmissionMetrics;
-use crate::ratelimit::{AcceptRefusal, RecvRate};
+use crate::ops::admission::AdmissionMetrics;
+use crate::ops::ratelimit::{AcceptRefusal, RecvRate};
 
 const META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 

@@ -20,9 +20,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::derp_server::DerpServer;
-use crate::metrics::{DropReason, PacketKind};
-use crate::ops_metrics::OpsMetrics;
+use crate::core::derp_server::DerpServer;
+use crate::core::metrics::{DropReason, PacketKind};
+use crate::ops::ops_metrics::OpsMetrics;
 
 /// What `/metrics` and `/healthz` report.
 #[derive(Debug)]

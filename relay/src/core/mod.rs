@@ -1,0 +1,17 @@
+//! The DERP core: everything between an upgraded byte stream and another client's socket, with no
+//! knowledge of HTTP, TLS, listeners or operations policy (Tailscale's `derpserver` package).
+//!
+//! - [`derp_server`]: [`derp_server::DerpServer::accept`] takes an upgraded stream and runs one
+//!   connection: handshake, reader loop, send loop.
+//! - [`session`]: one connection's handshake and reader loop.
+//! - [`registry`]: clients by key, the duplicate-connection policy, watchers, who-saw-whom.
+//! - [`writer`]: one connection's send side: its outbox and the drain-then-flush send loop.
+//! - [`queue`]: the bounded head-drop queue the outbox is made of.
+//! - [`metrics`]: every DERP series with derper's names, and the drop reasons.
+
+pub mod derp_server;
+pub mod metrics;
+pub mod queue;
+pub mod registry;
+pub mod session;
+pub mod writer;
