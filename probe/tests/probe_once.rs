@@ -1,0 +1,115 @@
+//! `derpfleet-probe -once -json` against real relays: two live regions (one with two meshed nodes)
+//! and a dead one; and a hanging node that must not delay anyone else's probes.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{TcpListener, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::Fleet;
+use serde_json::Value;
+
+fn probes(doc: &Value) -> &Vec<Value> {
+    doc["probes"].as_array().expect("probes array")
+}
+
+#[test]
+fn once_json_dead_region_bad_live_regions_good_and_mesh_both_ways() {
+    let fleet = Fleet::start("once");
+    let (out, doc) = fleet.probe_once_json(&["-interval", "4s", "-mesh-interval", "4s", "-stun-interval", "3s", "-tls-interval", "3s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit 1 with a dead region; stderr:\n{stderr}");
+    let probes = probes(&doc);
+    let names: BTreeSet<&str> = probes.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let want = [
+        "derp/one/1a/derp", "derp/one/1a/tls", "derp/one/1a/stun",
+        "derp/one/1b/derp", "derp/one/1b/tls", "derp/one/1b/stun",
+        "derp/one/1a/1b/mesh", "derp/one/1b/1a/mesh",
+        "derp/two/2a/derp", "derp/two/2a/tls", "derp/two/2a/stun",
+        "derp/dead/3a/derp", "derp/dead/3a/tls", "derp/dead/3a/stun",
+    ];
+    assert_eq!(names, want.into_iter().collect(), "exactly the planned probes");
+    for p in probes {
+        for field in ["name", "class", "region", "node", "ok", "latency_ms", "error", "at"] {
+            assert!(p.get(field).is_some(), "{field} missing in {p}");
+        }
+        let name = p["name"].as_str().unwrap();
+        let at = p["at"].as_str().unwrap();
+        assert!(at.ends_with('Z') && at.len() == 24, "RFC 3339 time: {at}");
+        if p["region"] == "dead" {
+            assert_eq!(p["ok"], false, "{name} must be bad: {p}");
+            let err = p["error"].as_str().unwrap_or_default();
+            assert!(!err.is_empty(), "{name} carries its error");
+            assert!(p["latency_ms"].is_null(), "{name}: no latency when bad");
+        } else {
+            assert_eq!(p["ok"], true, "{name} must be good: {p}\nstderr:\n{stderr}");
+            assert!(p["error"].is_null(), "{name}: {p}");
+            let ms = p["latency_ms"].as_f64().unwrap();
+            assert!(ms > 0.0, "{name} latency {ms}");
+        }
+    }
+    let by_name = |n: &str| probes.iter().find(|p| p["name"] == n).unwrap();
+    for (name, from, to) in [("derp/one/1a/1b/mesh", "1a", "1b"), ("derp/one/1b/1a/mesh", "1b", "1a")] {
+        let p = by_name(name);
+        assert_eq!((p["class"].as_str(), p["node"].as_str(), p["peer"].as_str()), (Some("mesh"), Some(from), Some(to)));
+        assert_eq!(p["ok"], true);
+    }
+    let tls = by_name("derp/one/1a/tls");
+    assert!(tls["cert_days_left"].as_f64().unwrap() > 300.0, "rcgen leaf valid for years: {tls}");
+    let dead_derp = by_name("derp/dead/3a/derp")["error"].as_str().unwrap().to_string();
+    assert!(dead_derp.contains("refused") || dead_derp.contains("reach"), "{dead_derp}");
+    let dead_stun = by_name("derp/dead/3a/stun")["error"].as_str().unwrap().to_string();
+    assert!(dead_stun.contains("no STUN answer") || dead_stun.contains("timed out"), "{dead_stun}");
+
+    // The region filter: only region two, all good, exit 0; the text output names each probe.
+    let out = fleet.prober().args(["-derp-map", &fleet.map_url(), "-once", "-region-code", "two"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines.iter().all(|l| l.starts_with("good: derp/two/2a/")), "{text}");
+}
+
+#[test]
+fn hanging_node_costs_only_its_own_probes_their_timeout() {
+    let fleet = Fleet::start("hang");
+    // A node that accepts TCP (the kernel completes the handshake) but never speaks TLS, and a
+    // STUN port that swallows requests: every probe of it can only end by its timeout.
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (tp, up) = (tcp.local_addr().unwrap().port(), udp.local_addr().unwrap().port());
+    let map: Value = serde_json::from_slice(&std::fs::read(&fleet.map_path).unwrap()).unwrap();
+    let mut map = map;
+    map["Regions"]["4"] = serde_json::json!({"RegionID":4,"RegionCode":"hang","Nodes":[
+        {"Name":"4a","RegionID":4,"HostName":"127.0.0.1","IPv4":"127.0.0.1","IPv6":"none","DERPPort":tp,"STUNPort":up},
+        {"Name":"4b","RegionID":4,"HostName":"127.0.0.1","IPv4":"127.0.0.1","IPv6":"none","DERPPort":tp,"STUNPort":up}]});
+    map["Regions"].as_object_mut().unwrap().remove("3");
+    std::fs::write(&fleet.map_path, serde_json::to_vec(&map).unwrap()).unwrap();
+
+    // Interval 10s: each probe's timeout is 8 s.
+    let started = Instant::now();
+    let (out, doc) = fleet.probe_once_json(&["-interval", "10s", "-mesh-interval", "10s", "-stun-interval", "10s", "-tls-interval", "10s"]);
+    let wall = started.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    let probes = probes(&doc);
+    let hung: Vec<&Value> = probes.iter().filter(|p| p["region"] == "hang").collect();
+    assert_eq!(hung.len(), 8, "derp, tls, stun per node and two mesh probes: {hung:?}");
+    for p in &hung {
+        assert_eq!(p["ok"], false, "{p}");
+        assert!(p["error"].as_str().unwrap().contains("timed out after 8s") || p["error"].as_str().unwrap().contains("no STUN answer within 8s"), "{p}");
+    }
+    let good: Vec<&Value> = probes.iter().filter(|p| p["region"] != "hang").collect();
+    assert_eq!(good.len(), 11);
+    // Every live probe finished long before the hanging node's first timeout ran out: they ran
+    // beside the hung ones, not after them.
+    let first_hung_end = hung.iter().map(|p| p["at"].as_str().unwrap().to_string()).min().unwrap();
+    for p in &good {
+        assert_eq!(p["ok"], true, "{p}");
+        assert!(p["at"].as_str().unwrap() < first_hung_end.as_str(), "{} ended after the hung probes: {p}", p["name"]);
+    }
+    // All eight hung probes together cost one timeout, not eight.
+    assert!(wall < Duration::from_secs(8 * 2), "a -once run took {wall:?}");
+    assert!(wall >= Duration::from_secs(8), "the hung probes did wait for their timeout ({wall:?})");
+    drop((tcp, udp));
+}
