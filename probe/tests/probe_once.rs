@@ -69,6 +69,19 @@ fn once_json_dead_region_bad_live_regions_good_and_mesh_both_ways() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert!(lines.iter().all(|l| l.starts_with("good: derp/two/2a/")), "{text}");
+
+    // Bandwidth and queuing-delay probes through the single-node region.
+    let (out, doc) = fleet.probe_once_json(&[
+        "-region-code", "two", "-interval", "3s", "-bw-interval", "3s", "-bw-probe-size-bytes", "300000",
+        "-qd-packets-per-second", "20", "-qd-packet-timeout", "500ms",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{doc}");
+    let two = doc["probes"].as_array().unwrap();
+    let bw = two.iter().find(|p| p["name"] == "derp/two/2a/bw").expect("bw probe");
+    assert_eq!(bw["class"], "bw");
+    assert!(bw["bytes_per_second"].as_f64().unwrap() > 0.0, "{bw}");
+    let qd = two.iter().find(|p| p["name"] == "derp/two/2a/qd").expect("qd probe");
+    assert_eq!((qd["class"].as_str(), qd["ok"].as_bool()), (Some("qd"), Some(true)), "{qd}");
 }
 
 #[test]
