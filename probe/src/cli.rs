@@ -203,7 +203,8 @@ mod tests {
 
     #[test]
     fn go_syntax_and_defaults() {
-        let f = Flags::parse_go(["p", "-derp-map", "file:///m.json", "-once", "-json", "-interval=2s"]).unwrap();
+        let f =
+            Flags::parse_go(["p", "-derp-map", "file:///m.json", "-once", "-json", "-interval=2s"]).unwrap();
         assert!(f.once && f.json && f.spread);
         assert_eq!(f.interval, Duration::from_secs(2));
         assert_eq!(f.mesh_interval, Duration::from_secs(15));

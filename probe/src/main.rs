@@ -29,8 +29,9 @@ fn main() -> ExitCode {
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if flags.once { "warn" } else { "info" })),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(if flags.once { "warn" } else { "info" })
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

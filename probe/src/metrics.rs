@@ -133,7 +133,12 @@ mod tests {
     use crate::results::{Measured, Outcome};
 
     fn spec(name: &str, class: Class, peer: bool) -> ProbeSpec {
-        let node = |n: &str| DerpNode { name: n.into(), region_id: 1, host_name: "h\"x".into(), ..Default::default() };
+        let node = |n: &str| DerpNode {
+            name: n.into(),
+            region_id: 1,
+            host_name: "h\"x".into(),
+            ..Default::default()
+        };
         ProbeSpec {
             name: name.into(),
             class,
@@ -149,10 +154,12 @@ mod tests {
     #[test]
     fn renders_result_latency_counters_and_class_series() {
         let r = Results::new();
-        let (tls, mesh) = (spec("derp/aa/1a/tls", Class::Tls, false), spec("derp/aa/1a/1b/mesh", Class::Mesh, true));
+        let (tls, mesh) =
+            (spec("derp/aa/1a/tls", Class::Tls, false), spec("derp/aa/1a/1b/mesh", Class::Mesh, true));
         r.set_plan(&[tls.clone(), mesh.clone()]);
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
-        let ok = Measured { latency: Duration::from_millis(12), cert_days_left: Some(30.5), ..Default::default() };
+        let ok =
+            Measured { latency: Duration::from_millis(12), cert_days_left: Some(30.5), ..Default::default() };
         r.finished(&tls.name, Outcome { result: Ok(ok), started: t, ended: t + Duration::from_secs(1) });
         r.finished(&mesh.name, Outcome { result: Err("no".into()), started: t, ended: t });
         let text = render(&r);

@@ -128,19 +128,20 @@ pub fn plan(map: &DerpMap, cfg: &PlanConfig) -> Vec<ProbeSpec> {
             continue;
         }
         let code = region_label(region);
-        let spec = |class, node: &DerpNode, peer: Option<&DerpNode>, family, what: &str, interval| ProbeSpec {
-            name: match peer {
-                Some(p) => format!("derp/{code}/{}/{}/{what}", node.name, p.name),
-                None => format!("derp/{code}/{}/{what}", node.name),
-            },
-            class,
-            region_id: region.region_id,
-            region: code.clone(),
-            node: node.clone(),
-            peer: peer.cloned(),
-            family,
-            interval,
-        };
+        let spec =
+            |class, node: &DerpNode, peer: Option<&DerpNode>, family, what: &str, interval| ProbeSpec {
+                name: match peer {
+                    Some(p) => format!("derp/{code}/{}/{}/{what}", node.name, p.name),
+                    None => format!("derp/{code}/{}/{what}", node.name),
+                },
+                class,
+                region_id: region.region_id,
+                region: code.clone(),
+                node: node.clone(),
+                peer: peer.cloned(),
+                family,
+                interval,
+            };
         let derp_nodes: Vec<&DerpNode> = region.nodes.iter().filter(|n| !n.stun_only).collect();
         for node in &region.nodes {
             if !node.stun_only {
@@ -185,7 +186,15 @@ mod tests {
 
     fn cfg() -> PlanConfig {
         let s = Duration::from_secs(15);
-        PlanConfig { derp: s, tls: s, stun: s, mesh: s, bw: Duration::ZERO, qd: Duration::ZERO, region_code: "".into() }
+        PlanConfig {
+            derp: s,
+            tls: s,
+            stun: s,
+            mesh: s,
+            bw: Duration::ZERO,
+            qd: Duration::ZERO,
+            region_code: "".into(),
+        }
     }
 
     fn map() -> DerpMap {

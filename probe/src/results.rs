@@ -130,15 +130,9 @@ impl Results {
         let mut g = self.write();
         g.probes.retain(|name, _| specs.iter().any(|s| &s.name == name));
         for s in specs {
-            g.probes
-                .entry(s.name.clone())
-                .and_modify(|st| st.spec = s.clone())
-                .or_insert_with(|| ProbeState {
-                    spec: s.clone(),
-                    last: None,
-                    running_since: None,
-                    counters: Counters::default(),
-                });
+            g.probes.entry(s.name.clone()).and_modify(|st| st.spec = s.clone()).or_insert_with(|| {
+                ProbeState { spec: s.clone(), last: None, running_since: None, counters: Counters::default() }
+            });
         }
     }
 
@@ -242,7 +236,13 @@ mod tests {
     #[test]
     fn rfc3339_formats_utc() {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(1_709_251_200_123)), "2024-03-01T00:00:00.123Z");
-        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400 + 86_399)), "2000-02-29T23:59:59.000Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_millis(1_709_251_200_123)),
+            "2024-03-01T00:00:00.123Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400 + 86_399)),
+            "2000-02-29T23:59:59.000Z"
+        );
     }
 }

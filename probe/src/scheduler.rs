@@ -88,7 +88,13 @@ pub async fn run_forever(
                         continue;
                     }
                     let token = stop.child_token();
-                    tokio::spawn(probe_loop(spec.clone(), spread, env.clone(), results.clone(), token.clone()));
+                    tokio::spawn(probe_loop(
+                        spec.clone(),
+                        spread,
+                        env.clone(),
+                        results.clone(),
+                        token.clone(),
+                    ));
                     running.insert(spec.name.clone(), (spec, token));
                 }
             }

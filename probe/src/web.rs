@@ -75,7 +75,8 @@ pub fn handle(state: &WebState, method: &Method, path: &str) -> Response<Full<By
 
 /// Binds `addr` (`:8030` means every interface).
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    let addr = if let Some(port) = addr.strip_prefix(':') { format!("[::]:{port}") } else { addr.to_string() };
+    let addr =
+        if let Some(port) = addr.strip_prefix(':') { format!("[::]:{port}") } else { addr.to_string() };
     let sa: SocketAddr = addr.parse().map_err(|_| anyhow::anyhow!("-listen {addr:?}: not host:port"))?;
     let l = match TcpListener::bind(sa).await {
         // A host without IPv6: fall back to every IPv4 interface.

@@ -21,7 +21,9 @@ fn alerts(addr: std::net::SocketAddr) -> Vec<Value> {
 }
 
 fn firing(alerts: &[Value], name: &str, node: &str) -> bool {
-    alerts.iter().any(|a| a["labels"]["alertname"] == name && a["labels"]["node"] == node && a["state"] == "firing")
+    alerts
+        .iter()
+        .any(|a| a["labels"]["alertname"] == name && a["labels"]["node"] == node && a["state"] == "firing")
 }
 
 #[test]
@@ -41,10 +43,19 @@ fn prometheus_fires_node_down_when_a_relay_is_killed() {
         .unwrap();
     let _prober = Proc { child, what: "prober".into() };
 
-    let rules = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/observability/derpfleet-rules.yml")).unwrap();
+    let rules = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/observability/derpfleet-rules.yml"),
+    )
+    .unwrap();
     let fast: String = rules
         .lines()
-        .map(|l| if l.trim_start().starts_with("for: ") { format!("{}for: 3s", &l[..l.len() - l.trim_start().len()]) } else { l.to_string() })
+        .map(|l| {
+            if l.trim_start().starts_with("for: ") {
+                format!("{}for: 3s", &l[..l.len() - l.trim_start().len()])
+            } else {
+                l.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n");
     assert!(fast.matches("for: 3s").count() >= 8);
@@ -69,24 +80,36 @@ fn prometheus_fires_node_down_when_a_relay_is_killed() {
         .spawn()
         .expect("prometheus (Debian package prometheus) runs");
     let _prom = Proc { child, what: "prometheus".into() };
-    wait_until(Duration::from_secs(30), "prometheus ready", || http_get(prom_addr, "/-/ready").is_some_and(|(s, _)| s == 200));
+    wait_until(Duration::from_secs(30), "prometheus ready", || {
+        http_get(prom_addr, "/-/ready").is_some_and(|(s, _)| s == 200)
+    });
 
     // All three targets scraped and the rules loaded; the dead region's node is already down.
     wait_until(Duration::from_secs(30), "targets up", || {
         let Some((200, body)) = http_get(prom_addr, "/api/v1/query?query=sum(up)") else { return false };
         body.contains("\"3\"")
     });
-    wait_until(Duration::from_secs(30), "DerpNodeDown for the dead region", || firing(&alerts(prom_addr), "DerpNodeDown", "3a"));
+    wait_until(Duration::from_secs(30), "DerpNodeDown for the dead region", || {
+        firing(&alerts(prom_addr), "DerpNodeDown", "3a")
+    });
     // Healthy nodes do not alert (after the prober had time to probe them several times).
     std::thread::sleep(Duration::from_secs(4));
     let before = alerts(prom_addr);
-    assert!(!before.iter().any(|a| a["labels"]["node"] == "1b"), "nothing about 1b before the kill: {before:?}");
+    assert!(
+        !before.iter().any(|a| a["labels"]["node"] == "1b"),
+        "nothing about 1b before the kill: {before:?}"
+    );
 
     fleet.relays[1].proc.kill();
-    wait_until(Duration::from_secs(60), "DerpNodeDown for the killed relay", || firing(&alerts(prom_addr), "DerpNodeDown", "1b"));
+    wait_until(Duration::from_secs(60), "DerpNodeDown for the killed relay", || {
+        firing(&alerts(prom_addr), "DerpNodeDown", "1b")
+    });
     wait_until(Duration::from_secs(30), "DerpMeshPairBroken 1a -> 1b", || {
         alerts(prom_addr).iter().any(|a| {
-            a["labels"]["alertname"] == "DerpMeshPairBroken" && a["labels"]["node"] == "1a" && a["labels"]["peer"] == "1b" && a["state"] == "firing"
+            a["labels"]["alertname"] == "DerpMeshPairBroken"
+                && a["labels"]["node"] == "1a"
+                && a["labels"]["peer"] == "1b"
+                && a["state"] == "firing"
         })
     });
     wait_until(Duration::from_secs(30), "DerpRelayScrapeDown for the killed relay", || {

@@ -13,8 +13,15 @@ fn observability() -> PathBuf {
 }
 
 fn promtool(args: &[&str], dir: &Path) -> (bool, String) {
-    let out = Command::new("promtool").args(args).current_dir(dir).output().expect("promtool (Debian package prometheus) runs");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool (Debian package prometheus) runs");
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
 }
 
 #[test]
@@ -26,9 +33,10 @@ fn rules_pass_promtool_check_and_their_unit_tests() {
     assert!(ok && text.contains("SUCCESS"), "{text}");
     // The same check refuses a broken rule (so a pass above means something).
     let tmp = common::TempDir::new("promtool-bad");
-    let bad = std::fs::read_to_string(dir.join("derpfleet-rules.yml"))
-        .unwrap()
-        .replace("max by (region, node) (derpprobe_result{class=\"derp\"}) == 0", "max by (region, node (derpprobe_result == 0");
+    let bad = std::fs::read_to_string(dir.join("derpfleet-rules.yml")).unwrap().replace(
+        "max by (region, node) (derpprobe_result{class=\"derp\"}) == 0",
+        "max by (region, node (derpprobe_result == 0",
+    );
     std::fs::write(tmp.0.join("bad.yml"), bad).unwrap();
     let (ok, text) = promtool(&["check", "rules", "bad.yml"], &tmp.0);
     assert!(!ok, "a broken expression must fail: {text}");
@@ -67,7 +75,10 @@ fn every_dashboard_expression_parses() {
     let rules = |exprs: &[String]| {
         let mut y = String::from("groups:\n  - name: dashboard\n    rules:\n");
         for (i, e) in exprs.iter().enumerate() {
-            y.push_str(&format!("      - record: dashboard:expr_{i}\n        expr: {}\n", serde_json::to_string(e).unwrap()));
+            y.push_str(&format!(
+                "      - record: dashboard:expr_{i}\n        expr: {}\n",
+                serde_json::to_string(e).unwrap()
+            ));
         }
         y
     };

@@ -17,17 +17,35 @@ fn probes(doc: &Value) -> &Vec<Value> {
 #[test]
 fn once_json_dead_region_bad_live_regions_good_and_mesh_both_ways() {
     let fleet = Fleet::start("once");
-    let (out, doc) = fleet.probe_once_json(&["-interval", "4s", "-mesh-interval", "4s", "-stun-interval", "3s", "-tls-interval", "3s"]);
+    let (out, doc) = fleet.probe_once_json(&[
+        "-interval",
+        "4s",
+        "-mesh-interval",
+        "4s",
+        "-stun-interval",
+        "3s",
+        "-tls-interval",
+        "3s",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "exit 1 with a dead region; stderr:\n{stderr}");
     let probes = probes(&doc);
     let names: BTreeSet<&str> = probes.iter().map(|p| p["name"].as_str().unwrap()).collect();
     let want = [
-        "derp/one/1a/derp", "derp/one/1a/tls", "derp/one/1a/stun",
-        "derp/one/1b/derp", "derp/one/1b/tls", "derp/one/1b/stun",
-        "derp/one/1a/1b/mesh", "derp/one/1b/1a/mesh",
-        "derp/two/2a/derp", "derp/two/2a/tls", "derp/two/2a/stun",
-        "derp/dead/3a/derp", "derp/dead/3a/tls", "derp/dead/3a/stun",
+        "derp/one/1a/derp",
+        "derp/one/1a/tls",
+        "derp/one/1a/stun",
+        "derp/one/1b/derp",
+        "derp/one/1b/tls",
+        "derp/one/1b/stun",
+        "derp/one/1a/1b/mesh",
+        "derp/one/1b/1a/mesh",
+        "derp/two/2a/derp",
+        "derp/two/2a/tls",
+        "derp/two/2a/stun",
+        "derp/dead/3a/derp",
+        "derp/dead/3a/tls",
+        "derp/dead/3a/stun",
     ];
     assert_eq!(names, want.into_iter().collect(), "exactly the planned probes");
     for p in probes {
@@ -52,7 +70,10 @@ fn once_json_dead_region_bad_live_regions_good_and_mesh_both_ways() {
     let by_name = |n: &str| probes.iter().find(|p| p["name"] == n).unwrap();
     for (name, from, to) in [("derp/one/1a/1b/mesh", "1a", "1b"), ("derp/one/1b/1a/mesh", "1b", "1a")] {
         let p = by_name(name);
-        assert_eq!((p["class"].as_str(), p["node"].as_str(), p["peer"].as_str()), (Some("mesh"), Some(from), Some(to)));
+        assert_eq!(
+            (p["class"].as_str(), p["node"].as_str(), p["peer"].as_str()),
+            (Some("mesh"), Some(from), Some(to))
+        );
         assert_eq!(p["ok"], true);
     }
     let tls = by_name("derp/one/1a/tls");
@@ -63,7 +84,11 @@ fn once_json_dead_region_bad_live_regions_good_and_mesh_both_ways() {
     assert!(dead_stun.contains("no STUN answer") || dead_stun.contains("timed out"), "{dead_stun}");
 
     // The region filter: only region two, all good, exit 0; the text output names each probe.
-    let out = fleet.prober().args(["-derp-map", &fleet.map_url(), "-once", "-region-code", "two"]).output().unwrap();
+    let out = fleet
+        .prober()
+        .args(["-derp-map", &fleet.map_url(), "-once", "-region-code", "two"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     let lines: Vec<&str> = text.lines().collect();
@@ -72,8 +97,18 @@ fn once_json_dead_region_bad_live_regions_good_and_mesh_both_ways() {
 
     // Bandwidth and queuing-delay probes through the single-node region.
     let (out, doc) = fleet.probe_once_json(&[
-        "-region-code", "two", "-interval", "3s", "-bw-interval", "3s", "-bw-probe-size-bytes", "300000",
-        "-qd-packets-per-second", "20", "-qd-packet-timeout", "500ms",
+        "-region-code",
+        "two",
+        "-interval",
+        "3s",
+        "-bw-interval",
+        "3s",
+        "-bw-probe-size-bytes",
+        "300000",
+        "-qd-packets-per-second",
+        "20",
+        "-qd-packet-timeout",
+        "500ms",
     ]);
     assert_eq!(out.status.code(), Some(0), "{doc}");
     let two = doc["probes"].as_array().unwrap();
@@ -102,7 +137,16 @@ fn hanging_node_costs_only_its_own_probes_their_timeout() {
 
     // Interval 10s: each probe's timeout is 8 s.
     let started = Instant::now();
-    let (out, doc) = fleet.probe_once_json(&["-interval", "10s", "-mesh-interval", "10s", "-stun-interval", "10s", "-tls-interval", "10s"]);
+    let (out, doc) = fleet.probe_once_json(&[
+        "-interval",
+        "10s",
+        "-mesh-interval",
+        "10s",
+        "-stun-interval",
+        "10s",
+        "-tls-interval",
+        "10s",
+    ]);
     let wall = started.elapsed();
     assert_eq!(out.status.code(), Some(1));
     let probes = probes(&doc);
@@ -110,7 +154,11 @@ fn hanging_node_costs_only_its_own_probes_their_timeout() {
     assert_eq!(hung.len(), 8, "derp, tls, stun per node and two mesh probes: {hung:?}");
     for p in &hung {
         assert_eq!(p["ok"], false, "{p}");
-        assert!(p["error"].as_str().unwrap().contains("timed out after 8s") || p["error"].as_str().unwrap().contains("no STUN answer within 8s"), "{p}");
+        assert!(
+            p["error"].as_str().unwrap().contains("timed out after 8s")
+                || p["error"].as_str().unwrap().contains("no STUN answer within 8s"),
+            "{p}"
+        );
     }
     let good: Vec<&Value> = probes.iter().filter(|p| p["region"] != "hang").collect();
     assert_eq!(good.len(), 11);
@@ -119,7 +167,11 @@ fn hanging_node_costs_only_its_own_probes_their_timeout() {
     let first_hung_end = hung.iter().map(|p| p["at"].as_str().unwrap().to_string()).min().unwrap();
     for p in &good {
         assert_eq!(p["ok"], true, "{p}");
-        assert!(p["at"].as_str().unwrap() < first_hung_end.as_str(), "{} ended after the hung probes: {p}", p["name"]);
+        assert!(
+            p["at"].as_str().unwrap() < first_hung_end.as_str(),
+            "{} ended after the hung probes: {p}",
+            p["name"]
+        );
     }
     // All eight hung probes together cost one timeout, not eight.
     assert!(wall < Duration::from_secs(8 * 2), "a -once run took {wall:?}");

@@ -15,7 +15,13 @@ use common::{free_tcp_port, http_get, wait_until, Fleet, Proc, TempDir};
 fn chromium(profile: &Path, args: &[String], url: &str) -> String {
     let mut child = Command::new("chromium")
         .args(["--headless", "--no-sandbox", "--disable-background-networking", "--disable-component-update"])
-        .args(["--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--hide-scrollbars", "--disable-extensions"])
+        .args([
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--disable-extensions",
+        ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg("--virtual-time-budget=4000")
         .args(args)
@@ -81,7 +87,18 @@ fn metrics_series_and_status_page_rendered_in_headless_chromium() {
     let child = fleet
         .prober()
         .args(["-derp-map", &fleet.map_url(), "-listen", &format!("127.0.0.1:{port}"), "-spread=false"])
-        .args(["-interval", "2s", "-mesh-interval", "2s", "-stun-interval", "2s", "-tls-interval", "2s", "-location", "testlab"])
+        .args([
+            "-interval",
+            "2s",
+            "-mesh-interval",
+            "2s",
+            "-stun-interval",
+            "2s",
+            "-tls-interval",
+            "2s",
+            "-location",
+            "testlab",
+        ])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -103,7 +120,14 @@ fn metrics_series_and_status_page_rendered_in_headless_chromium() {
             .find(|l| l.starts_with(&format!("{name}{{name=\"{probe}\",")))
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
     };
-    for probe in ["derp/one/1a/derp", "derp/one/1a/tls", "derp/one/1b/stun", "derp/one/1a/1b/mesh", "derp/one/1b/1a/mesh", "derp/two/2a/derp"] {
+    for probe in [
+        "derp/one/1a/derp",
+        "derp/one/1a/tls",
+        "derp/one/1b/stun",
+        "derp/one/1a/1b/mesh",
+        "derp/one/1b/1a/mesh",
+        "derp/two/2a/derp",
+    ] {
         assert_eq!(series("derpprobe_result", probe), Some(1.0), "{probe}:\n{metrics}");
         assert!(series("derpprobe_latency_millis", probe).is_some_and(|v| v > 0.0), "{probe}");
         assert!(series("derpprobe_attempts_total", probe).is_some_and(|v| v >= 1.0), "{probe}");
@@ -123,7 +147,8 @@ fn metrics_series_and_status_page_rendered_in_headless_chromium() {
     assert!(dom.contains("11 good, 3 bad"), "summary:\n{dom}");
     assert!(dom.contains("probing from testlab"), "{dom}");
     let row = |node: &str| {
-        let start = dom.find(&format!("data-node=\"{node}\"")).unwrap_or_else(|| panic!("row {node}:\n{dom}"));
+        let start =
+            dom.find(&format!("data-node=\"{node}\"")).unwrap_or_else(|| panic!("row {node}:\n{dom}"));
         let end = dom[start..].find("</tr>").unwrap() + start;
         dom[start..end].to_string()
     };
@@ -140,7 +165,11 @@ fn metrics_series_and_status_page_rendered_in_headless_chromium() {
     // The pixels: green and red cells at desktop and phone widths.
     for (w, h) in [(1000, 1000), (390, 844)] {
         let shot = profile.0.join(format!("shot-{w}.png"));
-        chromium(&profile.0, &[format!("--window-size={w},{h}"), format!("--screenshot={}", shot.display())], &url);
+        chromium(
+            &profile.0,
+            &[format!("--window-size={w},{h}"), format!("--screenshot={}", shot.display())],
+            &url,
+        );
         let (green, red) = (count_colour(&shot, GOOD), count_colour(&shot, BAD));
         assert!(green > 2000, "{w}x{h}: green cells visible ({green} px)");
         assert!(red > 1000, "{w}x{h}: red cells visible ({red} px)");

@@ -38,7 +38,7 @@ pub async fn probe(spec: &ProbeSpec, env: &ProbeEnv) -> Result<Measured, String>
             match b.rx.recv().await.map_err(|e| format!("bw receiver: {e}"))? {
                 ServerToClient::RecvPacket { src, data } if src == a_key && data.first() == Some(&FILL) => {
                     got += 1;
-                    if got % ACK_EVERY == 0 || got == packets {
+                    if got.is_multiple_of(ACK_EVERY) || got == packets {
                         b.tx.send_packet(a_key, Bytes::copy_from_slice(&got.to_be_bytes()))
                             .await
                             .map_err(|e| format!("bw ack: {e}"))?;

@@ -46,7 +46,11 @@ pub(crate) fn deliver<'a>(
     deliver_from(&from.tx, from.key, to)
 }
 
-async fn deliver_from(tx: &DerpSender, from_key: NodePublic, to: &mut ProbeClient) -> Result<Duration, String> {
+async fn deliver_from(
+    tx: &DerpSender,
+    from_key: NodePublic,
+    to: &mut ProbeClient,
+) -> Result<Duration, String> {
     let nonce: u64 = rand::random();
     let mut sent: Vec<Instant> = Vec::new();
     let mut next_send = Instant::now();

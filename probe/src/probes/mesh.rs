@@ -12,8 +12,7 @@ pub async fn probe(spec: &ProbeSpec, env: &ProbeEnv) -> Result<Measured, String>
     let peer = spec.peer.as_ref().ok_or("mesh probe without a peer node")?;
     let (a, b) = tokio::join!(connect(&spec.node, env), connect(peer, env));
     let (a, mut b) = (a?, b?);
-    let latency = deliver(&a, &mut b)
-        .await
-        .map_err(|e| format!("{} -> {}: {e}", spec.node.name, peer.name))?;
+    let latency =
+        deliver(&a, &mut b).await.map_err(|e| format!("{} -> {}: {e}", spec.node.name, peer.name))?;
     Ok(Measured { latency, ..Default::default() })
 }

@@ -5,13 +5,13 @@
 //! Every DERP connection goes through the workspace's client, [`derpfleet_client::conn`], with a
 //! fresh node key, `IsProber` set and (with `-mesh-psk-file`) the region mesh key.
 
+pub mod bw;
 mod deliver;
 pub mod derp;
 pub mod mesh;
 pub mod qd;
 pub mod stun;
 pub mod tls;
-pub mod bw;
 
 use std::time::Duration;
 

@@ -47,8 +47,8 @@ async fn server_addr(spec: &ProbeSpec, family: Family) -> Result<SocketAddr, Str
 pub async fn probe(spec: &ProbeSpec, budget: Duration) -> Result<Measured, String> {
     let family = spec.family.unwrap_or(Family::V4);
     let server = server_addr(spec, family).await?;
-    let bind: SocketAddr = if server.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
-        .map_err(|e| format!("{e}"))?;
+    let bind: SocketAddr =
+        if server.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(|e| format!("{e}"))?;
     let socket = UdpSocket::bind(bind).await.map_err(|e| format!("STUN socket: {e}"))?;
     let plan = RetryPlan { sends: 3, interval: Duration::from_millis(100), timeout: budget };
     let answer = binding(&socket, server, plan).await.map_err(|e| format!("STUN {server}: {e}"))?;

@@ -30,7 +30,8 @@ fn is_meta(der: &[u8]) -> bool {
 
 /// Days from now to the leaf's notAfter.
 fn days_left(der: &[u8], now: SystemTime) -> Result<f64, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("parsing the certificate: {e}"))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("parsing the certificate: {e}"))?;
     let not_after = cert.validity().not_after.timestamp() as f64;
     let now = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     Ok((not_after - now) / 86_400.0)
@@ -43,7 +44,8 @@ pub async fn probe(node: &DerpNode) -> Result<Measured, String> {
         .map_err(|e| format!("TCP to {}:{}: {e}", node.host_name, node.derp_port()))?;
     let _ = tcp.set_nodelay(true);
     let cfg = derpfleet_client::tls::client_config(&node.cert_check(), &[]);
-    let name = ServerName::try_from(node.host_name.clone()).map_err(|_| "HostName is not a valid TLS name")?;
+    let name =
+        ServerName::try_from(node.host_name.clone()).map_err(|_| "HostName is not a valid TLS name")?;
     let start = Instant::now();
     let tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(name, tcp)

@@ -115,20 +115,34 @@ fn issue_leaf(ca: &Issuer<'static, KeyPair>, certdir: &Path) {
 }
 
 /// A relay's command line (TLS, STUN, metrics, optional mesh).
-fn start_relay(dir: &Path, ca: &Issuer<'static, KeyPair>, name: &str, ports: (u16, u16, u16), mesh_with: Option<&str>) -> Relay {
+fn start_relay(
+    dir: &Path,
+    ca: &Issuer<'static, KeyPair>,
+    name: &str,
+    ports: (u16, u16, u16),
+    mesh_with: Option<&str>,
+) -> Relay {
     let certdir = dir.join(format!("{name}-certs"));
     issue_leaf(ca, &certdir);
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     let mut cmd = Command::new(bin("derpfleet-relay"));
-    cmd.args(["-a", &format!("127.0.0.1:{}", ports.0), "-http-port=-1", "-certmode", "manual", "-hostname", "127.0.0.1"])
-        .arg("-certdir")
-        .arg(&certdir)
-        .args(["-stun", "-stun-port", &ports.1.to_string(), "-stun-rate-limit", "0"])
-        .args(["-metrics-addr", &format!("127.0.0.1:{}", ports.2)])
-        .arg("-c")
-        .arg(dir.join(format!("{name}.key")))
-        .arg("-mesh-psk-file")
-        .arg(dir.join("mesh.key"));
+    cmd.args([
+        "-a",
+        &format!("127.0.0.1:{}", ports.0),
+        "-http-port=-1",
+        "-certmode",
+        "manual",
+        "-hostname",
+        "127.0.0.1",
+    ])
+    .arg("-certdir")
+    .arg(&certdir)
+    .args(["-stun", "-stun-port", &ports.1.to_string(), "-stun-rate-limit", "0"])
+    .args(["-metrics-addr", &format!("127.0.0.1:{}", ports.2)])
+    .arg("-c")
+    .arg(dir.join(format!("{name}.key")))
+    .arg("-mesh-psk-file")
+    .arg(dir.join("mesh.key"));
     if let Some(with) = mesh_with {
         cmd.args(["-mesh-with", with]).arg("-mesh-ca-file").arg(dir.join("ca.pem"));
     }
@@ -186,7 +200,8 @@ impl Fleet {
         std::fs::write(&ca_path, ca_pem).unwrap();
         let mesh_key = derpfleet_proto::MeshKey::generate().to_hex();
         std::fs::write(dir.0.join("mesh.key"), format!("{mesh_key}\n")).unwrap();
-        let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_tcp_port(), free_udp_port(), free_tcp_port())).collect();
+        let ports: Vec<(u16, u16, u16)> =
+            (0..3).map(|_| (free_tcp_port(), free_udp_port(), free_tcp_port())).collect();
         let with = format!("127.0.0.1:{},127.0.0.1:{}", ports[0].0, ports[1].0);
         let relays = vec![
             start_relay(&dir.0, &ca, "1a", ports[0], Some(&with)),
