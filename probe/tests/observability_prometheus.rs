@@ -101,9 +101,22 @@ fn prometheus_fires_node_down_when_a_relay_is_killed() {
     );
 
     fleet.relays[1].proc.kill();
-    wait_until(Duration::from_secs(60), "DerpNodeDown for the killed relay", || {
-        firing(&alerts(prom_addr), "DerpNodeDown", "1b")
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !firing(&alerts(prom_addr), "DerpNodeDown", "1b") {
+        if std::time::Instant::now() > deadline {
+            let probe_metrics = http_get(probe_addr, "/metrics").map(|(_, b)| b).unwrap_or_default();
+            let derp: Vec<&str> =
+                probe_metrics.lines().filter(|l| l.starts_with("derpprobe_result")).collect();
+            let log = std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            panic!(
+                "DerpNodeDown for 1b not firing within 60 s; alerts: {:?}\nraw: {:?}\nprober: {derp:#?}\nprometheus log (last lines first): {tail:#?}",
+                alerts(prom_addr),
+                http_get(prom_addr, "/api/v1/alerts")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     wait_until(Duration::from_secs(30), "DerpMeshPairBroken 1a -> 1b", || {
         alerts(prom_addr).iter().any(|a| {
             a["labels"]["alertname"] == "DerpMeshPairBroken"
