@@ -178,3 +178,55 @@ fn hanging_node_costs_only_its_own_probes_their_timeout() {
     assert!(wall >= Duration::from_secs(8), "the hung probes did wait for their timeout ({wall:?})");
     drop((tcp, udp));
 }
+
+#[test]
+fn tls_probe_reports_days_left_and_fails_within_seven_days_of_expiry() {
+    let fleet = Fleet::start_with_cert_days("certs", [Some(3), Some(20), None]);
+    let (out, doc) =
+        fleet.probe_once_json(&["-region-code", "one", "-interval", "4s", "-tls-interval", "3s"]);
+    assert_eq!(out.status.code(), Some(1), "{doc}");
+    let probes = probes(&doc);
+    let by_name = |n: &str| probes.iter().find(|p| p["name"] == n).unwrap_or_else(|| panic!("{n} in {doc}"));
+    let soon = by_name("derp/one/1a/tls");
+    assert_eq!(soon["ok"], false, "{soon}");
+    let err = soon["error"].as_str().unwrap();
+    assert!(err.contains("certificate expires in 3.0 days") || err.contains("expires in 2.9 days"), "{err}");
+    let later = by_name("derp/one/1b/tls");
+    assert_eq!(later["ok"], true, "{later}");
+    let days = later["cert_days_left"].as_f64().unwrap();
+    assert!((19.9..=20.01).contains(&days), "{days}");
+    // The certificate still verifies, so DERP itself works on both nodes.
+    assert_eq!(by_name("derp/one/1a/derp")["ok"], true);
+    assert_eq!(by_name("derp/one/1b/derp")["ok"], true);
+}
+
+#[test]
+fn bad_flags_exit_2_and_a_bad_map_names_the_file_and_field() {
+    let bin = common::bin("derpfleet-probe");
+    let out = std::process::Command::new(&bin).args(["-once", "-interval", "soon"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("-interval") && !err.contains("--interval") && err.contains("invalid duration"),
+        "{err}"
+    );
+    let out = std::process::Command::new(&bin).arg("-no-such-flag").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-no-such-flag"));
+
+    let dir = common::TempDir::new("badmap");
+    let map = dir.0.join("map.json");
+    std::fs::write(
+        &map,
+        r#"{"Regions":{"1":{"RegionID":1,"Nodes":[{"Name":"1a","RegionID":1,"HostName":""}]}}}"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(&bin)
+        .args(["-once", "-json", "-derp-map", &format!("file://{}", map.display())])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&map.display().to_string()) && err.contains("HostName is empty"), "{err}");
+    assert!(out.stdout.is_empty(), "no JSON for a map that cannot be read");
+}

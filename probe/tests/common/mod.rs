@@ -105,10 +105,17 @@ fn test_ca() -> (String, Issuer<'static, KeyPair>) {
     (cert.pem(), Issuer::new(params, key))
 }
 
-fn issue_leaf(ca: &Issuer<'static, KeyPair>, certdir: &Path) {
+/// A leaf for 127.0.0.1, valid from a day ago for `valid_days` more days (rcgen's default, into
+/// year 4096, when `None`).
+fn issue_leaf(ca: &Issuer<'static, KeyPair>, certdir: &Path, valid_days: Option<u64>) {
     std::fs::create_dir_all(certdir).unwrap();
     let key = KeyPair::generate().unwrap();
-    let params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    if let Some(days) = valid_days {
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(days as i64);
+    }
     let cert = params.signed_by(&key, ca).unwrap();
     std::fs::write(certdir.join("127.0.0.1.crt"), cert.pem()).unwrap();
     std::fs::write(certdir.join("127.0.0.1.key"), key.serialize_pem()).unwrap();
@@ -121,9 +128,10 @@ fn start_relay(
     name: &str,
     ports: (u16, u16, u16),
     mesh_with: Option<&str>,
+    valid_days: Option<u64>,
 ) -> Relay {
     let certdir = dir.join(format!("{name}-certs"));
-    issue_leaf(ca, &certdir);
+    issue_leaf(ca, &certdir, valid_days);
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     let mut cmd = Command::new(bin("derpfleet-relay"));
     cmd.args([
@@ -194,6 +202,11 @@ pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 impl Fleet {
     /// Starts the relays and waits until they serve and the region-1 mesh is up.
     pub fn start(tag: &str) -> Fleet {
+        Self::start_with_cert_days(tag, [None; 3])
+    }
+
+    /// [`Fleet::start`] with each relay's (1a, 1b, 2a) certificate valid for so many more days.
+    pub fn start_with_cert_days(tag: &str, valid_days: [Option<u64>; 3]) -> Fleet {
         let dir = TempDir::new(tag);
         let (ca_pem, ca) = test_ca();
         let ca_path = dir.0.join("ca.pem");
@@ -204,9 +217,9 @@ impl Fleet {
             (0..3).map(|_| (free_tcp_port(), free_udp_port(), free_tcp_port())).collect();
         let with = format!("127.0.0.1:{},127.0.0.1:{}", ports[0].0, ports[1].0);
         let relays = vec![
-            start_relay(&dir.0, &ca, "1a", ports[0], Some(&with)),
-            start_relay(&dir.0, &ca, "1b", ports[1], Some(&with)),
-            start_relay(&dir.0, &ca, "2a", ports[2], None),
+            start_relay(&dir.0, &ca, "1a", ports[0], Some(&with), valid_days[0]),
+            start_relay(&dir.0, &ca, "1b", ports[1], Some(&with), valid_days[1]),
+            start_relay(&dir.0, &ca, "2a", ports[2], None, valid_days[2]),
         ];
         let dead = (free_tcp_port(), free_udp_port());
         let map = format!(
