@@ -230,3 +230,34 @@ fn bad_flags_exit_2_and_a_bad_map_names_the_file_and_field() {
     assert!(err.contains(&map.display().to_string()) && err.contains("HostName is empty"), "{err}");
     assert!(out.stdout.is_empty(), "no JSON for a map that cannot be read");
 }
+
+#[test]
+fn mesh_psk_file_gets_the_prober_past_an_allowlist() {
+    // Every relay admits nobody but mesh-key holders.
+    let fleet = Fleet::start_custom("allow", [None; 3], true);
+    let flags = [
+        "-region-code",
+        "one",
+        "-interval",
+        "4s",
+        "-mesh-interval",
+        "4s",
+        "-stun-interval",
+        "0",
+        "-tls-interval",
+        "0",
+    ];
+    let (out, doc) = fleet.probe_once_json(&flags);
+    assert_eq!(out.status.code(), Some(1), "{doc}");
+    for p in probes(&doc) {
+        assert_eq!(p["ok"], false, "refused without the key: {p}");
+    }
+    let key = fleet.mesh_key_path();
+    let mut with_key = flags.to_vec();
+    with_key.extend(["-mesh-psk-file", key.to_str().unwrap()]);
+    let (out, doc) = fleet.probe_once_json(&with_key);
+    assert_eq!(out.status.code(), Some(0), "{doc}");
+    let names: BTreeSet<&str> = probes(&doc).iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let want = ["derp/one/1a/1b/mesh", "derp/one/1a/derp", "derp/one/1b/1a/mesh", "derp/one/1b/derp"];
+    assert_eq!(names, want.into_iter().collect());
+}

@@ -174,4 +174,20 @@ fn metrics_series_and_status_page_rendered_in_headless_chromium() {
         assert!(green > 2000, "{w}x{h}: green cells visible ({green} px)");
         assert!(red > 1000, "{w}x{h}: red cells visible ({red} px)");
     }
+
+    // The service re-reads the map every -interval: the dead region leaves, and its series with it.
+    let mut map: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&fleet.map_path).unwrap()).unwrap();
+    map["Regions"].as_object_mut().unwrap().remove("3");
+    std::fs::write(&fleet.map_path, serde_json::to_vec(&map).unwrap()).unwrap();
+    wait_until(Duration::from_secs(20), "the dead region's probes removed", || {
+        http_get(addr, "/metrics")
+            .is_some_and(|(_, m)| m.contains("derpprobe_probes 11") && !m.contains("node=\"3a\""))
+    });
+    // A map that becomes unreadable keeps the previous plan and says so.
+    std::fs::write(&fleet.map_path, "{not json").unwrap();
+    wait_until(Duration::from_secs(20), "map error reported", || {
+        http_get(addr, "/metrics")
+            .is_some_and(|(_, m)| m.contains("derpprobe_derpmap_ok 0") && m.contains("derpprobe_probes 11"))
+    });
 }

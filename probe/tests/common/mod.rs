@@ -129,6 +129,7 @@ fn start_relay(
     ports: (u16, u16, u16),
     mesh_with: Option<&str>,
     valid_days: Option<u64>,
+    allowlist: bool,
 ) -> Relay {
     let certdir = dir.join(format!("{name}-certs"));
     issue_leaf(ca, &certdir, valid_days);
@@ -153,6 +154,9 @@ fn start_relay(
     .arg(dir.join("mesh.key"));
     if let Some(with) = mesh_with {
         cmd.args(["-mesh-with", with]).arg("-mesh-ca-file").arg(dir.join("ca.pem"));
+    }
+    if allowlist {
+        cmd.arg("-allowlist").arg(dir.join("allowlist"));
     }
     cmd.env("RUST_LOG", "info").env("HOME", dir).stdout(Stdio::null()).stderr(log);
     let child = cmd.spawn().unwrap();
@@ -207,7 +211,13 @@ impl Fleet {
 
     /// [`Fleet::start`] with each relay's (1a, 1b, 2a) certificate valid for so many more days.
     pub fn start_with_cert_days(tag: &str, valid_days: [Option<u64>; 3]) -> Fleet {
+        Self::start_custom(tag, valid_days, false)
+    }
+
+    /// With `allowlist`, every relay runs with an empty `-allowlist`: only mesh-key holders get in.
+    pub fn start_custom(tag: &str, valid_days: [Option<u64>; 3], allowlist: bool) -> Fleet {
         let dir = TempDir::new(tag);
+        std::fs::write(dir.0.join("allowlist"), "# nobody but mesh-key holders\n").unwrap();
         let (ca_pem, ca) = test_ca();
         let ca_path = dir.0.join("ca.pem");
         std::fs::write(&ca_path, ca_pem).unwrap();
@@ -217,9 +227,9 @@ impl Fleet {
             (0..3).map(|_| (free_tcp_port(), free_udp_port(), free_tcp_port())).collect();
         let with = format!("127.0.0.1:{},127.0.0.1:{}", ports[0].0, ports[1].0);
         let relays = vec![
-            start_relay(&dir.0, &ca, "1a", ports[0], Some(&with), valid_days[0]),
-            start_relay(&dir.0, &ca, "1b", ports[1], Some(&with), valid_days[1]),
-            start_relay(&dir.0, &ca, "2a", ports[2], None, valid_days[2]),
+            start_relay(&dir.0, &ca, "1a", ports[0], Some(&with), valid_days[0], allowlist),
+            start_relay(&dir.0, &ca, "1b", ports[1], Some(&with), valid_days[1], allowlist),
+            start_relay(&dir.0, &ca, "2a", ports[2], None, valid_days[2], allowlist),
         ];
         let dead = (free_tcp_port(), free_udp_port());
         let map = format!(
@@ -248,6 +258,11 @@ impl Fleet {
             });
         }
         fleet
+    }
+
+    /// The region mesh key file the relays use.
+    pub fn mesh_key_path(&self) -> PathBuf {
+        self.dir.0.join("mesh.key")
     }
 
     /// `file://` URL of the map.
