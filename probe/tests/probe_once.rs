@@ -261,3 +261,51 @@ fn mesh_psk_file_gets_the_prober_past_an_allowlist() {
     let want = ["derp/one/1a/1b/mesh", "derp/one/1a/derp", "derp/one/1b/1a/mesh", "derp/one/1b/derp"];
     assert_eq!(names, want.into_iter().collect());
 }
+
+#[test]
+fn stun_probes_each_family_the_node_has() {
+    // A STUN-only node on IPv6 loopback (the standalone responder) with IPv4 disabled in the map:
+    // one stun6 probe, no IPv4 probe, no DERP probes. (The IPv4-only nodes of the other tests get
+    // no stun6 probe.)
+    let port6 = {
+        let s = UdpSocket::bind("[::1]:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let responder = std::process::Command::new(common::bin("derpfleet-stun"))
+        .args(["-a", &format!("[::1]:{port6}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _responder = common::Proc { child: responder, what: "derpfleet-stun".into() };
+    let dir = common::TempDir::new("stun6");
+    let map = dir.0.join("map.json");
+    let json = serde_json::json!({"Regions":{"7":{"RegionID":7,"RegionCode":"six","Nodes":[
+        {"Name":"7s","RegionID":7,"HostName":"::1","IPv4":"none","STUNPort":port6,"STUNOnly":true}]}}});
+    std::fs::write(&map, serde_json::to_vec(&json).unwrap()).unwrap();
+    let started = Instant::now();
+    loop {
+        let out = std::process::Command::new(common::bin("derpfleet-probe"))
+            .args([
+                "-derp-map",
+                &format!("file://{}", map.display()),
+                "-once",
+                "-json",
+                "-stun-interval",
+                "2s",
+            ])
+            .output()
+            .unwrap();
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let names: Vec<&str> = probes(&doc).iter().map(|p| p["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["derp/six/7s/stun6"], "IPv6 only, no DERP probes for a STUN-only node");
+        if out.status.code() == Some(0) {
+            let p = &probes(&doc)[0];
+            assert_eq!((p["class"].as_str(), p["ok"].as_bool()), (Some("stun"), Some(true)));
+            break;
+        }
+        // The responder may still be starting.
+        assert!(started.elapsed() < Duration::from_secs(15), "stun6 never good: {doc}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
