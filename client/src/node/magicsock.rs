@@ -83,6 +83,11 @@ impl OwnEndpoints {
         out
     }
 
+    /// Makes the next [`Self::stun_due`] send at once (the home region changed).
+    pub fn restun_now(&mut self) {
+        self.last_request = None;
+    }
+
     /// Handles a STUN datagram; returns the mapped address when it answers one of our requests.
     pub fn on_stun(&mut self, b: &[u8], now: Instant) -> Option<SocketAddr> {
         let (tx, mapped) = parse_response(b).ok()?;
