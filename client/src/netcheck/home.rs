@@ -190,21 +190,37 @@ mod tests {
         h.push(t0, &lat(&[(1, 40), (2, 38)]));
         let now_lat = lat(&[(2, 35)]);
         h.push(t0 + Duration::from_secs(30), &now_lat);
-        let st = HomeState { old_home: Some(1), old_home_heard_ago: Some(Duration::from_secs(2)), ..Default::default() };
+        let st = HomeState {
+            old_home: Some(1),
+            old_home_heard_ago: Some(Duration::from_secs(2)),
+            ..Default::default()
+        };
         assert_eq!(
             choose_home(&DerpMap::default(), &h, &now_lat, st),
             Some(1),
             "heard 2 s ago: still reachable"
         );
-        let st = HomeState { old_home: Some(1), old_home_heard_ago: Some(Duration::from_secs(20)), ..Default::default() };
+        let st = HomeState {
+            old_home: Some(1),
+            old_home_heard_ago: Some(Duration::from_secs(20)),
+            ..Default::default()
+        };
         assert_eq!(choose_home(&DerpMap::default(), &h, &now_lat, st), Some(2));
     }
 
     #[test]
     fn no_data_keeps_a_recently_heard_home() {
-        let st = HomeState { old_home: Some(1), old_home_heard_ago: Some(Duration::from_secs(60)), ..Default::default() };
+        let st = HomeState {
+            old_home: Some(1),
+            old_home_heard_ago: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
         assert_eq!(run(&DerpMap::default(), &[], st), Some(1));
-        let st = HomeState { old_home: Some(1), old_home_heard_ago: Some(Duration::from_secs(200)), ..Default::default() };
+        let st = HomeState {
+            old_home: Some(1),
+            old_home_heard_ago: Some(Duration::from_secs(200)),
+            ..Default::default()
+        };
         assert_eq!(run(&DerpMap::default(), &[], st), None);
     }
 

@@ -298,9 +298,12 @@ impl NodeConfig {
         let secs = |v: Option<u64>, default: u64, key: &str| match v {
             None => Ok(std::time::Duration::from_secs(default)),
             Some(s) if (1..=86_400).contains(&s) => Ok(std::time::Duration::from_secs(s)),
-            Some(s) => Err(invalid(format!("netcheck.{key}"), format!("{s} is not within 1..=86400 seconds"))),
+            Some(s) => {
+                Err(invalid(format!("netcheck.{key}"), format!("{s} is not within 1..=86400 seconds")))
+            }
         };
-        let netcheck_interval = secs(raw.netcheck.interval_secs, DEFAULT_NETCHECK_INTERVAL_SECS, "interval_secs")?;
+        let netcheck_interval =
+            secs(raw.netcheck.interval_secs, DEFAULT_NETCHECK_INTERVAL_SECS, "interval_secs")?;
         let netcheck_history = secs(raw.netcheck.history_secs, 305, "history_secs")?;
         let name = raw.tun.name;
         if name.is_empty() || name.len() > 15 || name.contains('/') {

@@ -239,7 +239,7 @@ impl Node {
             self.regions.open(region);
             *peer.region_reason.lock() = reason.clone();
             peer.log.lock().push(format!("derp-{region}"), reason);
-        } else if what == "disco" || peer.region_reason.lock().starts_with("its home_region") {
+        } else if what == "disco packets" || peer.region_reason.lock().starts_with("its home_region") {
             // Refresh the reason, but only on the rarer disco packets or once (not per datagram).
             *peer.region_reason.lock() = format!("its {what} arrive via derp-{region}");
         }
@@ -442,7 +442,7 @@ impl Node {
             if node != peer.cfg.public_key {
                 return;
             }
-            self.learn_peer_region(peer, region, "disco");
+            self.learn_peer_region(peer, region, "disco packets");
         }
         let now = Instant::now();
         match msg {
@@ -546,14 +546,15 @@ impl Node {
         }
         let reason = match (log.last, key) {
             (_, PathKey::Direct(a)) if peer.static_ep.lock().is_some() => format!("static endpoint {a}"),
-            (_, PathKey::Direct(a)) => format!("disco pong from {a}: trusted for 6.5 s, renewed by heartbeats"),
+            (_, PathKey::Direct(a)) => {
+                format!("disco pong from {a}: trusted for 6.5 s, renewed by heartbeats")
+            }
             (Some(PathKey::Direct(a)), PathKey::Derp(r)) => {
                 format!("no pong from {a} within the trust time: relayed via derp-{r}")
             }
-            (_, PathKey::Derp(r)) if r != peer.derp_region.load(Relaxed) => format!(
-                "derp-{} not connected: via our home derp-{r}",
-                peer.derp_region.load(Relaxed)
-            ),
+            (_, PathKey::Derp(r)) if r != peer.derp_region.load(Relaxed) => {
+                format!("derp-{} not connected: via our home derp-{r}", peer.derp_region.load(Relaxed))
+            }
             (_, PathKey::Derp(_)) => peer.region_reason.lock().clone(),
         };
         let path = match key {
@@ -844,9 +845,10 @@ async fn netcheck_loop(node: Arc<Node>, mut nc: Netchecker, first_report_done: b
             }
         }
         let home = node.regions.home();
-        let down = node.regions.down_since(home).map(|t| t.elapsed()).filter(|d| *d >= homing::HOME_DOWN_GRACE);
-        let full = trigger != "periodic"
-            || last_full.is_none_or(|t| t.elapsed() >= homing::FULL_REPORT_EVERY);
+        let down =
+            node.regions.down_since(home).map(|t| t.elapsed()).filter(|d| *d >= homing::HOME_DOWN_GRACE);
+        let full =
+            trigger != "periodic" || last_full.is_none_or(|t| t.elapsed() >= homing::FULL_REPORT_EVERY);
         if full {
             last_full = Some(tokio::time::Instant::now());
         }

@@ -47,7 +47,12 @@ fn ms(d: Duration) -> String {
 
 /// Why the home moves from `old` to `new`, in words, from this report's `latencies` and how long
 /// the old home's DERP connection has been down (if it is).
-pub fn move_reason(old: i64, new: i64, latencies: &BTreeMap<i64, Duration>, old_down: Option<Duration>) -> String {
+pub fn move_reason(
+    old: i64,
+    new: i64,
+    latencies: &BTreeMap<i64, Duration>,
+    old_down: Option<Duration>,
+) -> String {
     let new_lat = latencies.get(&new).map(|d| ms(*d)).unwrap_or_else(|| "no answer".into());
     if let Some(d) = old_down {
         return format!(

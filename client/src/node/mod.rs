@@ -127,8 +127,11 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
         .map_err(|source| UpError::Bind { port: cfg.listen_port, source })?;
     let sock = Arc::new(sock);
     let port = sock.local_addr().map(|a| a.port()).unwrap_or(cfg.listen_port);
-    let nc_cfg =
-        NetcheckConfig { https_fallback: true, history_retention: cfg.netcheck_history, ..Default::default() };
+    let nc_cfg = NetcheckConfig {
+        https_fallback: true,
+        history_retention: cfg.netcheck_history,
+        ..Default::default()
+    };
     let mut nc = Netchecker::with_sockets(Some(sock.clone()), None, nc_cfg);
     let mut first_report = None;
     let home = match cfg.home_region {

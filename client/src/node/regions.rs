@@ -108,7 +108,8 @@ impl Regions {
 
     /// Regions whose client runs.
     pub fn open_regions(&self) -> Vec<i64> {
-        let mut v: Vec<i64> = self.slots.iter().filter(|(_, s)| s.open.load(Relaxed)).map(|(r, _)| *r).collect();
+        let mut v: Vec<i64> =
+            self.slots.iter().filter(|(_, s)| s.open.load(Relaxed)).map(|(r, _)| *r).collect();
         v.sort_unstable();
         v
     }

@@ -225,7 +225,13 @@ pub fn render(s: &Status) -> String {
         None => out += "netcheck: none yet\n",
     }
     for m in &s.home_history {
-        out += &format!("home moved {} -> derp-{} at {:.0}: {}\n", region_name(m.from), m.to, m.at_unix, m.reason);
+        out += &format!(
+            "home moved {} -> derp-{} at {:.0}: {}\n",
+            region_name(m.from),
+            m.to,
+            m.at_unix,
+            m.reason
+        );
     }
     out += "peer             path                       latency   tx bytes   rx bytes  handshake\n";
     for p in &s.peers {
@@ -317,7 +323,10 @@ mod tests {
             text.contains("ffeeddccbbaa9988") && text.contains("1.2ms") && text.contains("3s ago"),
             "{text}"
         );
-        assert!(text.contains("home moved derp-901 -> derp-900") && text.contains("derp-900 1.5ms"), "{text}");
+        assert!(
+            text.contains("home moved derp-901 -> derp-900") && text.contains("derp-900 1.5ms"),
+            "{text}"
+        );
         assert_eq!(st.netcheck.unwrap().region_latency_ms[&900], 1.5);
         // A document from an older node (no new fields) still parses.
         let old = serde_json::json!({"node_key": "n", "disco_key": "d", "home_region": 1,
