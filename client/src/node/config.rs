@@ -11,6 +11,8 @@
 //! pin_home = false                         # true: never move away from home_region
 //! control = "/run/derpfleet-client/df0.sock" # optional; default /run/derpfleet-client/<tun>.sock
 //!
+//! portmap = ["nat-pmp", "pcp"]             # port mapping protocols to try, in order; [] = off
+//!
 //! [netcheck]                               # optional
 //! interval_secs = 20                       # re-netcheck every interval + up to 30 % jitter
 //! history_secs = 305                       # how long latencies count for the home choice
@@ -139,6 +141,7 @@ struct RawConfig {
     home_region: Option<i64>,
     #[serde(default)]
     pin_home: bool,
+    portmap: Option<Vec<String>>,
     control: Option<PathBuf>,
     #[serde(default)]
     netcheck: RawNetcheck,
@@ -220,6 +223,8 @@ pub struct NodeConfig {
     pub home_region: Option<i64>,
     /// never move away from `home_region`
     pub pin_home: bool,
+    /// port mapping protocols to try, in order (empty: no port mapping)
+    pub portmap: Vec<crate::portmap::Protocol>,
     /// base period of the re-netcheck (jittered up by to 30 %)
     pub netcheck_interval: std::time::Duration,
     /// how long a report's latencies count for the home choice
@@ -305,6 +310,16 @@ impl NodeConfig {
         let netcheck_interval =
             secs(raw.netcheck.interval_secs, DEFAULT_NETCHECK_INTERVAL_SECS, "interval_secs")?;
         let netcheck_history = secs(raw.netcheck.history_secs, 305, "history_secs")?;
+        let portmap = match raw.portmap {
+            None => vec![crate::portmap::Protocol::NatPmp, crate::portmap::Protocol::Pcp],
+            Some(v) => v
+                .iter()
+                .map(|p| {
+                    crate::portmap::Protocol::parse(p)
+                        .ok_or_else(|| invalid("portmap", format!("unknown protocol {p:?} (nat-pmp, pcp)")))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let name = raw.tun.name;
         if name.is_empty() || name.len() > 15 || name.contains('/') {
             return Err(invalid("tun.name", "1 to 15 characters, no '/'"));
@@ -381,6 +396,7 @@ impl NodeConfig {
             derp_map,
             home_region: raw.home_region,
             pin_home: raw.pin_home,
+            portmap,
             netcheck_interval,
             netcheck_history,
             control: raw.control.unwrap_or_else(|| default_control_path(&name)),
@@ -458,6 +474,7 @@ mod tests {
             ),
             (format!("{base}bogus = 1\n"), "bogus"),
             (format!("pin_home = true\n{base}"), "pin_home"),
+            (format!("portmap = [\"upnp2\"]\n{base}"), "portmap"),
             (format!("{base}[netcheck]\ninterval_secs = 0\n"), "netcheck.interval_secs"),
             (format!("{base}[netcheck]\nevery = 3\n"), "every"),
         ];

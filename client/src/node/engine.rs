@@ -36,10 +36,11 @@ use super::endpoint::{Endpoint, PongOutcome, SendPath};
 use super::homing::{self, Homing};
 use super::magicsock::{classify, Kind, OwnEndpoints};
 use super::regions::{self, RegionCmd, Regions};
-use super::status::{DropCounts, PathEvent, PeerStatus, Status};
+use super::status::{DropCounts, PathEvent, PeerStatus, PortMapStatus, Status};
 use super::wg::{src_ip, Screened, WgIdentity, WgSender, WG_BUF_LEN};
 use crate::conn::{ConnectOptions, DerpSender, DerpTarget};
 use crate::netcheck::{Netchecker, Report, StunHandler};
+use crate::portmap::{self, Mapping, Protocol};
 use crate::region::{DerpRegionClient, RegionClientConfig, RegionEvent};
 
 /// How often timers run (boringtun timers, disco pings, STUN).
@@ -118,6 +119,9 @@ pub struct Node {
     homing: Homing,
     netcheck_stun: StunHandler,
     netcheck_interval: Duration,
+    portmap_protocols: Vec<Protocol>,
+    mapping: Mutex<Option<Mapping>>,
+    portmap_error: Mutex<Option<String>>,
     map: DerpMap,
     node_key: NodePublic,
     disco_pub: DiscoPublic,
@@ -183,6 +187,9 @@ impl Node {
             homing: Homing::default(),
             netcheck_stun,
             netcheck_interval: cfg.netcheck_interval,
+            portmap_protocols: cfg.portmap.clone(),
+            mapping: Mutex::new(None),
+            portmap_error: Mutex::new(cfg.portmap.is_empty().then(|| "off".to_string())),
             map: cfg.derp_map.clone(),
             node_key: cfg.private_key.public(),
             disco_pub: cfg.disco_key.public(),
@@ -526,6 +533,25 @@ impl Node {
         }
     }
 
+    /// Records the port mapping (or why there is none) and advertises its address.
+    fn set_mapping(&self, m: Result<Mapping, String>) {
+        let (addr, err, m) = match m {
+            Ok(m) => (Some(SocketAddr::V4(m.external)), None, Some(m)),
+            Err(e) => (None, Some(e), None),
+        };
+        self.own.lock().set_mapped(addr);
+        *self.mapping.lock() = m;
+        *self.portmap_error.lock() = err;
+    }
+
+    /// Deletes the port mapping on the gateway (the node is stopping).
+    pub fn release_port_mapping(&self) {
+        if let Some(m) = self.mapping.lock().take() {
+            info!(external = %m.external, protocol = m.protocol.name(), "deleting port mapping");
+            m.delete_now();
+        }
+    }
+
     /// Where `peer`'s datagrams go now (for the path history).
     fn path_key(&self, peer: &Peer, now: Instant) -> PathKey {
         if let Some(ep) = *peer.static_ep.lock() {
@@ -689,6 +715,15 @@ impl Node {
             regions_connected: self.regions.connected_regions(),
             netcheck: self.homing.netcheck_status(),
             home_history: self.homing.moves(),
+            port_mapping: match &*self.mapping.lock() {
+                Some(m) => PortMapStatus {
+                    protocol: Some(m.protocol.name().into()),
+                    external: Some(SocketAddr::V4(m.external)),
+                    renew_in_secs: Some(m.renew_at().saturating_duration_since(now).as_secs_f64()),
+                    error: None,
+                },
+                None => PortMapStatus { error: self.portmap_error.lock().clone(), ..Default::default() },
+            },
         }
     }
 
@@ -775,7 +810,43 @@ pub fn spawn_tasks(
         })));
     }
     tasks.push(tokio::spawn(netcheck_loop(node.clone(), netchecker, first_report_done)));
+    if !node.portmap_protocols.is_empty() {
+        tasks.push(tokio::spawn(portmap_loop(node.clone())));
+    }
     tasks
+}
+
+/// Without a mapping, port mapping is retried this often (gateways come and go with networks).
+const PORTMAP_RETRY: Duration = Duration::from_secs(30);
+
+/// Keeps a port mapping for the shared socket's port: maps, renews at half the lifetime, retries
+/// every [`PORTMAP_RETRY`] while none is granted.
+async fn portmap_loop(node: Arc<Node>) {
+    let Ok(port) = node.sock.local_addr().map(|a| a.port()) else { return };
+    loop {
+        let prev = node.mapping.lock().clone();
+        let r = match portmap::discover() {
+            None => Err(portmap::PortmapError::NoGateway),
+            Some(gw) => portmap::map_port(&gw, port, prev.as_ref(), &node.portmap_protocols).await,
+        };
+        let wait = match r {
+            Ok(m) => {
+                if prev.as_ref().map(|p| p.external) != Some(m.external) {
+                    info!(protocol = m.protocol.name(), external = %m.external, lifetime = ?m.lifetime, "port mapped");
+                }
+                let renew =
+                    m.renew_at().saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+                node.set_mapping(Ok(m));
+                renew
+            }
+            Err(e) => {
+                debug!("port mapping: {e}");
+                node.set_mapping(Err(e.to_string()));
+                PORTMAP_RETRY
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// One region's DERP client: delivers its packets to the node, tracks its connection, and sends

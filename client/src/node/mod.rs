@@ -38,7 +38,8 @@
 //! entries carry local UDP ports through the tunnel instead (UDP over IPv4 only).
 //!
 //! Limits: IPv4 underlay only (one `0.0.0.0` socket); endpoints are STUN (home region, re-STUN
-//! every 20 s and on a home move) plus local interface addresses; no peer relays.
+//! every 20 s and on a home move), a NAT-PMP / PCP port mapping on the gateway ([`crate::portmap`];
+//! no UPnP IGD yet), plus local interface addresses; no peer relays.
 
 #[cfg(feature = "cli")]
 pub mod cli;
@@ -115,6 +116,7 @@ impl Drop for RunningNode {
         for t in &self.tasks {
             t.abort();
         }
+        self.node.release_port_mapping();
         let _ = std::fs::remove_file(&self.control);
     }
 }

@@ -44,6 +44,22 @@ pub struct Status {
     /// every home change since start, oldest first (bounded)
     #[serde(default)]
     pub home_history: Vec<HomeMove>,
+    /// the port mapping on the LAN gateway
+    #[serde(default)]
+    pub port_mapping: PortMapStatus,
+}
+
+/// Port mapping state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PortMapStatus {
+    /// `nat-pmp` / `pcp` while a mapping is held
+    pub protocol: Option<String>,
+    /// the mapped public address (also advertised as a disco candidate)
+    pub external: Option<SocketAddr>,
+    /// seconds until it is renewed
+    pub renew_in_secs: Option<f64>,
+    /// why the last attempt failed (`off` when disabled)
+    pub error: Option<String>,
 }
 
 /// The last netcheck report, as far as the home choice is concerned.
@@ -204,6 +220,11 @@ pub fn render(s: &Status) -> String {
         "drops: udp {} derp {} tun {} not-allowed {}\n",
         s.drops.udp, s.drops.derp, s.drops.tun, s.drops.not_allowed
     );
+    match (&s.port_mapping.protocol, s.port_mapping.external, &s.port_mapping.error) {
+        (Some(p), Some(e), _) => out += &format!("port mapping: {p} {e}\n"),
+        (_, _, Some(err)) => out += &format!("port mapping: none ({err})\n"),
+        _ => out += "port mapping: none yet\n",
+    }
     if s.pin_home {
         out += "home pinned by config\n";
     }
@@ -303,6 +324,11 @@ mod tests {
                 ..Default::default()
             }),
             home_history: vec![HomeMove { at_unix: 5.0, from: 901, to: 900, reason: "faster".into() }],
+            port_mapping: PortMapStatus {
+                protocol: Some("pcp".into()),
+                external: Some("44.0.0.1:5000".parse().unwrap()),
+                ..Default::default()
+            },
         }
     }
 
@@ -324,7 +350,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("home moved derp-901 -> derp-900") && text.contains("derp-900 1.5ms"),
+            text.contains("home moved derp-901 -> derp-900")
+                && text.contains("derp-900 1.5ms")
+                && text.contains("port mapping: pcp 44.0.0.1:5000"),
             "{text}"
         );
         assert_eq!(st.netcheck.unwrap().region_latency_ms[&900], 1.5);
