@@ -331,6 +331,18 @@ fn mapped_and_direct(suffix: &str, extra: &str, protocol: &str) -> Result<()> {
     assert!(lab.ping(0, 10)? >= 9, "direct ping\nlog0:\n{}", lab.log(0));
     let s = lab.status(0)?;
     assert!(s["peers"][0]["path"].as_str().is_some_and(|p| p.starts_with("direct ")), "{s:#}");
+    // Stopping a node deletes its mapping on the gateway (miniupnpd drops the DNAT rule).
+    let rules =
+        |lab: &Lab| lab._nats[0].exec("nft", &["list", "chain", "inet", "filter", "prerouting_miniupnpd"]);
+    assert!(rules(&lab)?.contains("41641"), "{}", rules(&lab)?);
+    let node0 = lab.children.len() - 2;
+    lab.children[node0].signal("TERM");
+    assert!(lab.children[node0].wait_timeout(Duration::from_secs(5)).is_some(), "node 0 did not stop");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rules(&lab)?.contains("41641") {
+        assert!(Instant::now() < deadline, "mapping not deleted on exit: {}", rules(&lab)?);
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }
 
