@@ -85,7 +85,8 @@ pub fn choose_home(
 ) -> Option<i64> {
     let heard_within = |d: Duration| state.old_home_heard_ago.is_some_and(|a| a <= d);
     if current.is_empty() {
-        return state.old_home.filter(|_| heard_within(KEEP_WITHOUT_DATA));
+        // A dead home is kept too: with nothing measured there is nowhere better to go.
+        return state.old_home.filter(|_| state.old_home_down || heard_within(KEEP_WITHOUT_DATA));
     }
     // A huge RegionScore (it comes from the map) saturates instead of overflowing.
     let scale =
