@@ -11,7 +11,7 @@
 //! pin_home = false                         # true: never move away from home_region
 //! control = "/run/derpfleet-client/df0.sock" # optional; default /run/derpfleet-client/<tun>.sock
 //!
-//! portmap = ["nat-pmp", "pcp"]             # port mapping protocols to try, in order; [] = off
+//! portmap = ["nat-pmp", "pcp", "upnp"]     # port mapping protocols to try, in order; [] = off
 //!
 //! [netcheck]                               # optional
 //! interval_secs = 20                       # re-netcheck every interval + up to 30 % jitter
@@ -311,12 +311,16 @@ impl NodeConfig {
             secs(raw.netcheck.interval_secs, DEFAULT_NETCHECK_INTERVAL_SECS, "interval_secs")?;
         let netcheck_history = secs(raw.netcheck.history_secs, 305, "history_secs")?;
         let portmap = match raw.portmap {
-            None => vec![crate::portmap::Protocol::NatPmp, crate::portmap::Protocol::Pcp],
+            None => {
+                use crate::portmap::Protocol;
+                vec![Protocol::NatPmp, Protocol::Pcp, Protocol::Upnp]
+            }
             Some(v) => v
                 .iter()
                 .map(|p| {
-                    crate::portmap::Protocol::parse(p)
-                        .ok_or_else(|| invalid("portmap", format!("unknown protocol {p:?} (nat-pmp, pcp)")))
+                    crate::portmap::Protocol::parse(p).ok_or_else(|| {
+                        invalid("portmap", format!("unknown protocol {p:?} (nat-pmp, pcp, upnp)"))
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         };

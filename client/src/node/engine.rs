@@ -544,7 +544,20 @@ impl Node {
         *self.portmap_error.lock() = err;
     }
 
-    /// Deletes the port mapping on the gateway (the node is stopping).
+    /// Deletes the port mapping on the gateway, waiting up to 2 s for a UPnP gateway's answer.
+    pub async fn release_port_mapping_async(&self) {
+        let m = self.mapping.lock().take();
+        if let Some(m) = m {
+            info!(external = %m.external, protocol = m.protocol.name(), "deleting port mapping");
+            match tokio::time::timeout(Duration::from_secs(2), m.delete()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!("deleting port mapping: {e}"),
+                Err(_) => warn!("deleting port mapping: no answer in 2 s"),
+            }
+        }
+    }
+
+    /// Deletes a NAT-PMP / PCP port mapping without waiting (the node is stopping).
     pub fn release_port_mapping(&self) {
         if let Some(m) = self.mapping.lock().take() {
             info!(external = %m.external, protocol = m.protocol.name(), "deleting port mapping");
@@ -630,8 +643,8 @@ impl Node {
             return;
         }
         let home = self.regions.home();
+        // Extra to the regular rounds: the rate limit of those is left alone.
         for peer in self.peers.iter().filter(|p| p.uses_disco()) {
-            *peer.last_call_me_maybe.lock() = Some(now);
             let route = self.peer_route(peer);
             for region in if route == home { vec![home] } else { vec![home, route] } {
                 let via = DiscoVia::Derp { region, node: peer.cfg.public_key };
@@ -647,7 +660,10 @@ impl Node {
 
     /// Records the current sender of `region` (None while disconnected).
     pub fn set_derp_sender(&self, region: i64, s: Option<DerpSender>) {
-        let home_came_back = s.is_some() && region == self.regions.home();
+        // Only a reconnect after an outage, not the first connect (peers may not be there yet, and
+        // the regular disco round announces anyway).
+        let home_came_back =
+            s.is_some() && region == self.regions.home() && self.regions.down_since(region).is_some();
         self.regions.set_sender(region, s);
         if home_came_back {
             // Peers may have failed to reach us meanwhile: tell them where we are.

@@ -38,8 +38,8 @@
 //! entries carry local UDP ports through the tunnel instead (UDP over IPv4 only).
 //!
 //! Limits: IPv4 underlay only (one `0.0.0.0` socket); endpoints are STUN (home region, re-STUN
-//! every 20 s and on a home move), a NAT-PMP / PCP port mapping on the gateway ([`crate::portmap`];
-//! no UPnP IGD yet), plus local interface addresses; no peer relays.
+//! every 20 s and on a home move), a NAT-PMP / PCP / UPnP IGD port mapping on the gateway
+//! ([`crate::portmap`]), plus local interface addresses; no peer relays.
 
 #[cfg(feature = "cli")]
 pub mod cli;
@@ -215,6 +215,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), UpError> {
         }
     }
     info!("shutting down");
+    running.node.release_port_mapping_async().await;
     drop(running);
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())

@@ -1,18 +1,21 @@
 //! Port mapping on the LAN gateway, so a node behind a NAT that would map a port on request (even
 //! a symmetric one) gets an address peers can reach directly: NAT-PMP (RFC 6886), then PCP (RFC
-//! 6887), tried in that order as Tailscale's portmapper does. UPnP IGD is not implemented yet.
+//! 6887), then UPnP IGD ([`upnp`], through the `igd-next` crate), tried in that order as
+//! Tailscale's portmapper does.
 //!
 //! Decisions (Tailscale's where it has one): ask for a 2 h lifetime and renew at half of what
 //! the gateway granted; each protocol gets three tries (250, 500, 1000 ms, RFC 6886's schedule cut
 //! short); the gateway is the IPv4 default route's next hop (`/proc/net/route`), and our address is
 //! the one the kernel picks towards it. A granted mapping is deleted (lifetime 0) when the node
-//! stops. The wire formats are small and pure ([`pmp`], [`pcp`]); no crate covered both with
-//! tokio at the time.
+//! stops. The NAT-PMP and PCP wire formats are small and pure ([`pmp`], [`pcp`]); no crate
+//! covered both with tokio at the time.
 
 pub mod pcp;
 pub mod pmp;
+pub mod upnp;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
@@ -33,6 +36,8 @@ pub enum Protocol {
     NatPmp,
     /// PCP (RFC 6887)
     Pcp,
+    /// UPnP IGD
+    Upnp,
 }
 
 impl Protocol {
@@ -41,6 +46,7 @@ impl Protocol {
         match self {
             Protocol::NatPmp => "nat-pmp",
             Protocol::Pcp => "pcp",
+            Protocol::Upnp => "upnp",
         }
     }
 
@@ -49,6 +55,7 @@ impl Protocol {
         match s {
             "nat-pmp" => Some(Protocol::NatPmp),
             "pcp" => Some(Protocol::Pcp),
+            "upnp" => Some(Protocol::Upnp),
             _ => None,
         }
     }
@@ -93,6 +100,7 @@ pub struct Mapping {
     /// our port
     pub internal_port: u16,
     nonce: [u8; 12],
+    igd: Option<Arc<upnp::Igd>>,
 }
 
 impl Mapping {
@@ -101,9 +109,21 @@ impl Mapping {
         self.obtained + self.lifetime / 2
     }
 
-    /// The request that deletes it.
+    /// Deletes it on the gateway (UPnP: a SOAP request; NAT-PMP / PCP: [`Self::delete_now`]).
+    pub async fn delete(&self) -> Result<(), String> {
+        match &self.igd {
+            Some(igd) => upnp::unmap(igd, self.external.port()).await,
+            None => {
+                self.delete_now();
+                Ok(())
+            }
+        }
+    }
+
+    /// The NAT-PMP / PCP request that deletes it (UPnP: none, see [`Self::delete`]).
     pub fn delete_request(&self) -> Vec<u8> {
         match self.protocol {
+            Protocol::Upnp => Vec::new(),
             Protocol::NatPmp => pmp::map_request(self.internal_port, 0, 0).to_vec(),
             Protocol::Pcp => pcp::map_request(
                 self.gateway.local_ip,
@@ -118,6 +138,9 @@ impl Mapping {
 
     /// Sends the delete request without waiting for an answer (for shutdown paths).
     pub fn delete_now(&self) {
+        if self.protocol == Protocol::Upnp {
+            return;
+        }
         if let Ok(s) = std::net::UdpSocket::bind((self.gateway.local_ip, 0)) {
             let _ = s.send_to(&self.delete_request(), (self.gateway.gateway, SERVER_PORT));
         }
@@ -213,6 +236,7 @@ async fn map_pmp(gw: &Gateway, port: u16, prev: Option<&Mapping>) -> Result<Mapp
         gateway: *gw,
         internal_port: port,
         nonce: [0; 12],
+        igd: None,
     })
 }
 
@@ -239,6 +263,22 @@ async fn map_pcp(gw: &Gateway, port: u16, prev: Option<&Mapping>) -> Result<Mapp
         gateway: *gw,
         internal_port: port,
         nonce,
+        igd: None,
+    })
+}
+
+async fn map_upnp(gw: &Gateway, port: u16, prev: Option<&Mapping>) -> Result<Mapping, String> {
+    let prefer = prev.filter(|p| p.protocol == Protocol::Upnp).map(|p| p.external.port());
+    let (external, igd) = upnp::map(gw, port, prefer).await?;
+    Ok(Mapping {
+        protocol: Protocol::Upnp,
+        external,
+        lifetime: Duration::from_secs(LIFETIME_SECS.into()),
+        obtained: Instant::now(),
+        gateway: *gw,
+        internal_port: port,
+        nonce: [0; 12],
+        igd: Some(Arc::new(igd)),
     })
 }
 
@@ -254,6 +294,7 @@ pub async fn map_port(
         let r = match p {
             Protocol::NatPmp => map_pmp(gw, port, prev).await,
             Protocol::Pcp => map_pcp(gw, port, prev).await,
+            Protocol::Upnp => map_upnp(gw, port, prev).await,
         };
         match r {
             Ok(m) => return Ok(m),
