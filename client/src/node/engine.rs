@@ -835,8 +835,9 @@ pub fn spawn_tasks(
 /// Without a mapping, port mapping is retried this often (gateways come and go with networks).
 const PORTMAP_RETRY: Duration = Duration::from_secs(30);
 
-/// Keeps a port mapping for the shared socket's port: maps, renews at half the lifetime, retries
-/// every [`PORTMAP_RETRY`] while none is granted.
+/// Keeps a port mapping for the shared socket's port: maps, renews at half the lifetime (asking
+/// for the same external port), retries every [`PORTMAP_RETRY`] while none is granted; a failed
+/// renewal keeps the mapping until it expires.
 async fn portmap_loop(node: Arc<Node>) {
     let Ok(port) = node.sock.local_addr().map(|a| a.port()) else { return };
     loop {
@@ -854,6 +855,11 @@ async fn portmap_loop(node: Arc<Node>) {
                     m.renew_at().saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
                 node.set_mapping(Ok(m));
                 renew
+            }
+            // A renewal that failed leaves the mapping in use until it expires.
+            Err(e) if prev.as_ref().is_some_and(|p| Instant::now() < p.obtained + p.lifetime) => {
+                warn!("renewing port mapping: {e}");
+                PORTMAP_RETRY
             }
             Err(e) => {
                 debug!("port mapping: {e}");
