@@ -15,6 +15,8 @@ pub mod dial;
 pub mod netcheck;
 #[cfg(feature = "node")]
 pub mod node;
+#[cfg(feature = "node")]
+pub mod portmap;
 pub mod region;
 pub mod tls;
 pub mod ws;

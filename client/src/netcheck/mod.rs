@@ -53,6 +53,8 @@ pub struct NetcheckConfig {
     /// (e.g. the node's WireGuard reader): it must then pass every datagram to
     /// [`StunHandler::handle`] from [`Netchecker::stun_handler`].
     pub read_sockets: bool,
+    /// How long a report's latencies count for the home choice (Go: 5 min 5 s).
+    pub history_retention: Duration,
 }
 
 impl Default for NetcheckConfig {
@@ -63,6 +65,7 @@ impl Default for NetcheckConfig {
             https_fallback: true,
             connect: ConnectOptions::new(derpfleet_proto::NodePrivate::generate()),
             read_sockets: true,
+            history_retention: home::HISTORY_RETENTION,
         }
     }
 }
@@ -151,8 +154,8 @@ impl Netchecker {
         Self {
             v4,
             v6,
+            history: HomeHistory::with_retention(cfg.history_retention),
             cfg,
-            history: HomeHistory::default(),
             last: None,
             home: None,
             demux: StunHandler::default(),
@@ -174,10 +177,33 @@ impl Netchecker {
         self.home = home;
     }
 
+    /// Whether reports read the sockets themselves (see [`NetcheckConfig::read_sockets`]); a node
+    /// turns this off once its own reader owns the shared socket.
+    pub fn set_read_sockets(&mut self, on: bool) {
+        self.cfg.read_sockets = on;
+    }
+
+    /// The last report, if any.
+    pub fn last_report(&self) -> Option<&Report> {
+        self.last.as_ref()
+    }
+
     /// Runs one report. `full` uses the full probe plan (otherwise incremental, from the last
     /// report); `home_heard_ago` is how long ago the home region's DERP connection last delivered a
     /// frame (it keeps a home that STUN cannot currently reach).
     pub async fn run(&mut self, map: &DerpMap, full: bool, home_heard_ago: Option<Duration>) -> Report {
+        self.run_for_home(map, full, home_heard_ago, false).await
+    }
+
+    /// [`Self::run`], also told whether the home's DERP connection is down (then any other
+    /// region that answers takes over at once; see [`home`]).
+    pub async fn run_for_home(
+        &mut self,
+        map: &DerpMap,
+        full: bool,
+        home_heard_ago: Option<Duration>,
+        home_down: bool,
+    ) -> Report {
         let start = Instant::now();
         let mut report =
             Report { os_has_ipv6: std::net::UdpSocket::bind("[::1]:0").is_ok(), ..Default::default() };
@@ -193,7 +219,8 @@ impl Netchecker {
             https_phase(map, self.home, &self.cfg.connect, deadline, &mut report).await;
         }
         self.history.push(std::time::Instant::now(), &report.region_latency);
-        let state = HomeState { old_home: self.home, old_home_heard_ago: home_heard_ago };
+        let state =
+            HomeState { old_home: self.home, old_home_heard_ago: home_heard_ago, old_home_down: home_down };
         self.home = choose_home(map, &self.history, &report.region_latency, state);
         report.preferred_derp = self.home.unwrap_or(0);
         self.last = Some(report.clone());

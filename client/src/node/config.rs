@@ -7,8 +7,15 @@
 //! disco_key = "discoprivkey:<hex>"         # optional; random when absent (peers then stay on DERP)
 //! listen_port = 41641                      # 0 = any
 //! derp_map = "/etc/derpfleet/derpmap.json" # Tailscale derpMap JSON
-//! home_region = 900                        # optional; netcheck picks it when absent
+//! home_region = 900                        # optional starting home; netcheck picks it when absent
+//! pin_home = false                         # true: never move away from home_region
 //! control = "/run/derpfleet-client/df0.sock" # optional; default /run/derpfleet-client/<tun>.sock
+//!
+//! portmap = ["nat-pmp", "pcp", "upnp"]     # port mapping protocols to try, in order; [] = off
+//!
+//! [netcheck]                               # optional
+//! interval_secs = 20                       # re-netcheck every interval + up to 30 % jitter
+//! history_secs = 305                       # how long latencies count for the home choice
 //!
 //! [tun]
 //! name = "df0"
@@ -132,12 +139,24 @@ struct RawConfig {
     listen_port: u16,
     derp_map: PathBuf,
     home_region: Option<i64>,
+    #[serde(default)]
+    pin_home: bool,
+    portmap: Option<Vec<String>>,
     control: Option<PathBuf>,
+    #[serde(default)]
+    netcheck: RawNetcheck,
     tun: RawTun,
     #[serde(default)]
     peer: Vec<RawPeer>,
     #[serde(default)]
     forward: Vec<RawForward>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNetcheck {
+    interval_secs: Option<u64>,
+    history_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -200,8 +219,16 @@ pub struct NodeConfig {
     pub listen_port: u16,
     /// the DERP map
     pub derp_map: DerpMap,
-    /// forced home region
+    /// starting home region (a preference that netcheck's hysteresis favours, unless pinned)
     pub home_region: Option<i64>,
+    /// never move away from `home_region`
+    pub pin_home: bool,
+    /// port mapping protocols to try, in order (empty: no port mapping)
+    pub portmap: Vec<crate::portmap::Protocol>,
+    /// base period of the re-netcheck (jittered up by to 30 %)
+    pub netcheck_interval: std::time::Duration,
+    /// how long a report's latencies count for the home choice
+    pub netcheck_history: std::time::Duration,
     /// control socket path
     pub control: PathBuf,
     /// TUN interface name
@@ -217,6 +244,10 @@ pub struct NodeConfig {
     /// forwarded UDP ports (userspace mode)
     pub forwards: Vec<Forward>,
 }
+
+/// Default re-netcheck period: Tailscale re-STUNs (and re-netchecks) every 20–26 s while active;
+/// the node waits this plus a uniform 0–30 % jitter, i.e. 20–26 s.
+pub const DEFAULT_NETCHECK_INTERVAL_SECS: u64 = 20;
 
 /// Default control socket for an interface.
 pub fn default_control_path(iface: &str) -> PathBuf {
@@ -266,6 +297,33 @@ impl NodeConfig {
         if let Some(h) = raw.home_region.filter(|h| !derp_map.regions.contains_key(h)) {
             return Err(invalid("home_region", format!("region {h} is not in the DERP map")));
         }
+        if raw.pin_home && raw.home_region.is_none() {
+            return Err(invalid("pin_home", "needs home_region (the region to pin)"));
+        }
+        let secs = |v: Option<u64>, default: u64, key: &str| match v {
+            None => Ok(std::time::Duration::from_secs(default)),
+            Some(s) if (1..=86_400).contains(&s) => Ok(std::time::Duration::from_secs(s)),
+            Some(s) => {
+                Err(invalid(format!("netcheck.{key}"), format!("{s} is not within 1..=86400 seconds")))
+            }
+        };
+        let netcheck_interval =
+            secs(raw.netcheck.interval_secs, DEFAULT_NETCHECK_INTERVAL_SECS, "interval_secs")?;
+        let netcheck_history = secs(raw.netcheck.history_secs, 305, "history_secs")?;
+        let portmap = match raw.portmap {
+            None => {
+                use crate::portmap::Protocol;
+                vec![Protocol::NatPmp, Protocol::Pcp, Protocol::Upnp]
+            }
+            Some(v) => v
+                .iter()
+                .map(|p| {
+                    crate::portmap::Protocol::parse(p).ok_or_else(|| {
+                        invalid("portmap", format!("unknown protocol {p:?} (nat-pmp, pcp, upnp)"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let name = raw.tun.name;
         if name.is_empty() || name.len() > 15 || name.contains('/') {
             return Err(invalid("tun.name", "1 to 15 characters, no '/'"));
@@ -341,6 +399,10 @@ impl NodeConfig {
             listen_port: raw.listen_port,
             derp_map,
             home_region: raw.home_region,
+            pin_home: raw.pin_home,
+            portmap,
+            netcheck_interval,
+            netcheck_history,
             control: raw.control.unwrap_or_else(|| default_control_path(&name)),
             tun_name: name,
             tun_addresses,
@@ -382,6 +444,16 @@ mod tests {
         assert_eq!(c.peers[0].disco_key, Some(disco));
         assert_eq!(c.peers[0].endpoint, Some("10.0.0.2:51820".parse().unwrap()));
         assert_eq!(c.mtu, 1280);
+        assert!(!c.pin_home && c.home_region.is_none());
+        assert_eq!(c.netcheck_interval, std::time::Duration::from_secs(20));
+        assert_eq!(c.netcheck_history, std::time::Duration::from_secs(305));
+        let pinned = format!(
+            "private_key = \"{k}\"\nderp_map = \"map.json\"\nhome_region = 900\npin_home = true\n\
+             [netcheck]\ninterval_secs = 3\nhistory_secs = 10\n[tun]\nname = \"df0\"\n"
+        );
+        let c = NodeConfig::parse(&pinned, &d).unwrap();
+        assert!(c.pin_home && c.home_region == Some(900));
+        assert_eq!(c.netcheck_interval, std::time::Duration::from_secs(3));
         std::fs::remove_dir_all(d).unwrap();
     }
 
@@ -405,6 +477,10 @@ mod tests {
                 "home_region",
             ),
             (format!("{base}bogus = 1\n"), "bogus"),
+            (format!("pin_home = true\n{base}"), "pin_home"),
+            (format!("portmap = [\"upnp2\"]\n{base}"), "portmap"),
+            (format!("{base}[netcheck]\ninterval_secs = 0\n"), "netcheck.interval_secs"),
+            (format!("{base}[netcheck]\nevery = 3\n"), "every"),
         ];
         for (text, want) in cases {
             let e = NodeConfig::parse(&text, &d).unwrap_err().to_string();

@@ -4,10 +4,18 @@
 //! Every send is non-blocking (`try_send` on UDP, the DERP queue and the TUN fd): a full queue drops
 //! the datagram and counts it, like a congested link, so no lock is held across an await and memory
 //! stays bounded. Lock order where both are taken: a peer's `tunn` before its `path`.
+//!
+//! Home and regions: the home region is re-decided after every netcheck (see [`super::homing`]
+//! for the timing, [`crate::netcheck::home`] for the rule). A peer is reached through the region
+//! its DERP packets last arrived through (at first: its configured `home_region`, else our home);
+//! when that region's connection is down, through our home instead, where a peer that moved with
+//! us will be. After a home move we `NotePreferred` the new home (the region task does it on the
+//! home watch), re-STUN, and send every disco peer a CallMeMaybe through the new home and through
+//! the region we reach it by, so it learns where we are from the packet's region.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,18 +24,23 @@ use bytes::Bytes;
 use derpfleet_proto::derpmap::DerpMap;
 use derpfleet_proto::key::NodePublic;
 use derpfleet_proto::msg::ServerToClient;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::config::{IpNet, NodeConfig, PeerConfig};
 use super::device::Device;
 use super::disco::{sender_key, DiscoMessage, DiscoPublic, SharedBox};
 use super::endpoint::{Endpoint, PongOutcome, SendPath};
+use super::homing::{self, Homing};
 use super::magicsock::{classify, Kind, OwnEndpoints};
-use super::status::{DropCounts, PeerStatus, Status};
+use super::regions::{self, RegionCmd, Regions};
+use super::status::{DropCounts, PathEvent, PeerStatus, PortMapStatus, Status};
 use super::wg::{src_ip, Screened, WgIdentity, WgSender, WG_BUF_LEN};
 use crate::conn::{ConnectOptions, DerpSender, DerpTarget};
+use crate::netcheck::{Netchecker, Report, StunHandler};
+use crate::portmap::{self, Mapping, Protocol};
 use crate::region::{DerpRegionClient, RegionClientConfig, RegionEvent};
 
 /// How often timers run (boringtun timers, disco pings, STUN).
@@ -36,6 +49,8 @@ pub const TICK: Duration = Duration::from_millis(100);
 const CALL_ME_MAYBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Tailscale's placeholder IP for "via DERP" in a Pong's source field (port = region id).
 const DERP_MAGIC_IP: Ipv4Addr = Ipv4Addr::new(127, 3, 3, 40);
+/// Path changes kept per peer for status.
+pub const PATH_HISTORY_LEN: usize = 16;
 
 /// Drop counters for the whole node.
 #[derive(Default)]
@@ -59,9 +74,35 @@ pub struct Peer {
     /// Static endpoint (plain WireGuard peers); follows the peer when it roams.
     static_ep: Mutex<Option<SocketAddr>>,
     derp_region: AtomicI64,
+    /// `derp_region` was learned from packets (not just configured / our home).
+    region_learned: AtomicBool,
+    region_reason: Mutex<String>,
+    log: Mutex<PathLog>,
     last_call_me_maybe: Mutex<Option<Instant>>,
     derp_tx: AtomicU64,
     udp_tx: AtomicU64,
+}
+
+/// Which way a peer's datagrams go, compared tick to tick for the path history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PathKey {
+    Direct(SocketAddr),
+    Derp(i64),
+}
+
+#[derive(Default)]
+struct PathLog {
+    last: Option<PathKey>,
+    events: VecDeque<PathEvent>,
+}
+
+impl PathLog {
+    fn push(&mut self, path: String, reason: String) {
+        if self.events.len() >= PATH_HISTORY_LEN {
+            self.events.pop_front();
+        }
+        self.events.push_back(PathEvent { at_unix: homing::unix_now(), path, reason });
+    }
 }
 
 impl Peer {
@@ -72,7 +113,15 @@ impl Peer {
 
 /// The node.
 pub struct Node {
-    cfg_home: i64,
+    regions: Regions,
+    region_cmds: Mutex<Option<mpsc::UnboundedReceiver<RegionCmd>>>,
+    pin_home: bool,
+    homing: Homing,
+    netcheck_stun: StunHandler,
+    netcheck_interval: Duration,
+    portmap_protocols: Vec<Protocol>,
+    mapping: Mutex<Option<Mapping>>,
+    portmap_error: Mutex<Option<String>>,
     map: DerpMap,
     node_key: NodePublic,
     disco_pub: DiscoPublic,
@@ -82,14 +131,20 @@ pub struct Node {
     peers: Vec<Peer>,
     by_node: HashMap<NodePublic, usize>,
     by_disco: HashMap<DiscoPublic, usize>,
-    derp: HashMap<i64, RwLock<Option<DerpSender>>>,
     own: Mutex<OwnEndpoints>,
     drops: Drops,
 }
 
 impl Node {
-    /// Builds the node; `home` is the chosen home region.
-    pub fn new(cfg: &NodeConfig, home: i64, sock: Arc<UdpSocket>, dev: Device) -> Self {
+    /// Builds the node; `home` is the starting home region; `netcheck_stun` gets the STUN answers
+    /// meant for the netchecker that [`spawn_tasks`] then runs.
+    pub fn new(
+        cfg: &NodeConfig,
+        home: i64,
+        sock: Arc<UdpSocket>,
+        dev: Device,
+        netcheck_stun: StunHandler,
+    ) -> Self {
         let wg = WgIdentity::new(&cfg.private_key);
         let mut peers = Vec::new();
         let (mut by_node, mut by_disco) = (HashMap::new(), HashMap::new());
@@ -109,16 +164,32 @@ impl Node {
                 disco: p.disco_key.map(|d| cfg.disco_key.shared(&d)),
                 static_ep: Mutex::new(if p.disco_key.is_none() { p.endpoint } else { None }),
                 derp_region: AtomicI64::new(p.home_region.unwrap_or(home)),
+                region_learned: AtomicBool::new(false),
+                region_reason: Mutex::new(match p.home_region {
+                    Some(_) => "its home_region in the config".into(),
+                    None => "our home (no home_region in the config)".into(),
+                }),
+                log: Mutex::default(),
                 last_call_me_maybe: Mutex::new(None),
                 derp_tx: AtomicU64::new(0),
                 udp_tx: AtomicU64::new(0),
             });
         }
-        let mut regions: Vec<i64> = peers.iter().map(|p| p.derp_region.load(Relaxed)).collect();
-        regions.push(home);
-        let derp = regions.into_iter().map(|r| (r, RwLock::new(None))).collect();
+        let (regions, region_cmds) = Regions::new(cfg.derp_map.regions.keys().copied(), home);
+        regions.open(home);
+        for p in &peers {
+            regions.open(p.derp_region.load(Relaxed));
+        }
         Self {
-            cfg_home: home,
+            regions,
+            region_cmds: Mutex::new(Some(region_cmds)),
+            pin_home: cfg.pin_home,
+            homing: Homing::default(),
+            netcheck_stun,
+            netcheck_interval: cfg.netcheck_interval,
+            portmap_protocols: cfg.portmap.clone(),
+            mapping: Mutex::new(None),
+            portmap_error: Mutex::new(cfg.portmap.is_empty().then(|| "off".to_string())),
             map: cfg.derp_map.clone(),
             node_key: cfg.private_key.public(),
             disco_pub: cfg.disco_key.public(),
@@ -128,7 +199,6 @@ impl Node {
             peers,
             by_node,
             by_disco,
-            derp,
             own: Mutex::new(OwnEndpoints::default()),
             drops: Drops::default(),
         }
@@ -139,9 +209,47 @@ impl Node {
         &self.own
     }
 
-    /// Regions we keep a DERP connection to.
+    /// Regions we keep a DERP connection to (or are connecting to).
     pub fn regions(&self) -> Vec<i64> {
-        self.derp.keys().copied().collect()
+        self.regions.open_regions()
+    }
+
+    /// The current home region.
+    pub fn home(&self) -> i64 {
+        self.regions.home()
+    }
+
+    /// Runs a netcheck now (and re-decides the home): for a network-change watcher, or an
+    /// operator (`SIGUSR1`).
+    pub fn renetcheck(&self) {
+        self.homing.request();
+    }
+
+    /// The region `peer`'s DERP datagrams go through: the one it was last heard on (or
+    /// configured), or our home while that one's connection is down.
+    fn peer_route(&self, peer: &Peer) -> i64 {
+        let r = peer.derp_region.load(Relaxed);
+        if self.regions.connected(r) {
+            r
+        } else {
+            self.regions.home()
+        }
+    }
+
+    /// Notes that `peer`'s DERP packets arrive through `region` (we answer there from now on).
+    fn learn_peer_region(&self, peer: &Peer, region: i64, what: &str) {
+        peer.region_learned.store(true, Relaxed);
+        let old = peer.derp_region.swap(region, Relaxed);
+        if old != region {
+            let reason = format!("its {what} arrived via derp-{region} (was derp-{old})");
+            info!(peer = %peer.cfg.public_key.short(), region, old, "peer region learned");
+            self.regions.open(region);
+            *peer.region_reason.lock() = reason.clone();
+            peer.log.lock().push(format!("derp-{region}"), reason);
+        } else if what == "disco packets" || peer.region_reason.lock().starts_with("its home_region") {
+            // Refresh the reason, but only on the rarer disco packets or once (not per datagram).
+            *peer.region_reason.lock() = format!("its {what} arrive via derp-{region}");
+        }
     }
 
     fn peer_for_ip(&self, dst: IpAddr) -> Option<&Peer> {
@@ -166,11 +274,12 @@ impl Node {
 
     fn derp_send(&self, region: i64, dst: NodePublic, data: &[u8]) -> bool {
         let sent = self
-            .derp
-            .get(&region)
-            .and_then(|s| s.read().clone())
+            .regions
+            .sender(region)
             .is_some_and(|s| s.try_send_packet(dst, Bytes::copy_from_slice(data)).is_ok());
-        if !sent {
+        if sent {
+            self.regions.note_tx(region);
+        } else {
             self.drops.derp.fetch_add(1, Relaxed);
         }
         sent
@@ -199,7 +308,7 @@ impl Node {
                     self.udp_send(data, a);
                 }
                 peer.derp_tx.fetch_add(1, Relaxed);
-                self.derp_send(peer.derp_region.load(Relaxed), peer.cfg.public_key, data);
+                self.derp_send(self.peer_route(peer), peer.cfg.public_key, data);
             }
         }
     }
@@ -264,6 +373,9 @@ impl Node {
     pub fn on_udp(&self, data: &[u8], from: SocketAddr, buf: &mut [u8]) {
         match classify(data) {
             Kind::Stun => {
+                if self.netcheck_stun.handle(data) {
+                    return;
+                }
                 if let Some(m) = self.own.lock().on_stun(data, Instant::now()) {
                     info!(mapped = %m, "STUN: new endpoint");
                 }
@@ -297,7 +409,9 @@ impl Node {
         }
         let Some(&i) = self.by_node.get(&src) else { return };
         let peer = &self.peers[i];
-        peer.derp_region.store(region, Relaxed);
+        if peer.derp_region.load(Relaxed) != region || !peer.region_learned.load(Relaxed) {
+            self.learn_peer_region(peer, region, "packets");
+        }
         self.on_wg(peer, None, data, buf);
     }
 
@@ -331,10 +445,11 @@ impl Node {
         let peer = &self.peers[i];
         let Some(b) = &peer.disco else { return };
         let Ok(msg) = b.open(pkt) else { return };
-        if let DiscoVia::Derp { node, .. } = via {
+        if let DiscoVia::Derp { node, region } = via {
             if node != peer.cfg.public_key {
                 return;
             }
+            self.learn_peer_region(peer, region, "disco packets");
         }
         let now = Instant::now();
         match msg {
@@ -379,12 +494,16 @@ impl Node {
     /// Periodic work: boringtun timers, disco pings/CallMeMaybe, re-STUN.
     pub fn tick(&self, buf: &mut [u8]) {
         let now = Instant::now();
-        let stun = self.own.lock().stun_due(self.map.regions.get(&self.cfg_home), now);
+        let home = self.regions.home();
+        let stun = self.own.lock().stun_due(self.map.regions.get(&home), now);
         for (to, req) in stun {
             self.udp_send(&req, to);
         }
         let own = self.own.lock().list(now);
+        let mut in_use = Vec::new();
         for peer in &self.peers {
+            in_use.push(peer.derp_region.load(Relaxed));
+            self.log_path(peer, now);
             {
                 let mut t = peer.tunn.lock();
                 if let TunnResult::WriteToNetwork(d) = t.update_timers(buf) {
@@ -403,10 +522,133 @@ impl Node {
                 if last.is_none_or(|t| now.duration_since(t) >= CALL_ME_MAYBE_INTERVAL) {
                     *last = Some(now);
                     drop(last);
-                    let via =
-                        DiscoVia::Derp { region: peer.derp_region.load(Relaxed), node: peer.cfg.public_key };
+                    let via = DiscoVia::Derp { region: self.peer_route(peer), node: peer.cfg.public_key };
                     self.send_disco(peer, &DiscoMessage::CallMeMaybe { endpoints: own.clone() }, via);
                 }
+            }
+        }
+        for r in self.regions.idle(&in_use, now) {
+            info!(region = r, "closing idle DERP region");
+            self.regions.close(r);
+        }
+    }
+
+    /// Records the port mapping (or why there is none) and advertises its address.
+    fn set_mapping(&self, m: Result<Mapping, String>) {
+        let (addr, err, m) = match m {
+            Ok(m) => (Some(SocketAddr::V4(m.external)), None, Some(m)),
+            Err(e) => (None, Some(e), None),
+        };
+        self.own.lock().set_mapped(addr);
+        *self.mapping.lock() = m;
+        *self.portmap_error.lock() = err;
+    }
+
+    /// Deletes the port mapping on the gateway, waiting up to 2 s for a UPnP gateway's answer.
+    pub async fn release_port_mapping_async(&self) {
+        let m = self.mapping.lock().take();
+        if let Some(m) = m {
+            info!(external = %m.external, protocol = m.protocol.name(), "deleting port mapping");
+            match tokio::time::timeout(Duration::from_secs(2), m.delete()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!("deleting port mapping: {e}"),
+                Err(_) => warn!("deleting port mapping: no answer in 2 s"),
+            }
+        }
+    }
+
+    /// Deletes a NAT-PMP / PCP port mapping without waiting (the node is stopping).
+    pub fn release_port_mapping(&self) {
+        if let Some(m) = self.mapping.lock().take() {
+            info!(external = %m.external, protocol = m.protocol.name(), "deleting port mapping");
+            m.delete_now();
+        }
+    }
+
+    /// Where `peer`'s datagrams go now (for the path history).
+    fn path_key(&self, peer: &Peer, now: Instant) -> PathKey {
+        if let Some(ep) = *peer.static_ep.lock() {
+            return PathKey::Direct(ep);
+        }
+        match peer.path.lock().peek_path(now) {
+            SendPath::Direct(a) => PathKey::Direct(a),
+            SendPath::DerpAnd(_) => PathKey::Derp(self.peer_route(peer)),
+        }
+    }
+
+    /// Appends to `peer`'s path history when its path changed since the last tick.
+    fn log_path(&self, peer: &Peer, now: Instant) {
+        let key = self.path_key(peer, now);
+        let mut log = peer.log.lock();
+        if log.last == Some(key) {
+            return;
+        }
+        let reason = match (log.last, key) {
+            (_, PathKey::Direct(a)) if peer.static_ep.lock().is_some() => format!("static endpoint {a}"),
+            (_, PathKey::Direct(a)) => {
+                format!("disco pong from {a}: trusted for 6.5 s, renewed by heartbeats")
+            }
+            (Some(PathKey::Direct(a)), PathKey::Derp(r)) => {
+                format!("no pong from {a} within the trust time: relayed via derp-{r}")
+            }
+            (_, PathKey::Derp(r)) if r != peer.derp_region.load(Relaxed) => {
+                format!("derp-{} not connected: via our home derp-{r}", peer.derp_region.load(Relaxed))
+            }
+            (_, PathKey::Derp(_)) => peer.region_reason.lock().clone(),
+        };
+        let path = match key {
+            PathKey::Direct(a) => format!("direct {a}"),
+            PathKey::Derp(r) => format!("derp-{r}"),
+        };
+        log.last = Some(key);
+        log.push(path, reason);
+    }
+
+    /// Takes in a finished netcheck report: records it, learns our STUN mapping, and moves home
+    /// when the report prefers another region (unless the home is pinned).
+    pub fn apply_report(&self, report: &Report, trigger: &str, home_down: Option<Duration>) {
+        self.homing.record_report(report, trigger);
+        if let Some(m) = report.global_v4 {
+            self.own.lock().add_stun(m, Instant::now());
+        }
+        let (old, new) = (self.regions.home(), report.preferred_derp);
+        if self.pin_home || new == 0 || new == old {
+            return;
+        }
+        let reason = homing::move_reason(old, new, &report.region_latency, home_down);
+        self.move_home(new, reason);
+    }
+
+    /// Moves the home to `new`: NotePreferred (through the home watch), re-STUN, re-announce.
+    pub fn move_home(&self, new: i64, reason: String) {
+        let old = self.regions.home();
+        info!(from = old, to = new, %reason, "home region moved");
+        self.regions.set_home(new);
+        self.homing.record_move(old, new, reason);
+        self.own.lock().restun_now();
+        for peer in &self.peers {
+            if !peer.region_learned.load(Relaxed) && peer.cfg.home_region.is_none() {
+                peer.derp_region.store(new, Relaxed);
+                *peer.region_reason.lock() = "our home (no home_region in the config)".into();
+            }
+        }
+        self.announce();
+    }
+
+    /// CallMeMaybe to every disco peer through our home and through the region we reach it by.
+    fn announce(&self) {
+        let now = Instant::now();
+        let own = self.own.lock().list(now);
+        if own.is_empty() {
+            return;
+        }
+        let home = self.regions.home();
+        // Extra to the regular rounds: the rate limit of those is left alone.
+        for peer in self.peers.iter().filter(|p| p.uses_disco()) {
+            let route = self.peer_route(peer);
+            for region in if route == home { vec![home] } else { vec![home, route] } {
+                let via = DiscoVia::Derp { region, node: peer.cfg.public_key };
+                self.send_disco(peer, &DiscoMessage::CallMeMaybe { endpoints: own.clone() }, via);
             }
         }
     }
@@ -418,8 +660,14 @@ impl Node {
 
     /// Records the current sender of `region` (None while disconnected).
     pub fn set_derp_sender(&self, region: i64, s: Option<DerpSender>) {
-        if let Some(slot) = self.derp.get(&region) {
-            *slot.write() = s;
+        // Only a reconnect after an outage, not the first connect (peers may not be there yet, and
+        // the regular disco round announces anyway).
+        let home_came_back =
+            s.is_some() && region == self.regions.home() && self.regions.down_since(region).is_some();
+        self.regions.set_sender(region, s);
+        if home_came_back {
+            // Peers may have failed to reach us meanwhile: tell them where we are.
+            self.announce();
         }
     }
 
@@ -432,7 +680,13 @@ impl Node {
             .map(|p| {
                 let (hs, tx, rx, _, _) = p.tunn.lock().stats();
                 let path = p.path.lock();
-                let region = p.derp_region.load(Relaxed);
+                let region = self.peer_route(p);
+                let configured = p.derp_region.load(Relaxed);
+                let derp_region_reason = if region == configured {
+                    p.region_reason.lock().clone()
+                } else {
+                    format!("derp-{configured} not connected: via our home")
+                };
                 let (path_s, latency) = match *p.static_ep.lock() {
                     Some(ep) => (format!("direct {ep}"), None),
                     None => match path.peek_path(now) {
@@ -452,14 +706,18 @@ impl Node {
                     derp_tx_packets: p.derp_tx.load(Relaxed),
                     udp_tx_packets: p.udp_tx.load(Relaxed),
                     candidates: path.candidate_count(),
+                    derp_region: region,
+                    derp_region_reason,
+                    path_history: p.log.lock().events.iter().cloned().collect(),
                 }
             })
             .collect();
+        let home = self.regions.home();
         Status {
             node_key: self.node_key.to_string(),
             disco_key: self.disco_pub.to_string(),
-            home_region: self.cfg_home,
-            home_connected: self.derp.get(&self.cfg_home).is_some_and(|s| s.read().is_some()),
+            home_region: home,
+            home_connected: self.regions.connected(home),
             listen: self.sock.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
             endpoints: self.own.lock().list(now),
             peers,
@@ -468,6 +726,19 @@ impl Node {
                 derp: self.drops.derp.load(Relaxed),
                 tun: self.drops.tun.load(Relaxed),
                 not_allowed: self.drops.not_allowed.load(Relaxed),
+            },
+            pin_home: self.pin_home,
+            regions_connected: self.regions.connected_regions(),
+            netcheck: self.homing.netcheck_status(),
+            home_history: self.homing.moves(),
+            port_mapping: match &*self.mapping.lock() {
+                Some(m) => PortMapStatus {
+                    protocol: Some(m.protocol.name().into()),
+                    external: Some(SocketAddr::V4(m.external)),
+                    renew_in_secs: Some(m.renew_at().saturating_duration_since(now).as_secs_f64()),
+                    error: None,
+                },
+                None => PortMapStatus { error: self.portmap_error.lock().clone(), ..Default::default() },
             },
         }
     }
@@ -495,8 +766,14 @@ enum DiscoVia {
     Derp { region: i64, node: NodePublic },
 }
 
-/// Starts the background tasks: UDP reader, TUN reader, timers, DERP regions.
-pub fn spawn_tasks(node: Arc<Node>, opts: ConnectOptions) -> Vec<tokio::task::JoinHandle<()>> {
+/// Starts the background tasks: UDP reader, TUN reader, timers, DERP regions, and the netcheck
+/// loop with `netchecker` (its first report runs at once unless `first_report_done`).
+pub fn spawn_tasks(
+    node: Arc<Node>,
+    opts: ConnectOptions,
+    netchecker: Netchecker,
+    first_report_done: bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     let n = node.clone();
     tasks.push(tokio::spawn(async move {
@@ -542,33 +819,141 @@ pub fn spawn_tasks(node: Arc<Node>, opts: ConnectOptions) -> Vec<tokio::task::Jo
             }
         }
     }));
-    for region in node.regions() {
-        let Some(r) = node.map.regions.get(&region).cloned() else { continue };
-        let mut cfg = RegionClientConfig::new(DerpTarget::Region(r), opts.clone());
-        cfg.is_home = region == node.cfg_home;
-        let mut client = DerpRegionClient::spawn(cfg);
+    if let Some(cmds) = node.region_cmds.lock().take() {
         let n = node.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; WG_BUF_LEN];
-            while let Some(ev) = client.recv().await {
+        tasks.push(tokio::spawn(regions::manage(cmds, move |region, set| {
+            set.spawn(region_task(n.clone(), region, opts.clone()))
+        })));
+    }
+    tasks.push(tokio::spawn(netcheck_loop(node.clone(), netchecker, first_report_done)));
+    if !node.portmap_protocols.is_empty() {
+        tasks.push(tokio::spawn(portmap_loop(node.clone())));
+    }
+    tasks
+}
+
+/// Without a mapping, port mapping is retried this often (gateways come and go with networks).
+const PORTMAP_RETRY: Duration = Duration::from_secs(30);
+
+/// Keeps a port mapping for the shared socket's port: maps, renews at half the lifetime (asking
+/// for the same external port), retries every [`PORTMAP_RETRY`] while none is granted; a failed
+/// renewal keeps the mapping until it expires.
+async fn portmap_loop(node: Arc<Node>) {
+    let Ok(port) = node.sock.local_addr().map(|a| a.port()) else { return };
+    loop {
+        let prev = node.mapping.lock().clone();
+        let r = match portmap::discover() {
+            None => Err(portmap::PortmapError::NoGateway),
+            Some(gw) => portmap::map_port(&gw, port, prev.as_ref(), &node.portmap_protocols).await,
+        };
+        let wait = match r {
+            Ok(m) => {
+                if prev.as_ref().map(|p| p.external) != Some(m.external) {
+                    info!(protocol = m.protocol.name(), external = %m.external, lifetime = ?m.lifetime, "port mapped");
+                }
+                let renew =
+                    m.renew_at().saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+                node.set_mapping(Ok(m));
+                renew
+            }
+            // A renewal that failed leaves the mapping in use until it expires.
+            Err(e) if prev.as_ref().is_some_and(|p| Instant::now() < p.obtained + p.lifetime) => {
+                warn!("renewing port mapping: {e}");
+                PORTMAP_RETRY
+            }
+            Err(e) => {
+                debug!("port mapping: {e}");
+                node.set_mapping(Err(e.to_string()));
+                PORTMAP_RETRY
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One region's DERP client: delivers its packets to the node, tracks its connection, and sends
+/// `NotePreferred` when the home moves to or from it.
+async fn region_task(node: Arc<Node>, region: i64, opts: ConnectOptions) {
+    let Some(r) = node.map.regions.get(&region).cloned() else { return };
+    let mut home = node.regions.watch_home();
+    let mut cfg = RegionClientConfig::new(DerpTarget::Region(r), opts);
+    cfg.is_home = *home.borrow_and_update() == region;
+    let mut client = DerpRegionClient::spawn(cfg);
+    let mut buf = vec![0u8; WG_BUF_LEN];
+    loop {
+        tokio::select! {
+            ev = client.recv() => {
+                let Some(ev) = ev else { return };
                 match ev {
                     RegionEvent::Connected(info) => {
                         info!(region, remote = %info.remote, "DERP connected");
-                        n.set_derp_sender(region, client.wait_connected(Duration::from_secs(1)).await);
+                        node.regions.note_rx(region);
+                        node.set_derp_sender(region, client.wait_connected(Duration::from_secs(1)).await);
                     }
                     RegionEvent::Disconnected { error, .. } | RegionEvent::ConnectFailed { error, .. } => {
                         warn!(region, "DERP: {error}");
-                        n.set_derp_sender(region, None);
+                        node.set_derp_sender(region, None);
                     }
-                    RegionEvent::Message(ServerToClient::RecvPacket { src, data }) => {
-                        n.on_derp_packet(region, src, &data, &mut buf)
+                    RegionEvent::Message(m) => {
+                        node.regions.note_rx(region);
+                        if let ServerToClient::RecvPacket { src, data } = m {
+                            node.on_derp_packet(region, src, &data, &mut buf)
+                        }
                     }
-                    RegionEvent::Message(_) => {}
                 }
             }
-        }));
+            c = home.changed() => {
+                if c.is_err() {
+                    return;
+                }
+                client.set_home(*home.borrow_and_update() == region);
+            }
+        }
     }
-    tasks
+}
+
+/// Re-runs netcheck (periodically, on request, and when the home's DERP connection died) and
+/// applies each report. Timing: see [`super::homing`].
+async fn netcheck_loop(node: Arc<Node>, mut nc: Netchecker, first_report_done: bool) {
+    let jitter = || homing::jittered(node.netcheck_interval, rand::random());
+    let start = tokio::time::Instant::now();
+    let mut next = if first_report_done { start + jitter() } else { start };
+    let mut trigger = if first_report_done { "periodic" } else { "start" };
+    let mut last_full: Option<tokio::time::Instant> = first_report_done.then_some(start);
+    let mut last_run = std::time::Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = node.homing.requested() => trigger = "requested",
+            _ = poll.tick() => {
+                let home = node.regions.home();
+                let dead = node.regions.down_since(home).is_some_and(|t| {
+                    t.elapsed() >= homing::HOME_DOWN_GRACE && last_run < t + homing::HOME_DOWN_GRACE
+                });
+                if !dead {
+                    continue;
+                }
+                trigger = "home DERP down";
+            }
+        }
+        let home = node.regions.home();
+        let down =
+            node.regions.down_since(home).map(|t| t.elapsed()).filter(|d| *d >= homing::HOME_DOWN_GRACE);
+        let full =
+            trigger != "periodic" || last_full.is_none_or(|t| t.elapsed() >= homing::FULL_REPORT_EVERY);
+        if full {
+            last_full = Some(tokio::time::Instant::now());
+        }
+        nc.set_home(Some(home));
+        let report = nc.run_for_home(&node.map, full, node.regions.heard_ago(home), down.is_some()).await;
+        debug!(trigger, full, home = report.preferred_derp, latencies = ?report.region_latency, "netcheck");
+        node.apply_report(&report, trigger, down);
+        last_run = std::time::Instant::now();
+        let still_down = node.regions.down_since(node.regions.home()).is_some();
+        next = tokio::time::Instant::now() + if still_down { homing::HOME_DOWN_RETRY } else { jitter() };
+        trigger = "periodic";
+    }
 }
 
 /// Allowed-IP prefixes not already covered by the TUN's own address prefixes (they need routes).

@@ -46,6 +46,7 @@ const MAX_STUN_PENDING: usize = 64;
 #[derive(Debug, Default)]
 pub struct OwnEndpoints {
     stun: HashMap<SocketAddr, Instant>,
+    mapped: Option<SocketAddr>,
     local: Vec<SocketAddr>,
     pending: HashMap<[u8; 12], Instant>,
     last_request: Option<Instant>,
@@ -83,6 +84,16 @@ impl OwnEndpoints {
         out
     }
 
+    /// Sets the address a port mapping (NAT-PMP / PCP) gave us; advertised first.
+    pub fn set_mapped(&mut self, mapped: Option<SocketAddr>) {
+        self.mapped = mapped;
+    }
+
+    /// Makes the next [`Self::stun_due`] send at once (the home region changed).
+    pub fn restun_now(&mut self) {
+        self.last_request = None;
+    }
+
     /// Handles a STUN datagram; returns the mapped address when it answers one of our requests.
     pub fn on_stun(&mut self, b: &[u8], now: Instant) -> Option<SocketAddr> {
         let (tx, mapped) = parse_response(b).ok()?;
@@ -111,6 +122,9 @@ impl OwnEndpoints {
             .map(|(a, _)| *a)
             .collect();
         v.sort();
+        if let Some(m) = self.mapped.filter(|m| !v.contains(m)) {
+            v.insert(0, m);
+        }
         for l in &self.local {
             if !v.contains(l) {
                 v.push(*l);

@@ -8,6 +8,8 @@
 //! - [`wg`]: boringtun adapter (one `Tunn` per peer, shared rate limiter, peer lookup).
 //! - [`tun`]: the TUN device; [`userspace`]: UDP port forwarding instead of a TUN (`tun.userspace`);
 //!   [`device`]: either of them.
+//! - [`regions`]: the DERP connections per region (opened on demand, idle ones closed);
+//!   [`homing`]: netcheck/home-move records and the re-netcheck timing.
 //! - [`engine`]: the running node gluing them together.
 //! - [`status`]: the control socket and `derpfleet-client status`.
 //!
@@ -20,6 +22,12 @@
 //! ```
 //! `up` prints one line when ready (`up: <iface> node <nodekey> disco <discokey> listen ... home
 //! derp-<id> control <path>`) and stops on SIGINT/SIGTERM (the TUN interface vanishes with it).
+//! `SIGUSR1` runs a netcheck at once (and re-decides the home).
+//!
+//! Home region: netcheck runs at start (unless the config names a `home_region`, which is then the
+//! starting home) and again every 20–26 s; the home moves by the hysteresis rule of
+//! [`crate::netcheck::home`], and at once off a home whose DERP connection is dead. `pin_home =
+//! true` keeps `home_region` whatever netcheck says.
 //!
 //! Behaviour (spec §8): WireGuard goes over DERP to the peer's home region (SendPacket to its node
 //! key) until a disco pong over UDP makes a direct address trusted (6.5 s, renewed by 3 s
@@ -29,9 +37,9 @@
 //! TUN is created (no root needed apart from the control socket's default directory); `[[forward]]`
 //! entries carry local UDP ports through the tunnel instead (UDP over IPv4 only).
 //!
-//! Limits: IPv4 underlay only (one `0.0.0.0` socket); DERP connections to every peer's home region
-//! stay open (Tailscale closes idle non-home regions after 60 s); endpoints are STUN (home region,
-//! re-STUN every 20 s) plus local interface addresses, no UPnP/NAT-PMP; no peer relays.
+//! Limits: IPv4 underlay only (one `0.0.0.0` socket); endpoints are STUN (home region, re-STUN
+//! every 20 s and on a home move), a NAT-PMP / PCP / UPnP IGD port mapping on the gateway
+//! ([`crate::portmap`]), plus local interface addresses; no peer relays.
 
 #[cfg(feature = "cli")]
 pub mod cli;
@@ -40,14 +48,16 @@ pub mod device;
 pub mod disco;
 pub mod endpoint;
 pub mod engine;
+pub mod homing;
 pub mod magicsock;
+pub mod regions;
 pub mod status;
 pub mod tun;
 pub mod userspace;
 pub mod wg;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use tracing::{info, warn};
@@ -106,6 +116,7 @@ impl Drop for RunningNode {
         for t in &self.tasks {
             t.abort();
         }
+        self.node.release_port_mapping();
         let _ = std::fs::remove_file(&self.control);
     }
 }
@@ -118,22 +129,33 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
         .map_err(|source| UpError::Bind { port: cfg.listen_port, source })?;
     let sock = Arc::new(sock);
     let port = sock.local_addr().map(|a| a.port()).unwrap_or(cfg.listen_port);
-    let mut first_mapping = None;
+    let nc_cfg = NetcheckConfig {
+        https_fallback: true,
+        history_retention: cfg.netcheck_history,
+        ..Default::default()
+    };
+    let mut nc = Netchecker::with_sockets(Some(sock.clone()), None, nc_cfg);
+    let mut first_report = None;
     let home = match cfg.home_region {
-        Some(h) => h,
+        Some(h) => {
+            nc.set_home(Some(h));
+            h
+        }
         None => {
-            // netcheck reads the shared socket, so it runs before the node's reader starts.
-            let nc_cfg = NetcheckConfig { https_fallback: true, ..Default::default() };
-            let mut nc = Netchecker::with_sockets(Some(sock.clone()), None, nc_cfg);
+            // This first report reads the shared socket itself: the node's reader starts later.
             let report = nc.run(&cfg.derp_map, true, None).await;
-            first_mapping = report.global_v4;
             info!(home = report.preferred_derp, global_v4 = ?report.global_v4, "netcheck");
             if report.preferred_derp == 0 {
                 return Err(UpError::NoHome);
             }
-            report.preferred_derp
+            let home = report.preferred_derp;
+            first_report = Some(report);
+            home
         }
     };
+    // From now on the node's reader owns the socket and hands STUN answers to the netchecker.
+    nc.set_read_sockets(false);
+    let stun = nc.stun_handler();
     let dev = if cfg.userspace {
         let addr = cfg.userspace_address().ok_or(UpError::NoUserspaceAddress)?;
         let u = userspace::Userspace::start(addr, &cfg.forwards)
@@ -148,17 +170,14 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
         }
         device::Device::Tun(tun)
     };
-    let node = Arc::new(Node::new(&cfg, home, sock, dev));
-    {
-        let mut own = node.own_endpoints().lock();
-        own.set_local(magicsock::local_addresses(port, &cfg.tun_name));
-        if let Some(m) = first_mapping {
-            own.add_stun(m, Instant::now());
-        }
+    let node = Arc::new(Node::new(&cfg, home, sock, dev, stun));
+    node.own_endpoints().lock().set_local(magicsock::local_addresses(port, &cfg.tun_name));
+    if let Some(r) = &first_report {
+        node.apply_report(r, "start", None);
     }
     let mut opts = ConnectOptions::new(cfg.private_key.clone());
     opts.app_name = Some("derpfleet-node".into());
-    let mut tasks = engine::spawn_tasks(node.clone(), opts);
+    let mut tasks = engine::spawn_tasks(node.clone(), opts, nc, first_report.is_some());
     let listener = status::bind(&cfg.control)
         .map_err(|source| UpError::Control { path: cfg.control.clone(), source })?;
     let n = node.clone();
@@ -182,13 +201,21 @@ pub async fn run(cfg: NodeConfig) -> Result<(), UpError> {
         st.home_region,
         control.display()
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| UpError::Control { path: control.clone(), source })?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    use tokio::signal::unix::{signal, SignalKind};
+    let sig = |k| signal(k).map_err(|source| UpError::Control { path: control.clone(), source });
+    let (mut term, mut usr1) = (sig(SignalKind::terminate())?, sig(SignalKind::user_defined1())?);
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = usr1.recv() => {
+                info!("SIGUSR1: netcheck now");
+                running.node.renetcheck();
+            }
+        }
     }
     info!("shutting down");
+    running.node.release_port_mapping_async().await;
     drop(running);
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
