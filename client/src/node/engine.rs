@@ -26,12 +26,16 @@ use super::disco::{sender_key, DiscoMessage, DiscoPublic, SharedBox};
 use super::endpoint::{Endpoint, PongOutcome, SendPath};
 use super::magicsock::{classify, Kind, OwnEndpoints};
 use super::status::{DropCounts, PeerStatus, Status};
+use super::tun::PacketBatch;
+use super::udp::{Family, RecvBatch, SendBatch, UdpConn};
 use super::wg::{src_ip, Screened, WgIdentity, WgSender, WG_BUF_LEN};
 use crate::conn::{ConnectOptions, DerpSender, DerpTarget};
 use crate::region::{DerpRegionClient, RegionClientConfig, RegionEvent};
 
 /// How often timers run (boringtun timers, disco pings, STUN).
 pub const TICK: Duration = Duration::from_millis(100);
+/// Most inner packets read from the device per burst (one GSO send each way per burst and peer).
+const TUN_BATCH: usize = 64;
 /// CallMeMaybe is sent at most this often per peer.
 const CALL_ME_MAYBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Tailscale's placeholder IP for "via DERP" in a Pong's source field (port = region id).
@@ -77,7 +81,7 @@ pub struct Node {
     node_key: NodePublic,
     disco_pub: DiscoPublic,
     wg: WgIdentity,
-    sock: Arc<UdpSocket>,
+    sock: Arc<UdpConn>,
     dev: Device,
     peers: Vec<Peer>,
     by_node: HashMap<NodePublic, usize>,
@@ -89,7 +93,7 @@ pub struct Node {
 
 impl Node {
     /// Builds the node; `home` is the chosen home region.
-    pub fn new(cfg: &NodeConfig, home: i64, sock: Arc<UdpSocket>, dev: Device) -> Self {
+    pub fn new(cfg: &NodeConfig, home: i64, sock: Arc<UdpConn>, dev: Device) -> Self {
         let wg = WgIdentity::new(&cfg.private_key);
         let mut peers = Vec::new();
         let (mut by_node, mut by_disco) = (HashMap::new(), HashMap::new());
@@ -156,6 +160,17 @@ impl Node {
         best.map(|(p, _)| p)
     }
 
+    /// Sends one UDP datagram now, or queues it in `out` (a batch flushed by the caller).
+    fn udp_send_via(&self, data: &[u8], to: SocketAddr, out: Option<&mut SendBatch>) -> bool {
+        match out {
+            Some(b) => {
+                b.push(to, data);
+                true
+            }
+            None => self.udp_send(data, to),
+        }
+    }
+
     fn udp_send(&self, data: &[u8], to: SocketAddr) -> bool {
         if self.sock.try_send_to(data, to).is_err() {
             self.drops.udp.fetch_add(1, Relaxed);
@@ -178,9 +193,14 @@ impl Node {
 
     /// Sends one WireGuard datagram to `peer` by its current path (spec §8 "Send path").
     fn send_wg(&self, peer: &Peer, data: &[u8]) {
+        self.send_wg_via(peer, data, None)
+    }
+
+    /// [`Node::send_wg`], with UDP datagrams queued in `out` when given.
+    fn send_wg_via(&self, peer: &Peer, data: &[u8], mut out: Option<&mut SendBatch>) {
         if let Some(ep) = *peer.static_ep.lock() {
             peer.udp_tx.fetch_add(1, Relaxed);
-            self.udp_send(data, ep);
+            self.udp_send_via(data, ep, out);
             return;
         }
         let path = if peer.uses_disco() {
@@ -191,12 +211,12 @@ impl Node {
         match path {
             SendPath::Direct(a) => {
                 peer.udp_tx.fetch_add(1, Relaxed);
-                self.udp_send(data, a);
+                self.udp_send_via(data, a, out);
             }
             SendPath::DerpAnd(a) => {
                 if let Some(a) = a {
                     peer.udp_tx.fetch_add(1, Relaxed);
-                    self.udp_send(data, a);
+                    self.udp_send_via(data, a, out.as_deref_mut());
                 }
                 peer.derp_tx.fetch_add(1, Relaxed);
                 self.derp_send(peer.derp_region.load(Relaxed), peer.cfg.public_key, data);
@@ -216,11 +236,23 @@ impl Node {
 
     /// An IP packet read from the TUN device.
     pub fn on_tun_packet(&self, pkt: &[u8], buf: &mut [u8]) {
+        self.encapsulate(pkt, buf, None);
+    }
+
+    /// A burst of IP packets from the device: each is encrypted for its peer and its UDP
+    /// datagram queued in `out`, which the caller sends as GSO runs ([`UdpConn::send_batch`]).
+    pub fn on_tun_batch(&self, pkts: &PacketBatch, buf: &mut [u8], out: &mut SendBatch) {
+        for pkt in pkts.iter() {
+            self.encapsulate(pkt, buf, Some(out));
+        }
+    }
+
+    fn encapsulate(&self, pkt: &[u8], buf: &mut [u8], out: Option<&mut SendBatch>) {
         let Some(dst) = Tunn::dst_address(pkt) else { return };
         let Some(peer) = self.peer_for_ip(dst) else { return };
         let mut t = peer.tunn.lock();
         match t.encapsulate(pkt, buf) {
-            TunnResult::WriteToNetwork(d) => self.send_wg(peer, d),
+            TunnResult::WriteToNetwork(d) => self.send_wg_via(peer, d, out),
             TunnResult::Err(e) => debug!("encapsulate: {e:?}"),
             _ => {}
         }
@@ -477,8 +509,13 @@ impl Node {
         &self.dev
     }
 
-    /// The shared socket.
+    /// The shared IPv4 socket.
     pub fn socket(&self) -> &Arc<UdpSocket> {
+        self.sock.v4()
+    }
+
+    /// Both UDP sockets.
+    pub fn udp(&self) -> &Arc<UdpConn> {
         &self.sock
     }
 
@@ -498,28 +535,39 @@ enum DiscoVia {
 /// Starts the background tasks: UDP reader, TUN reader, timers, DERP regions.
 pub fn spawn_tasks(node: Arc<Node>, opts: ConnectOptions) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
-    let n = node.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut rbuf = vec![0u8; 65536];
-        let mut wbuf = vec![0u8; WG_BUF_LEN];
-        loop {
-            match n.sock.recv_from(&mut rbuf).await {
-                Ok((len, from)) => n.on_udp(&rbuf[..len], from, &mut wbuf),
-                Err(e) => {
-                    // ICMP errors surface here on Linux; keep reading.
-                    debug!("udp recv: {e}");
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+    for family in [Family::V4, Family::V6] {
+        let n = node.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rb = RecvBatch::default();
+            let mut wbuf = vec![0u8; WG_BUF_LEN];
+            loop {
+                match n.sock.recv(family, &mut rb).await {
+                    Ok(k) => {
+                        for (from, d) in rb.datagrams(k) {
+                            n.on_udp(d, from, &mut wbuf);
+                        }
+                    }
+                    Err(e) => {
+                        // ICMP errors surface here on Linux; keep reading.
+                        debug!("udp recv: {e}");
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
                 }
             }
-        }
-    }));
+        }));
+    }
     let n = node.clone();
     tasks.push(tokio::spawn(async move {
-        let mut rbuf = vec![0u8; 65536];
+        let mut pkts = PacketBatch::new(TUN_BATCH, 65536);
         let mut wbuf = vec![0u8; WG_BUF_LEN];
+        let mut out = SendBatch::default();
         loop {
-            match n.dev.recv(&mut rbuf).await {
-                Ok(len) => n.on_tun_packet(&rbuf[..len], &mut wbuf),
+            match n.dev.recv_batch(&mut pkts).await {
+                Ok(_) => {
+                    n.on_tun_batch(&pkts, &mut wbuf, &mut out);
+                    let failed = n.sock.send_batch(&mut out).await;
+                    n.drops.udp.fetch_add(failed, Relaxed);
+                }
                 Err(e) => {
                     warn!("device read: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -120,38 +120,6 @@ impl OwnEndpoints {
     }
 }
 
-/// Socket buffer size asked for on the shared socket: WireGuard bursts (a TCP window through the
-/// tunnel) overflow the 208 KiB default and every overflow is a TCP loss inside the tunnel.
-pub const SOCKET_BUFFER: usize = 4 << 20;
-
-/// Binds the shared UDP socket on `0.0.0.0:port` with large buffers (`SO_*BUFFORCE` when allowed,
-/// i.e. as root; otherwise the sysctl-capped `SO_RCVBUF`/`SO_SNDBUF`).
-pub fn bind_udp(port: u16) -> std::io::Result<std::net::UdpSocket> {
-    use std::os::fd::AsRawFd;
-    let sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
-    let fd = sock.as_raw_fd();
-    let size = SOCKET_BUFFER as libc::c_int;
-    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
-        let set = |opt| {
-            // SAFETY: setsockopt on a socket we own with a pointer to a c_int of the stated size.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            }
-        };
-        if set(force) != 0 {
-            set(plain);
-        }
-    }
-    sock.set_nonblocking(true)?;
-    Ok(sock)
-}
-
 /// IPv4 addresses of up, non-loopback interfaces other than `exclude_iface`, with `port`.
 pub fn local_addresses(port: u16, exclude_iface: &str) -> Vec<SocketAddr> {
     let mut out = Vec::new();

@@ -43,13 +43,13 @@ pub mod engine;
 pub mod magicsock;
 pub mod status;
 pub mod tun;
+pub mod udp;
 pub mod userspace;
 pub mod wg;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
 use tracing::{info, warn};
 
 use crate::conn::ConnectOptions;
@@ -113,8 +113,7 @@ impl Drop for RunningNode {
 /// Starts the node: UDP socket, netcheck (for the home region and our STUN mapping, when the
 /// config does not force a home), TUN, DERP connections, timers and the control socket.
 pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
-    let sock = magicsock::bind_udp(cfg.listen_port)
-        .and_then(UdpSocket::from_std)
+    let sock = udp::UdpConn::bind(cfg.listen_port)
         .map_err(|source| UpError::Bind { port: cfg.listen_port, source })?;
     let sock = Arc::new(sock);
     let port = sock.local_addr().map(|a| a.port()).unwrap_or(cfg.listen_port);
@@ -124,7 +123,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
         None => {
             // netcheck reads the shared socket, so it runs before the node's reader starts.
             let nc_cfg = NetcheckConfig { https_fallback: true, ..Default::default() };
-            let mut nc = Netchecker::with_sockets(Some(sock.clone()), None, nc_cfg);
+            let mut nc = Netchecker::with_sockets(Some(sock.v4().clone()), None, nc_cfg);
             let report = nc.run(&cfg.derp_map, true, None).await;
             first_mapping = report.global_v4;
             info!(home = report.preferred_derp, global_v4 = ?report.global_v4, "netcheck");
