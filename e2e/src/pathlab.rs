@@ -159,10 +159,32 @@ impl PathLab {
         let mut routers = Vec::new();
         for n in 1..=n_routers {
             let r = Netns::new(&format!("dfp{tag}r{n}"))?;
-            veth(&r, "wan0", &format!("172.30.{n}.2/24"), &public, &format!("p{n}"), &format!("172.30.{n}.1/24"))?;
+            veth(
+                &r,
+                "wan0",
+                &format!("172.30.{n}.2/24"),
+                &public,
+                &format!("p{n}"),
+                &format!("172.30.{n}.1/24"),
+            )?;
             r.ip(&["-6", "addr", "add", &format!("fd00:30:{n}::2/64"), "dev", "wan0", "nodad"])?;
-            public.ip(&["-6", "addr", "add", &format!("fd00:30:{n}::1/64"), "dev", &format!("p{n}"), "nodad"])?;
-            public.ip(&["-6", "route", "add", &format!("fd00:{n}::/64"), "via", &format!("fd00:30:{n}::2")])?;
+            public.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("fd00:30:{n}::1/64"),
+                "dev",
+                &format!("p{n}"),
+                "nodad",
+            ])?;
+            public.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("fd00:{n}::/64"),
+                "via",
+                &format!("fd00:30:{n}::2"),
+            ])?;
             r.ip(&["route", "add", "default", "via", &format!("172.30.{n}.1")])?;
             r.ip(&["-6", "route", "add", "default", "via", &format!("fd00:30:{n}::1")])?;
             r.enable_forwarding()?;
@@ -179,13 +201,12 @@ impl PathLab {
             link_home(&home0, &routers[2], 3)?;
         }
         let mut children = Vec::new();
-        children.push(spawn_logged(
-            &public,
-            &bin("derpfleet-stun"),
-            &["--a", ":3478"],
-            &dir.join("stun.log"),
-            "stun",
-        )?);
+        // One STUN server per address: a wildcard-bound one answers from the address of the
+        // outgoing route (172.30.n.1 here), which the NATs rightly refuse as a reply.
+        for (a, name) in [(format!("{RELAY_IP}:3478"), "stun4"), (format!("[{RELAY_IP6}]:3478"), "stun6")] {
+            let log = dir.join(format!("{name}.log"));
+            children.push(spawn_logged(&public, &bin("derpfleet-stun"), &["--a", &a], &log, "stun")?);
+        }
         let certdir = dir.join("certs");
         children.push(spawn_logged(
             &public,

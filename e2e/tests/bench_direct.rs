@@ -13,7 +13,12 @@ use anyhow::Result;
 use derpfleet_e2e::pathlab::{LabOpts, Nat, PathLab, TUN_IPS};
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split(' ')
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn report(name: &str, mut runs: Vec<f64>) {

@@ -24,7 +24,8 @@ use super::config::{IpNet, NodeConfig, PeerConfig};
 use super::device::Device;
 use super::disco::{sender_key, DiscoMessage, DiscoPublic, SharedBox};
 use super::endpoint::{Endpoint, PongOutcome, SendPath};
-use super::magicsock::{classify, Kind, OwnEndpoints};
+use super::magicsock::{classify, local_addresses, Kind, OwnEndpoints};
+use super::netmon::{NetChanges, NetState};
 use super::status::{DropCounts, PeerStatus, Status};
 use super::tun::PacketBatch;
 use super::udp::{Family, RecvBatch, SendBatch, UdpConn};
@@ -89,6 +90,8 @@ pub struct Node {
     derp: HashMap<i64, RwLock<Option<DerpSender>>>,
     own: Mutex<OwnEndpoints>,
     drops: Drops,
+    tun_name: String,
+    net: NetChanges,
 }
 
 impl Node {
@@ -135,6 +138,8 @@ impl Node {
             derp,
             own: Mutex::new(OwnEndpoints::default()),
             drops: Drops::default(),
+            tun_name: cfg.tun_name.clone(),
+            net: NetChanges::new(NetState::snapshot(&cfg.tun_name)),
         }
     }
 
@@ -296,8 +301,10 @@ impl Node {
     pub fn on_udp(&self, data: &[u8], from: SocketAddr, buf: &mut [u8]) {
         match classify(data) {
             Kind::Stun => {
-                if let Some(m) = self.own.lock().on_stun(data, Instant::now()) {
+                let new = self.own.lock().on_stun(data, Instant::now());
+                if let Some(m) = new {
                     info!(mapped = %m, "STUN: new endpoint");
+                    self.announce_endpoints();
                 }
             }
             Kind::Disco => self.on_disco(data, DiscoVia::Udp(from)),
@@ -400,7 +407,7 @@ impl Node {
                     return; // only valid over DERP
                 }
                 debug!(peer = %peer.cfg.public_key.short(), ?endpoints, "call-me-maybe");
-                peer.path.lock().add_advertised(&endpoints, true);
+                peer.path.lock().on_call_me_maybe(&endpoints, now);
                 for e in endpoints {
                     self.send_ping(peer, e);
                 }
@@ -440,6 +447,33 @@ impl Node {
                     self.send_disco(peer, &DiscoMessage::CallMeMaybe { endpoints: own.clone() }, via);
                 }
             }
+        }
+    }
+
+    /// Network changes seen by the monitor (subscribe to react, e.g. re-run netcheck).
+    pub fn net_changes(&self) -> &NetChanges {
+        &self.net
+    }
+
+    /// The network changed: refresh our local candidates, forget STUN mappings and re-STUN now,
+    /// and restart disco with every peer (trust ends, a round with CallMeMaybe runs at the next
+    /// tick). The sockets stay: they are bound to the wildcard address.
+    pub fn on_network_change(&self) {
+        let port = self.sock.local_addr().map(|a| a.port()).unwrap_or(0);
+        let port6 = self.sock.local_addr_v6().map(|a| a.port());
+        self.own.lock().on_network_change(local_addresses(port, port6, &self.tun_name));
+        let now = Instant::now();
+        for p in &self.peers {
+            p.path.lock().on_network_change(now);
+            *p.last_call_me_maybe.lock() = None;
+        }
+    }
+
+    /// Our endpoint list changed: tell peers at the next tick (round + CallMeMaybe).
+    fn announce_endpoints(&self) {
+        for p in self.peers.iter().filter(|p| p.uses_disco()) {
+            p.path.lock().restart_round();
+            *p.last_call_me_maybe.lock() = None;
         }
     }
 
@@ -590,15 +624,37 @@ pub fn spawn_tasks(node: Arc<Node>, opts: ConnectOptions) -> Vec<tokio::task::Jo
             }
         }
     }));
+    let n = node.clone();
+    tasks.push(tokio::spawn(async move { super::netmon::run(n.tun_name.clone(), &n.net).await }));
+    let n = node.clone();
+    let mut net = node.net.subscribe();
+    tasks.push(tokio::spawn(async move {
+        while net.changed().await.is_ok() {
+            n.on_network_change();
+        }
+    }));
     for region in node.regions() {
         let Some(r) = node.map.regions.get(&region).cloned() else { continue };
         let mut cfg = RegionClientConfig::new(DerpTarget::Region(r), opts.clone());
         cfg.is_home = region == node.cfg_home;
-        let mut client = DerpRegionClient::spawn(cfg);
+        let mut client = DerpRegionClient::spawn(cfg.clone());
         let n = node.clone();
+        let mut net = node.net.subscribe();
         tasks.push(tokio::spawn(async move {
             let mut buf = vec![0u8; WG_BUF_LEN];
-            while let Some(ev) = client.recv().await {
+            loop {
+                let ev = tokio::select! {
+                    ev = client.recv() => ev,
+                    Ok(()) = net.changed() => {
+                        // The connection may be bound to an address that is gone: reconnect now
+                        // rather than after a read timeout (Tailscale closes DERP on rebind too).
+                        info!(region, "network changed: reconnecting DERP");
+                        n.set_derp_sender(region, None);
+                        client = DerpRegionClient::spawn(cfg.clone());
+                        continue;
+                    }
+                };
+                let Some(ev) = ev else { break };
                 match ev {
                     RegionEvent::Connected(info) => {
                         info!(region, remote = %info.remote, "DERP connected");

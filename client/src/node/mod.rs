@@ -41,6 +41,7 @@ pub mod disco;
 pub mod endpoint;
 pub mod engine;
 pub mod magicsock;
+pub mod netmon;
 pub mod status;
 pub mod tun;
 pub mod udp;
@@ -150,7 +151,12 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
     let node = Arc::new(Node::new(&cfg, home, sock, dev));
     {
         let mut own = node.own_endpoints().lock();
-        own.set_local(magicsock::local_addresses(port, &cfg.tun_name));
+        own.set_ipv6(node.udp().v6().is_some());
+        own.set_local(magicsock::local_addresses(
+            port,
+            node.udp().local_addr_v6().map(|a| a.port()),
+            &cfg.tun_name,
+        ));
         if let Some(m) = first_mapping {
             own.add_stun(m, Instant::now());
         }

@@ -75,13 +75,8 @@ impl FamilySocket {
     /// the socket is full. Falls back to one datagram per send if GSO turns out unsupported.
     async fn send_segments(&self, to: SocketAddr, contents: &[u8], seg: usize) -> io::Result<()> {
         let gso = contents.len() > seg && self.state.max_gso_segments() > 1;
-        let t = Transmit {
-            destination: to,
-            ecn: None,
-            contents,
-            segment_size: gso.then_some(seg),
-            src_ip: None,
-        };
+        let t =
+            Transmit { destination: to, ecn: None, contents, segment_size: gso.then_some(seg), src_ip: None };
         if gso || contents.len() <= seg {
             match self.send_waiting(&t).await {
                 Err(e) if gso && self.state.max_gso_segments() == 1 => {
@@ -91,7 +86,8 @@ impl FamilySocket {
             }
         }
         for chunk in contents.chunks(seg) {
-            let t = Transmit { destination: to, ecn: None, contents: chunk, segment_size: None, src_ip: None };
+            let t =
+                Transmit { destination: to, ecn: None, contents: chunk, segment_size: None, src_ip: None };
             self.send_waiting(&t).await?;
         }
         Ok(())
@@ -111,9 +107,9 @@ impl FamilySocket {
         loop {
             self.sock.readable().await?;
             let mut slices: Vec<IoSliceMut<'_>> = batch.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            let r = self
-                .sock
-                .try_io(Interest::READABLE, || self.state.recv((&*self.sock).into(), &mut slices, &mut batch.meta));
+            let r = self.sock.try_io(Interest::READABLE, || {
+                self.state.recv((&*self.sock).into(), &mut slices, &mut batch.meta)
+            });
             match r {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return r,
@@ -340,7 +336,8 @@ mod tests {
 
     #[test]
     fn send_batch_groups_equal_sized_datagrams_per_destination() {
-        let (a, b): (SocketAddr, SocketAddr) = ("192.0.2.1:1".parse().unwrap(), "192.0.2.2:1".parse().unwrap());
+        let (a, b): (SocketAddr, SocketAddr) =
+            ("192.0.2.1:1".parse().unwrap(), "192.0.2.2:1".parse().unwrap());
         let mut s = SendBatch::default();
         for _ in 0..3 {
             s.push(a, &[1; 100]);
