@@ -202,7 +202,7 @@ impl Node {
     }
 
     /// [`Node::send_wg`], with UDP datagrams queued in `out` when given.
-    fn send_wg_via(&self, peer: &Peer, data: &[u8], mut out: Option<&mut SendBatch>) {
+    fn send_wg_via(&self, peer: &Peer, data: &[u8], out: Option<&mut SendBatch>) {
         if let Some(ep) = *peer.static_ep.lock() {
             peer.udp_tx.fetch_add(1, Relaxed);
             self.udp_send_via(data, ep, out);
@@ -221,7 +221,7 @@ impl Node {
             SendPath::DerpAnd(a) => {
                 if let Some(a) = a {
                     peer.udp_tx.fetch_add(1, Relaxed);
-                    self.udp_send_via(data, a, out.as_deref_mut());
+                    self.udp_send_via(data, a, out);
                 }
                 peer.derp_tx.fetch_add(1, Relaxed);
                 self.derp_send(peer.derp_region.load(Relaxed), peer.cfg.public_key, data);

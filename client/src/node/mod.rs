@@ -4,7 +4,9 @@
 //! - [`config`]: the TOML file (keys, DERP map, TUN, peers).
 //! - [`disco`]: disco keys and the Ping/Pong/CallMeMaybe codec in NaCl boxes.
 //! - [`endpoint`]: per-peer path state (candidates, trust 6.5 s, heartbeat 3 s, betterAddr).
-//! - [`magicsock`]: the shared UDP socket's demux (STUN / disco / WireGuard) and our endpoints.
+//! - [`magicsock`]: the shared UDP sockets' demux (STUN / disco / WireGuard) and our endpoints.
+//! - [`udp`]: the IPv4 and IPv6 UDP sockets with batched I/O (`recvmmsg`/GRO, GSO sends).
+//! - [`netmon`]: the network change monitor (rtnetlink) that restarts STUN, disco and DERP.
 //! - [`wg`]: boringtun adapter (one `Tunn` per peer, shared rate limiter, peer lookup).
 //! - [`tun`]: the TUN device; [`userspace`]: UDP port forwarding instead of a TUN (`tun.userspace`);
 //!   [`device`]: either of them.
@@ -29,7 +31,13 @@
 //! TUN is created (no root needed apart from the control socket's default directory); `[[forward]]`
 //! entries carry local UDP ports through the tunnel instead (UDP over IPv4 only).
 //!
-//! Limits: IPv4 underlay only (one `0.0.0.0` socket); DERP connections to every peer's home region
+//! Underlay: one IPv4 and one IPv6 socket on the same port (IPv6 when the host has it); endpoints
+//! of both families are advertised and pinged. On a network change (address, route or link, seen
+//! over rtnetlink) the node forgets its STUN mappings and re-STUNs, re-reads its local addresses,
+//! ends the trust of every direct path and runs a disco round with CallMeMaybe at once, and
+//! reconnects DERP.
+//!
+//! Limits: DERP connections to every peer's home region
 //! stay open (Tailscale closes idle non-home regions after 60 s); endpoints are STUN (home region,
 //! re-STUN every 20 s) plus local interface addresses, no UPnP/NAT-PMP; no peer relays.
 
