@@ -16,9 +16,11 @@
 //! - Both bind the wildcard address, so an address that vanishes (roaming) never strands the
 //!   socket: the kernel picks the new source address for the next datagram; the sockets are never
 //!   rebound.
-//! - quinn-udp sets "don't fragment" (`IP_PMTUDISC_PROBE`) on the sockets, as WireGuard's own
-//!   implementations do: a datagram over the path MTU is dropped rather than fragmented; the TUN MTU
-//!   (1280 by default) keeps datagrams well under 1500.
+//! - Path MTU handling stays the kernel default (`IP_PMTUDISC_WANT`, as before the batching):
+//!   quinn-udp switches its sockets to `IP_PMTUDISC_PROBE` (DF set, learned path MTU ignored), which
+//!   would silently drop datagrams on a path narrower than the TUN MTU plus 60 bytes, so the node
+//!   sets the default back. If a learned path MTU makes a GSO send fail, quinn-udp turns GSO off
+//!   for that socket and [`UdpConn::send_batch`] sends one datagram at a time.
 //! - A batch whose send would block waits for the socket to drain (backpressure into the TUN
 //!   queue) instead of dropping: a dropped GSO batch is dozens of TCP losses inside the tunnel.
 
@@ -64,6 +66,7 @@ impl FamilySocket {
         set_buffers(&std);
         std.set_nonblocking(true)?;
         let state = UdpSocketState::new((&std).into())?;
+        restore_default_pmtu(&std);
         Ok(Self { sock: Arc::new(UdpSocket::from_std(std)?), state })
     }
 
@@ -219,6 +222,29 @@ fn bind_v6(port: u16) -> io::Result<std::net::UdpSocket> {
     s.set_only_v6(true)?;
     s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
     Ok(s.into())
+}
+
+/// Puts `IP_MTU_DISCOVER` (and `IPV6_MTU_DISCOVER` on IPv6 sockets) back to the kernel default.
+fn restore_default_pmtu(sock: &std::net::UdpSocket) {
+    let fd = sock.as_raw_fd();
+    let v6 = sock.local_addr().is_ok_and(|a| a.is_ipv6());
+    let opts: &[(libc::c_int, libc::c_int, libc::c_int)] = if v6 {
+        &[(libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_WANT)]
+    } else {
+        &[(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_WANT)]
+    };
+    for &(level, opt, val) in opts {
+        // SAFETY: setsockopt on a socket we own with a pointer to a c_int of the stated size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
 }
 
 /// Large buffers, forced past the sysctl cap when allowed (root), else the capped size.
@@ -396,6 +422,26 @@ mod tests {
         }
         assert_eq!(got[20], vec![99; 10]);
         assert_eq!(got[21], b"single");
+    }
+
+    fn sockopt(fd: std::os::fd::RawFd, level: libc::c_int, opt: libc::c_int) -> libc::c_int {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into a c_int of the stated size on an open socket.
+        let rc = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut libc::c_int).cast(), &mut len) };
+        assert_eq!(rc, 0);
+        v
+    }
+
+    #[tokio::test]
+    async fn path_mtu_discovery_is_the_kernel_default() {
+        let c = UdpConn::bind(0).unwrap();
+        let v4 = sockopt(c.v4().as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU_DISCOVER);
+        assert_eq!(v4, libc::IP_PMTUDISC_WANT);
+        if let Some(s) = c.v6() {
+            let v6 = sockopt(s.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER);
+            assert_eq!(v6, libc::IPV6_PMTUDISC_WANT);
+        }
     }
 
     /// The IPv6 socket (loopback `::1`) carries datagrams too, and shares the IPv4 port.
