@@ -4,9 +4,11 @@
 //!   `cargo build --workspace --bins` before the tests; a test fails with that hint if one is missing).
 //! - [`netns`]: network namespaces and veth links that clean themselves up on drop, for multi-host and
 //!   NAT labs on one machine (root needed; see `shared/docs/test-lab.md`).
+//! - [`pathlab`]: the NAT lab for the reference node's path tests (speed, roaming, IPv6).
 //! - [`Child`]: a spawned process that is killed (and reaped) on drop, so no test leaves one behind.
 
 pub mod netns;
+pub mod pathlab;
 
 use std::path::PathBuf;
 use std::process::Command;

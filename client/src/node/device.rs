@@ -2,7 +2,7 @@
 
 use std::io;
 
-use super::tun::Tun;
+use super::tun::{PacketBatch, Tun};
 use super::userspace::Userspace;
 
 /// The node's packet device.
@@ -19,6 +19,19 @@ impl Device {
         match self {
             Device::Tun(t) => t.recv(buf).await,
             Device::Userspace(u) => u.recv(buf).await,
+        }
+    }
+
+    /// The next burst of inner packets (at least one).
+    pub async fn recv_batch(&self, batch: &mut PacketBatch) -> io::Result<usize> {
+        match self {
+            Device::Tun(t) => t.recv_batch(batch).await,
+            Device::Userspace(u) => {
+                batch.clear();
+                let n = u.recv(batch.next_buf()).await?;
+                batch.commit(n);
+                Ok(1)
+            }
         }
     }
 

@@ -173,6 +173,41 @@ impl Endpoint {
         }
     }
 
+    /// A CallMeMaybe listing `eps` (the peer's current endpoints): they replace the advertised set
+    /// and are pinged at once. A best address the peer no longer lists loses its trust (it is kept
+    /// as an untrusted best, so DERP carries traffic beside it until a pong proves a path again):
+    /// the peer has moved, and sending only to its old address would black-hole traffic until the
+    /// trust ran out (Tailscale drops such a best address the same way).
+    pub fn on_call_me_maybe(&mut self, eps: &[SocketAddr], now: Instant) {
+        self.add_advertised(eps, true);
+        if let Some(b) = self.best.as_mut().filter(|b| !eps.contains(&b.addr)) {
+            b.trust_until = b.trust_until.min(now);
+        }
+    }
+
+    /// Our own network changed (new address, NAT or route): the direct path must be proven again,
+    /// so trust ends now, every candidate may be pinged at once and a full round (with
+    /// CallMeMaybe) runs at the next tick. The session counts as active so the round happens even
+    /// before the next datagram is sent.
+    pub fn on_network_change(&mut self, now: Instant) {
+        if let Some(b) = self.best.as_mut() {
+            b.trust_until = b.trust_until.min(now);
+        }
+        for c in self.candidates.values_mut() {
+            c.last_ping = None;
+        }
+        self.pending.clear();
+        self.last_round = None;
+        if self.last_send.is_some() {
+            self.last_send = Some(now);
+        }
+    }
+
+    /// Makes the next tick run a full disco round (our endpoints changed: announce them).
+    pub fn restart_round(&mut self) {
+        self.last_round = None;
+    }
+
     /// Notes an address a ping arrived from. Returns true when it should be pinged back now, which
     /// opens our NAT towards it: while no path is trusted, always. Both sides ping at once after
     /// CallMeMaybe; the first ping is dropped by the far NAT and the second passes (even 2 ms
@@ -341,6 +376,45 @@ mod tests {
             e.on_pong([2; 12], sa("1.2.3.4:41641"), t2 + Duration::from_secs(6)),
             PongOutcome::Unknown
         );
+    }
+
+    fn trusted_on(addr: &str, t0: Instant) -> Endpoint {
+        let mut e = Endpoint::default();
+        e.add_advertised(&[sa(addr)], true);
+        let _ = e.send_path(t0);
+        let _ = e.pings_due(t0);
+        e.note_ping_sent(sa(addr), [1; 12], t0);
+        assert_eq!(e.on_pong([1; 12], sa(addr), t0), PongOutcome::NewBest);
+        e
+    }
+
+    #[test]
+    fn call_me_maybe_without_the_best_address_ends_its_trust() {
+        let t0 = Instant::now();
+        let mut e = trusted_on("172.30.1.2:41641", t0);
+        // Listed again: still direct.
+        e.on_call_me_maybe(&[sa("172.30.1.2:41641")], t0);
+        assert_eq!(e.send_path(t0), SendPath::Direct(sa("172.30.1.2:41641")));
+        // The peer moved: DERP plus the old address, and the new one is pinged now.
+        e.on_call_me_maybe(&[sa("172.30.3.2:41641")], t0);
+        assert_eq!(e.send_path(t0), SendPath::DerpAnd(Some(sa("172.30.1.2:41641"))));
+        assert!(e.pings_due(t0).0.contains(&sa("172.30.3.2:41641")));
+    }
+
+    #[test]
+    fn network_change_ends_trust_and_starts_a_round_now() {
+        let t0 = Instant::now();
+        let mut e = trusted_on("172.30.2.2:41641", t0);
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(e.pings_due(t1), (vec![], false));
+        e.on_network_change(t1);
+        assert_eq!(e.send_path(t1), SendPath::DerpAnd(Some(sa("172.30.2.2:41641"))));
+        assert_eq!(e.pings_due(t1), (vec![sa("172.30.2.2:41641")], true));
+        // The next round can also be forced (new STUN endpoint to announce).
+        let t2 = t1 + Duration::from_millis(100);
+        assert!(!e.pings_due(t2).1);
+        e.restart_round();
+        assert!(e.pings_due(t2).1);
     }
 
     #[test]

@@ -34,9 +34,12 @@ use super::device::Device;
 use super::disco::{sender_key, DiscoMessage, DiscoPublic, SharedBox};
 use super::endpoint::{Endpoint, PongOutcome, SendPath};
 use super::homing::{self, Homing};
-use super::magicsock::{classify, Kind, OwnEndpoints};
+use super::magicsock::{classify, local_addresses, Kind, OwnEndpoints};
+use super::netmon::{NetChanges, NetState};
 use super::regions::{self, RegionCmd, Regions};
 use super::status::{DropCounts, PathEvent, PeerStatus, PortMapStatus, Status};
+use super::tun::PacketBatch;
+use super::udp::{Family, RecvBatch, SendBatch, UdpConn};
 use super::wg::{src_ip, Screened, WgIdentity, WgSender, WG_BUF_LEN};
 use crate::conn::{ConnectOptions, DerpSender, DerpTarget};
 use crate::netcheck::{Netchecker, Report, StunHandler};
@@ -45,6 +48,8 @@ use crate::region::{DerpRegionClient, RegionClientConfig, RegionEvent};
 
 /// How often timers run (boringtun timers, disco pings, STUN).
 pub const TICK: Duration = Duration::from_millis(100);
+/// Most inner packets read from the device per burst (one GSO send each way per burst and peer).
+const TUN_BATCH: usize = 64;
 /// CallMeMaybe is sent at most this often per peer.
 const CALL_ME_MAYBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Tailscale's placeholder IP for "via DERP" in a Pong's source field (port = region id).
@@ -126,13 +131,15 @@ pub struct Node {
     node_key: NodePublic,
     disco_pub: DiscoPublic,
     wg: WgIdentity,
-    sock: Arc<UdpSocket>,
+    sock: Arc<UdpConn>,
     dev: Device,
     peers: Vec<Peer>,
     by_node: HashMap<NodePublic, usize>,
     by_disco: HashMap<DiscoPublic, usize>,
     own: Mutex<OwnEndpoints>,
     drops: Drops,
+    tun_name: String,
+    net: NetChanges,
 }
 
 impl Node {
@@ -141,7 +148,7 @@ impl Node {
     pub fn new(
         cfg: &NodeConfig,
         home: i64,
-        sock: Arc<UdpSocket>,
+        sock: Arc<UdpConn>,
         dev: Device,
         netcheck_stun: StunHandler,
     ) -> Self {
@@ -201,6 +208,8 @@ impl Node {
             by_disco,
             own: Mutex::new(OwnEndpoints::default()),
             drops: Drops::default(),
+            tun_name: cfg.tun_name.clone(),
+            net: NetChanges::new(NetState::snapshot(&cfg.tun_name)),
         }
     }
 
@@ -264,6 +273,17 @@ impl Node {
         best.map(|(p, _)| p)
     }
 
+    /// Sends one UDP datagram now, or queues it in `out` (a batch flushed by the caller).
+    fn udp_send_via(&self, data: &[u8], to: SocketAddr, out: Option<&mut SendBatch>) -> bool {
+        match out {
+            Some(b) => {
+                b.push(to, data);
+                true
+            }
+            None => self.udp_send(data, to),
+        }
+    }
+
     fn udp_send(&self, data: &[u8], to: SocketAddr) -> bool {
         if self.sock.try_send_to(data, to).is_err() {
             self.drops.udp.fetch_add(1, Relaxed);
@@ -287,9 +307,14 @@ impl Node {
 
     /// Sends one WireGuard datagram to `peer` by its current path (spec §8 "Send path").
     fn send_wg(&self, peer: &Peer, data: &[u8]) {
+        self.send_wg_via(peer, data, None)
+    }
+
+    /// [`Node::send_wg`], with UDP datagrams queued in `out` when given.
+    fn send_wg_via(&self, peer: &Peer, data: &[u8], out: Option<&mut SendBatch>) {
         if let Some(ep) = *peer.static_ep.lock() {
             peer.udp_tx.fetch_add(1, Relaxed);
-            self.udp_send(data, ep);
+            self.udp_send_via(data, ep, out);
             return;
         }
         let path = if peer.uses_disco() {
@@ -300,12 +325,12 @@ impl Node {
         match path {
             SendPath::Direct(a) => {
                 peer.udp_tx.fetch_add(1, Relaxed);
-                self.udp_send(data, a);
+                self.udp_send_via(data, a, out);
             }
             SendPath::DerpAnd(a) => {
                 if let Some(a) = a {
                     peer.udp_tx.fetch_add(1, Relaxed);
-                    self.udp_send(data, a);
+                    self.udp_send_via(data, a, out);
                 }
                 peer.derp_tx.fetch_add(1, Relaxed);
                 self.derp_send(self.peer_route(peer), peer.cfg.public_key, data);
@@ -325,11 +350,23 @@ impl Node {
 
     /// An IP packet read from the TUN device.
     pub fn on_tun_packet(&self, pkt: &[u8], buf: &mut [u8]) {
+        self.encapsulate(pkt, buf, None);
+    }
+
+    /// A burst of IP packets from the device: each is encrypted for its peer and its UDP
+    /// datagram queued in `out`, which the caller sends as GSO runs ([`UdpConn::send_batch`]).
+    pub fn on_tun_batch(&self, pkts: &PacketBatch, buf: &mut [u8], out: &mut SendBatch) {
+        for pkt in pkts.iter() {
+            self.encapsulate(pkt, buf, Some(out));
+        }
+    }
+
+    fn encapsulate(&self, pkt: &[u8], buf: &mut [u8], out: Option<&mut SendBatch>) {
         let Some(dst) = Tunn::dst_address(pkt) else { return };
         let Some(peer) = self.peer_for_ip(dst) else { return };
         let mut t = peer.tunn.lock();
         match t.encapsulate(pkt, buf) {
-            TunnResult::WriteToNetwork(d) => self.send_wg(peer, d),
+            TunnResult::WriteToNetwork(d) => self.send_wg_via(peer, d, out),
             TunnResult::Err(e) => debug!("encapsulate: {e:?}"),
             _ => {}
         }
@@ -376,8 +413,10 @@ impl Node {
                 if self.netcheck_stun.handle(data) {
                     return;
                 }
-                if let Some(m) = self.own.lock().on_stun(data, Instant::now()) {
+                let new = self.own.lock().on_stun(data, Instant::now());
+                if let Some(m) = new {
                     info!(mapped = %m, "STUN: new endpoint");
+                    self.announce_endpoints();
                 }
             }
             Kind::Disco => self.on_disco(data, DiscoVia::Udp(from)),
@@ -483,7 +522,7 @@ impl Node {
                     return; // only valid over DERP
                 }
                 debug!(peer = %peer.cfg.public_key.short(), ?endpoints, "call-me-maybe");
-                peer.path.lock().add_advertised(&endpoints, true);
+                peer.path.lock().on_call_me_maybe(&endpoints, now);
                 for e in endpoints {
                     self.send_ping(peer, e);
                 }
@@ -653,6 +692,35 @@ impl Node {
         }
     }
 
+    /// Network changes seen by the monitor (subscribe to react, e.g. re-run netcheck).
+    pub fn net_changes(&self) -> &NetChanges {
+        &self.net
+    }
+
+    /// The network changed: refresh our local candidates, forget STUN mappings and re-STUN now,
+    /// and restart disco with every peer (trust ends, a round with CallMeMaybe runs at the next
+    /// tick). The sockets stay: they are bound to the wildcard address.
+    pub fn on_network_change(&self) {
+        let port = self.sock.local_addr().map(|a| a.port()).unwrap_or(0);
+        let port6 = self.sock.local_addr_v6().map(|a| a.port());
+        self.own.lock().on_network_change(local_addresses(port, port6, &self.tun_name));
+        let now = Instant::now();
+        for p in &self.peers {
+            p.path.lock().on_network_change(now);
+            *p.last_call_me_maybe.lock() = None;
+        }
+        // Latencies and the best home may differ on the new network.
+        self.renetcheck();
+    }
+
+    /// Our endpoint list changed: tell peers at the next tick (round + CallMeMaybe).
+    fn announce_endpoints(&self) {
+        for p in self.peers.iter().filter(|p| p.uses_disco()) {
+            p.path.lock().restart_round();
+            *p.last_call_me_maybe.lock() = None;
+        }
+    }
+
     /// Resets the shared handshake limiter (once a second).
     pub fn reset_rate_limit(&self) {
         self.wg.reset_rate_limit();
@@ -748,8 +816,13 @@ impl Node {
         &self.dev
     }
 
-    /// The shared socket.
+    /// The shared IPv4 socket.
     pub fn socket(&self) -> &Arc<UdpSocket> {
+        self.sock.v4()
+    }
+
+    /// Both UDP sockets.
+    pub fn udp(&self) -> &Arc<UdpConn> {
         &self.sock
     }
 
@@ -775,28 +848,39 @@ pub fn spawn_tasks(
     first_report_done: bool,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
-    let n = node.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut rbuf = vec![0u8; 65536];
-        let mut wbuf = vec![0u8; WG_BUF_LEN];
-        loop {
-            match n.sock.recv_from(&mut rbuf).await {
-                Ok((len, from)) => n.on_udp(&rbuf[..len], from, &mut wbuf),
-                Err(e) => {
-                    // ICMP errors surface here on Linux; keep reading.
-                    debug!("udp recv: {e}");
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+    for family in [Family::V4, Family::V6] {
+        let n = node.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rb = RecvBatch::default();
+            let mut wbuf = vec![0u8; WG_BUF_LEN];
+            loop {
+                match n.sock.recv(family, &mut rb).await {
+                    Ok(k) => {
+                        for (from, d) in rb.datagrams(k) {
+                            n.on_udp(d, from, &mut wbuf);
+                        }
+                    }
+                    Err(e) => {
+                        // ICMP errors surface here on Linux; keep reading.
+                        debug!("udp recv: {e}");
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
                 }
             }
-        }
-    }));
+        }));
+    }
     let n = node.clone();
     tasks.push(tokio::spawn(async move {
-        let mut rbuf = vec![0u8; 65536];
+        let mut pkts = PacketBatch::new(TUN_BATCH, 65536);
         let mut wbuf = vec![0u8; WG_BUF_LEN];
+        let mut out = SendBatch::default();
         loop {
-            match n.dev.recv(&mut rbuf).await {
-                Ok(len) => n.on_tun_packet(&rbuf[..len], &mut wbuf),
+            match n.dev.recv_batch(&mut pkts).await {
+                Ok(_) => {
+                    n.on_tun_batch(&pkts, &mut wbuf, &mut out);
+                    let failed = n.sock.send_batch(&mut out).await;
+                    n.drops.udp.fetch_add(failed, Relaxed);
+                }
                 Err(e) => {
                     warn!("device read: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -817,6 +901,15 @@ pub fn spawn_tasks(
                 last_reset = Instant::now();
                 n.reset_rate_limit();
             }
+        }
+    }));
+    let n = node.clone();
+    tasks.push(tokio::spawn(async move { super::netmon::run(n.tun_name.clone(), &n.net).await }));
+    let n = node.clone();
+    let mut net = node.net.subscribe();
+    tasks.push(tokio::spawn(async move {
+        while net.changed().await.is_ok() {
+            n.on_network_change();
         }
     }));
     if let Some(cmds) = node.region_cmds.lock().take() {
@@ -878,10 +971,19 @@ async fn region_task(node: Arc<Node>, region: i64, opts: ConnectOptions) {
     let mut home = node.regions.watch_home();
     let mut cfg = RegionClientConfig::new(DerpTarget::Region(r), opts);
     cfg.is_home = *home.borrow_and_update() == region;
-    let mut client = DerpRegionClient::spawn(cfg);
+    let mut client = DerpRegionClient::spawn(cfg.clone());
+    let mut net = node.net.subscribe();
     let mut buf = vec![0u8; WG_BUF_LEN];
     loop {
         tokio::select! {
+            Ok(()) = net.changed() => {
+                // The connection may be bound to an address that is gone: reconnect now rather
+                // than after a read timeout (Tailscale closes DERP on rebind too).
+                info!(region, "network changed: reconnecting DERP");
+                node.set_derp_sender(region, None);
+                cfg.is_home = *home.borrow() == region;
+                client = DerpRegionClient::spawn(cfg.clone());
+            }
             ev = client.recv() => {
                 let Some(ev) = ev else { return };
                 match ev {

@@ -50,6 +50,7 @@ pub struct OwnEndpoints {
     local: Vec<SocketAddr>,
     pending: HashMap<[u8; 12], Instant>,
     last_request: Option<Instant>,
+    ipv6: bool,
 }
 
 impl OwnEndpoints {
@@ -58,7 +59,22 @@ impl OwnEndpoints {
         self.local = local;
     }
 
-    /// STUN requests to send now: one per STUN server of `region`, if a re-STUN is due.
+    /// Also STUN the region's IPv6 addresses (we have an IPv6 socket).
+    pub fn set_ipv6(&mut self, on: bool) {
+        self.ipv6 = on;
+    }
+
+    /// The network changed: mappings learned on the old one are stale (they would send peers to a
+    /// NAT we are no longer behind), so they are forgotten, the local addresses replaced and a
+    /// re-STUN made due at once.
+    pub fn on_network_change(&mut self, local: Vec<SocketAddr>) {
+        self.local = local;
+        self.stun.clear();
+        self.pending.clear();
+        self.last_request = None;
+    }
+
+    /// STUN requests to send now: one per STUN server of `region` and family, if a re-STUN is due.
     pub fn stun_due(&mut self, region: Option<&DerpRegion>, now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
         let fresh = self.stun.values().any(|t| now.duration_since(*t) < RESTUN_INTERVAL * 2);
         let every = if fresh { RESTUN_INTERVAL } else { RESTUN_INTERVAL_UNANSWERED };
@@ -71,15 +87,27 @@ impl OwnEndpoints {
         let mut out = Vec::new();
         for n in &region.nodes {
             let Some(port) = n.stun_port() else { continue };
-            let ip: Option<IpAddr> =
-                n.ipv4.parse::<Ipv4Addr>().ok().map(IpAddr::V4).or_else(|| n.host_name.parse().ok());
-            let Some(ip @ IpAddr::V4(_)) = ip else { continue };
-            if self.pending.len() >= MAX_STUN_PENDING {
-                break;
+            let v4: Option<IpAddr> = n
+                .ipv4
+                .parse::<Ipv4Addr>()
+                .ok()
+                .map(IpAddr::V4)
+                .or_else(|| n.host_name.parse::<Ipv4Addr>().ok().map(IpAddr::V4));
+            let v6: Option<IpAddr> = n
+                .ipv6
+                .parse::<std::net::Ipv6Addr>()
+                .ok()
+                .map(IpAddr::V6)
+                .or_else(|| n.host_name.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6))
+                .filter(|_| self.ipv6);
+            for ip in [v4, v6].into_iter().flatten() {
+                if self.pending.len() >= MAX_STUN_PENDING {
+                    break;
+                }
+                let tx = TxId::random();
+                self.pending.insert(tx.0, now);
+                out.push((SocketAddr::new(ip, port), build_request(tx).to_vec()));
             }
-            let tx = TxId::random();
-            self.pending.insert(tx.0, now);
-            out.push((SocketAddr::new(ip, port), build_request(tx).to_vec()));
         }
         out
     }
@@ -134,40 +162,23 @@ impl OwnEndpoints {
     }
 }
 
-/// Socket buffer size asked for on the shared socket: WireGuard bursts (a TCP window through the
-/// tunnel) overflow the 208 KiB default and every overflow is a TCP loss inside the tunnel.
-pub const SOCKET_BUFFER: usize = 4 << 20;
-
-/// Binds the shared UDP socket on `0.0.0.0:port` with large buffers (`SO_*BUFFORCE` when allowed,
-/// i.e. as root; otherwise the sysctl-capped `SO_RCVBUF`/`SO_SNDBUF`).
-pub fn bind_udp(port: u16) -> std::io::Result<std::net::UdpSocket> {
-    use std::os::fd::AsRawFd;
-    let sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
-    let fd = sock.as_raw_fd();
-    let size = SOCKET_BUFFER as libc::c_int;
-    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
-        let set = |opt| {
-            // SAFETY: setsockopt on a socket we own with a pointer to a c_int of the stated size.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            }
-        };
-        if set(force) != 0 {
-            set(plain);
-        }
-    }
-    sock.set_nonblocking(true)?;
-    Ok(sock)
+/// Candidate addresses of up, non-loopback interfaces other than `exclude_iface`: IPv4 with
+/// `port`, IPv6 (global and ULA; link-local needs a scope the endpoint format cannot carry) with
+/// `port6` when there is an IPv6 socket.
+pub fn local_addresses(port: u16, port6: Option<u16>, exclude_iface: &str) -> Vec<SocketAddr> {
+    local_ips(exclude_iface)
+        .into_iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(_) => Some(SocketAddr::new(ip, port)),
+            IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => None,
+            IpAddr::V6(_) => port6.map(|p| SocketAddr::new(ip, p)),
+        })
+        .collect()
 }
 
-/// IPv4 addresses of up, non-loopback interfaces other than `exclude_iface`, with `port`.
-pub fn local_addresses(port: u16, exclude_iface: &str) -> Vec<SocketAddr> {
+/// Addresses (IPv4 and IPv6) of up interfaces other than `exclude_iface`, without loopback and
+/// unspecified ones.
+pub fn local_ips(exclude_iface: &str) -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a linked list we free with freeifaddrs below.
@@ -189,13 +200,19 @@ pub fn local_addresses(port: u16, exclude_iface: &str) -> Vec<SocketAddr> {
         }
         // SAFETY: ifa_addr is non-null and points at a sockaddr of the family it declares.
         let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
-        if family == libc::AF_INET {
+        let ip = if family == libc::AF_INET {
             // SAFETY: AF_INET means the sockaddr is a sockaddr_in.
             let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            if !ip.is_loopback() && !ip.is_unspecified() {
-                out.push(SocketAddr::new(IpAddr::V4(ip), port));
-            }
+            IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+        } else if family == libc::AF_INET6 {
+            // SAFETY: AF_INET6 means the sockaddr is a sockaddr_in6.
+            let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+            IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+        } else {
+            continue;
+        };
+        if !ip.is_loopback() && !ip.is_unspecified() {
+            out.push(ip);
         }
     }
     // SAFETY: ifap came from getifaddrs.
@@ -239,5 +256,25 @@ mod tests {
         o.set_local(vec!["192.168.1.2:41641".parse().unwrap()]);
         assert_eq!(o.list(t0), vec![mapped, "192.168.1.2:41641".parse().unwrap()]);
         assert_eq!(o.list(t0 + STUN_ENDPOINT_TTL), vec!["192.168.1.2:41641".parse().unwrap()]);
+        // A network change forgets the mapping and makes a re-STUN due at once.
+        o.on_network_change(vec!["192.168.3.2:41641".parse().unwrap()]);
+        assert_eq!(o.list(t0), vec!["192.168.3.2:41641".parse().unwrap()]);
+        assert_eq!(o.stun_due(Some(&region), t0).len(), 1);
+    }
+
+    #[test]
+    fn ipv6_stun_servers_are_asked_only_with_an_ipv6_socket() {
+        let region: DerpRegion = serde_json::from_str(
+            r#"{"RegionID":1,"RegionCode":"x","Nodes":[{"Name":"a","RegionID":1,"HostName":"h","IPv4":"10.0.0.1","IPv6":"fd00::1","STUNPort":3478}]}"#,
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let mut o = OwnEndpoints::default();
+        let to: Vec<SocketAddr> = o.stun_due(Some(&region), t0).into_iter().map(|r| r.0).collect();
+        assert_eq!(to, vec!["10.0.0.1:3478".parse().unwrap()]);
+        let mut o = OwnEndpoints::default();
+        o.set_ipv6(true);
+        let to: Vec<SocketAddr> = o.stun_due(Some(&region), t0).into_iter().map(|r| r.0).collect();
+        assert_eq!(to, vec!["10.0.0.1:3478".parse().unwrap(), "[fd00::1]:3478".parse().unwrap()]);
     }
 }

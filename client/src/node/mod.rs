@@ -4,7 +4,9 @@
 //! - [`config`]: the TOML file (keys, DERP map, TUN, peers).
 //! - [`disco`]: disco keys and the Ping/Pong/CallMeMaybe codec in NaCl boxes.
 //! - [`endpoint`]: per-peer path state (candidates, trust 6.5 s, heartbeat 3 s, betterAddr).
-//! - [`magicsock`]: the shared UDP socket's demux (STUN / disco / WireGuard) and our endpoints.
+//! - [`magicsock`]: the shared UDP sockets' demux (STUN / disco / WireGuard) and our endpoints.
+//! - [`udp`]: the IPv4 and IPv6 UDP sockets with batched I/O (`recvmmsg`/GRO, GSO sends).
+//! - [`netmon`]: the network change monitor (rtnetlink) that restarts STUN, disco and DERP.
 //! - [`wg`]: boringtun adapter (one `Tunn` per peer, shared rate limiter, peer lookup).
 //! - [`tun`]: the TUN device; [`userspace`]: UDP port forwarding instead of a TUN (`tun.userspace`);
 //!   [`device`]: either of them.
@@ -37,9 +39,15 @@
 //! TUN is created (no root needed apart from the control socket's default directory); `[[forward]]`
 //! entries carry local UDP ports through the tunnel instead (UDP over IPv4 only).
 //!
-//! Limits: IPv4 underlay only (one `0.0.0.0` socket); endpoints are STUN (home region, re-STUN
-//! every 20 s and on a home move), a NAT-PMP / PCP / UPnP IGD port mapping on the gateway
-//! ([`crate::portmap`]), plus local interface addresses; no peer relays.
+//! Underlay: one IPv4 and one IPv6 socket on the same port (IPv6 when the host has it); endpoints
+//! of both families are advertised and pinged. On a network change (address, route or link, seen
+//! over rtnetlink) the node forgets its STUN mappings and re-STUNs, re-reads its local addresses,
+//! ends the trust of every direct path and runs a disco round with CallMeMaybe at once, reconnects
+//! DERP and re-runs netcheck.
+//!
+//! Endpoints are STUN (home region, re-STUN every 20 s and on a home move), a NAT-PMP / PCP /
+//! UPnP IGD port mapping on the gateway (IPv4, [`crate::portmap`]), plus local interface
+//! addresses; no peer relays.
 
 #[cfg(feature = "cli")]
 pub mod cli;
@@ -50,16 +58,17 @@ pub mod endpoint;
 pub mod engine;
 pub mod homing;
 pub mod magicsock;
+pub mod netmon;
 pub mod regions;
 pub mod status;
 pub mod tun;
+pub mod udp;
 pub mod userspace;
 pub mod wg;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UdpSocket;
 use tracing::{info, warn};
 
 use crate::conn::ConnectOptions;
@@ -124,8 +133,7 @@ impl Drop for RunningNode {
 /// Starts the node: UDP socket, netcheck (for the home region and our STUN mapping, when the
 /// config does not force a home), TUN, DERP connections, timers and the control socket.
 pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
-    let sock = magicsock::bind_udp(cfg.listen_port)
-        .and_then(UdpSocket::from_std)
+    let sock = udp::UdpConn::bind(cfg.listen_port)
         .map_err(|source| UpError::Bind { port: cfg.listen_port, source })?;
     let sock = Arc::new(sock);
     let port = sock.local_addr().map(|a| a.port()).unwrap_or(cfg.listen_port);
@@ -134,7 +142,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
         history_retention: cfg.netcheck_history,
         ..Default::default()
     };
-    let mut nc = Netchecker::with_sockets(Some(sock.clone()), None, nc_cfg);
+    let mut nc = Netchecker::with_sockets(Some(sock.v4().clone()), None, nc_cfg);
     let mut first_report = None;
     let home = match cfg.home_region {
         Some(h) => {
@@ -171,7 +179,15 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
         device::Device::Tun(tun)
     };
     let node = Arc::new(Node::new(&cfg, home, sock, dev, stun));
-    node.own_endpoints().lock().set_local(magicsock::local_addresses(port, &cfg.tun_name));
+    {
+        let mut own = node.own_endpoints().lock();
+        own.set_ipv6(node.udp().v6().is_some());
+        own.set_local(magicsock::local_addresses(
+            port,
+            node.udp().local_addr_v6().map(|a| a.port()),
+            &cfg.tun_name,
+        ));
+    }
     if let Some(r) = &first_report {
         node.apply_report(r, "start", None);
     }

@@ -122,6 +122,30 @@ impl Tun {
         }
     }
 
+    /// Reads a burst: waits for the first packet, then takes what is already queued, up to
+    /// `batch.capacity()` packets (one `read(2)` each; a TUN fd without `IFF_VNET_HDR` has no
+    /// multi-packet read, but the encryption and UDP sends behind it can then be batched).
+    pub async fn recv_batch(&self, batch: &mut PacketBatch) -> io::Result<usize> {
+        batch.clear();
+        loop {
+            let mut g = self.fd.readable().await?;
+            while batch.len() < batch.capacity() {
+                match read_fd(self.fd.get_ref().as_raw_fd(), batch.next_buf()) {
+                    Ok(n) => batch.commit(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        g.clear_ready();
+                        break;
+                    }
+                    Err(e) if batch.is_empty() => return Err(e),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                return Ok(batch.len());
+            }
+        }
+    }
+
     /// Writes one IP packet without waiting; fails with `WouldBlock` when the device queue is full.
     pub fn try_send(&self, pkt: &[u8]) -> io::Result<usize> {
         write_fd(self.fd.get_ref().as_raw_fd(), pkt)
@@ -136,6 +160,57 @@ impl Tun {
                 Err(_would_block) => continue,
             }
         }
+    }
+}
+
+/// Packets read in one burst: fixed buffers, reused for every burst.
+pub struct PacketBatch {
+    bufs: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+}
+
+impl PacketBatch {
+    /// Room for `count` packets of up to `max_len` bytes each.
+    pub fn new(count: usize, max_len: usize) -> Self {
+        Self { bufs: vec![vec![0u8; max_len]; count.max(1)], lens: Vec::with_capacity(count.max(1)) }
+    }
+
+    /// Most packets one burst holds.
+    pub fn capacity(&self) -> usize {
+        self.bufs.len()
+    }
+
+    /// Packets held.
+    pub fn len(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Whether none are held.
+    pub fn is_empty(&self) -> bool {
+        self.lens.is_empty()
+    }
+
+    /// Forgets the held packets.
+    pub fn clear(&mut self) {
+        self.lens.clear();
+    }
+
+    /// The buffer the next packet is read into (call [`PacketBatch::commit`] after filling it).
+    /// Panics when full.
+    pub fn next_buf(&mut self) -> &mut [u8] {
+        let i = self.lens.len();
+        &mut self.bufs[i]
+    }
+
+    /// Keeps the first `len` bytes of [`PacketBatch::next_buf`] as the next packet.
+    pub fn commit(&mut self, len: usize) {
+        let i = self.lens.len();
+        self.lens.push(len.min(self.bufs[i].len()));
+    }
+
+    /// The held packets, in read order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.lens.iter().zip(&self.bufs).map(|(&n, b)| &b[..n])
     }
 }
 
