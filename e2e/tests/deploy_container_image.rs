@@ -283,6 +283,8 @@ fn check_stun_binary(podman: &Podman) -> Result<()> {
         "--rm",
         "--runtime=runc",
         "--network=none",
+        "--ulimit=nofile=4096:4096",
+        "--ulimit=nproc=4096:4096",
         "--entrypoint",
         "/usr/local/bin/derpfleet-stun",
         IMAGE,
