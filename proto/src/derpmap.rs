@@ -630,6 +630,23 @@ mod tests {
         assert!(m.regions[&5].nodes.is_empty());
     }
 
+    /// Found by the `derp_map_json` fuzz target: serde_json's default float parser misread
+    /// `2.222222222222222e44` by one unit in the last place, so a map did not survive its own JSON. Go's
+    /// parser is exact, and so is ours with `float_roundtrip`.
+    #[test]
+    fn coordinates_round_trip_exactly() {
+        for lat in
+            ["2.222222222222222e44", "222222222222222222222222222222222222222222250.11", "50.11", "-33.8688"]
+        {
+            let json = format!(
+                r#"{{"Regions":{{"1":{{"RegionID":1,"Latitude":{lat},"Nodes":[{{"Name":"1a","RegionID":1,"HostName":"h.example"}}]}}}}}}"#
+            );
+            let m = DerpMap::from_json(json.as_bytes()).unwrap();
+            assert_eq!(m.regions[&1].latitude, lat.parse::<f64>().unwrap(), "{lat}");
+            assert_eq!(DerpMap::from_json(m.to_json().as_bytes()).unwrap(), m, "{lat}");
+        }
+    }
+
     #[test]
     fn bad_json_is_an_error_not_a_panic() {
         assert!(matches!(DerpMap::from_json(b"{"), Err(DerpMapError::Json(_))));
