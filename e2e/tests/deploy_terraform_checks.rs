@@ -32,11 +32,18 @@ impl Drop for Scratch {
     }
 }
 
+/// The terraform CLI: `DERPFLEET_TERRAFORM` (set by `scripts/test-all.sh`, which checks it is >= 1.5), else
+/// `terraform` on PATH.
+fn terraform_bin() -> PathBuf {
+    std::env::var_os("DERPFLEET_TERRAFORM").map_or_else(|| PathBuf::from("terraform"), PathBuf::from)
+}
+
 /// `terraform args...` in `dir`, with a CLI config of our own (the environment's points to a missing
 /// file), no version check call-home, and a time limit.
 fn terraform(dir: &Path, cli_config: &Path, args: &[&str]) -> Result<Output> {
     let out = Command::new("timeout")
-        .args(["--kill-after=10", "300", "terraform"])
+        .args(["--kill-after=10", "300"])
+        .arg(terraform_bin())
         .args(args)
         .current_dir(dir)
         .env("TF_CLI_CONFIG_FILE", cli_config)
@@ -44,7 +51,7 @@ fn terraform(dir: &Path, cli_config: &Path, args: &[&str]) -> Result<Output> {
         .env("TF_IN_AUTOMATION", "1")
         .env("TF_INPUT", "0")
         .output()
-        .context("running terraform (expected at /usr/local/bin/terraform)")?;
+        .with_context(|| format!("running {} (scripts/test-all.sh locates it)", terraform_bin().display()))?;
     Ok(out)
 }
 

@@ -373,6 +373,13 @@ struct FoldedMap {
 impl<'de> Deserialize<'de> for DerpMap {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let mut v = Value::deserialize(d)?;
+        // serde would take an array as a struct's fields in order: say what a map looks like instead.
+        if !v.is_object() {
+            return Err(serde::de::Error::custom(format!(
+                "a DERP map is a JSON object ({{\"Regions\": {{\"<id>\": {{…}}}}}}), not {}",
+                json_kind(&v)
+            )));
+        }
         fold_map(&mut v);
         let f = FoldedMap::deserialize(v).map_err(serde::de::Error::custom)?;
         Ok(Self {
@@ -381,6 +388,36 @@ impl<'de> Deserialize<'de> for DerpMap {
             omit_default_regions: f.omit_default_regions,
         })
     }
+}
+
+/// "an array", "the number 5", … for error messages.
+fn json_kind(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("the boolean {b}"),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(_) => "a string".into(),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+/// serde's messages in the JSON's own words: `expected struct DerpNode` names a Rust type the user never
+/// wrote, so the types become the JSON shapes (and the field the user did write, where there is one).
+fn plain_words(serde_msg: &str) -> String {
+    const SHAPES: [(&str, &str); 5] = [
+        ("struct HomeParams", "an object for \"HomeParams\""),
+        ("struct DerpRegion", "a region object"),
+        ("struct DerpNode", "a node object"),
+        ("struct FoldedMap", "a DERP map object"),
+        ("a map", "an object"),
+    ];
+    let mut out = serde_msg.replace("invalid type: sequence", "invalid type: array");
+    out = out.replace("invalid type: map", "invalid type: object");
+    for (rust, json) in SHAPES {
+        out = out.replace(rust, json);
+    }
+    out
 }
 
 /// True for a syntactically valid DNS name (LDH labels, underscores tolerated, optional final dot).
@@ -416,7 +453,8 @@ fn valid_family<A: std::str::FromStr>(s: &str) -> bool {
 impl DerpMap {
     /// Parses and validates a DERP map.
     pub fn from_json(json: &[u8]) -> Result<Self, DerpMapError> {
-        let m: Self = serde_json::from_slice(json).map_err(|e| DerpMapError::Json(e.to_string()))?;
+        let m: Self =
+            serde_json::from_slice(json).map_err(|e| DerpMapError::Json(plain_words(&e.to_string())))?;
         m.validate()?;
         Ok(m)
     }
@@ -592,9 +630,38 @@ mod tests {
         assert!(m.regions[&5].nodes.is_empty());
     }
 
+    /// Found by the `derp_map_json` fuzz target: serde_json's default float parser misread
+    /// `2.222222222222222e44` by one unit in the last place, so a map did not survive its own JSON. Go's
+    /// parser is exact, and so is ours with `float_roundtrip`.
+    #[test]
+    fn coordinates_round_trip_exactly() {
+        for lat in
+            ["2.222222222222222e44", "222222222222222222222222222222222222222222250.11", "50.11", "-33.8688"]
+        {
+            let json = format!(
+                r#"{{"Regions":{{"1":{{"RegionID":1,"Latitude":{lat},"Nodes":[{{"Name":"1a","RegionID":1,"HostName":"h.example"}}]}}}}}}"#
+            );
+            let m = DerpMap::from_json(json.as_bytes()).unwrap();
+            assert_eq!(m.regions[&1].latitude, lat.parse::<f64>().unwrap(), "{lat}");
+            assert_eq!(DerpMap::from_json(m.to_json().as_bytes()).unwrap(), m, "{lat}");
+        }
+    }
+
     #[test]
     fn bad_json_is_an_error_not_a_panic() {
         assert!(matches!(DerpMap::from_json(b"{"), Err(DerpMapError::Json(_))));
+        // Wrong shapes are described in JSON terms, never by Rust type names.
+        for (json, says) in [
+            (&br#"[]"#[..], "not an array"),
+            (br#"5"#, "not the number 5"),
+            (br#"{"HomeParams":5}"#, "expected an object for \"HomeParams\""),
+            (br#"{"Regions":[1]}"#, "invalid type: array, expected an object"),
+            (br#"{"Regions":{"1":[]}}"#, "expected a region object"),
+        ] {
+            let err = DerpMap::from_json(json).unwrap_err().to_string();
+            assert!(err.contains(says), "{}: {err}", String::from_utf8_lossy(json));
+            assert!(!err.contains("struct"), "{}: {err}", String::from_utf8_lossy(json));
+        }
         assert!(matches!(DerpMap::from_json(br#"{"Regions":{"x":{}}}"#), Err(DerpMapError::Json(_))));
         assert!(matches!(
             DerpMap::from_json(br#"{"Regions":{"1":{"RegionID":"1"}}}"#),
