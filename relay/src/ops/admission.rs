@@ -307,6 +307,8 @@ impl AdmissionMetrics {
 /// The relay's admission policy.
 pub struct Admitter {
     allowlist: Option<Arc<Allowlist>>,
+    /// `-verify-clients`: asked after the allowlist, before the URL (derper's order).
+    localapi: Option<Arc<crate::ops::verify_localapi::LocalApiVerifier>>,
     verify_url: Option<VerifyUrl>,
     fail_open: bool,
     metrics: AdmissionMetrics,
@@ -320,12 +322,18 @@ impl Admitter {
         fail_open: bool,
         metrics: AdmissionMetrics,
     ) -> Self {
-        Self { allowlist, verify_url, fail_open, metrics }
+        Self { allowlist, localapi: None, verify_url, fail_open, metrics }
+    }
+
+    /// Adds the `-verify-clients` check (tailscaled's LocalAPI).
+    pub fn with_localapi(mut self, v: Option<Arc<crate::ops::verify_localapi::LocalApiVerifier>>) -> Self {
+        self.localapi = v;
+        self
     }
 
     /// True when some check is configured.
     pub fn is_active(&self) -> bool {
-        self.allowlist.is_some() || self.verify_url.is_some()
+        self.allowlist.is_some() || self.localapi.is_some() || self.verify_url.is_some()
     }
 
     /// The core hook for this policy.
@@ -339,6 +347,12 @@ impl Admitter {
             if !list.contains(&key) {
                 self.metrics.rejected.increment(1);
                 return Admission::Reject(format!("{key} is not in {}", list.path().display()));
+            }
+        }
+        if let Some(localapi) = &self.localapi {
+            if let crate::ops::verify_localapi::Decision::Deny(why) = localapi.decide(&key).await {
+                self.metrics.rejected.increment(1);
+                return Admission::Reject(why);
             }
         }
         if let Some(url) = &self.verify_url {
