@@ -145,7 +145,7 @@ fn start_and_expect_running(args: &[String]) {
     assert!(p.wait_exit(WAIT).is_some(), "exits on SIGTERM");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_derper_flag_is_accepted_alone() {
     for flag in DERPER_FLAGS {
         let f = Fixture::new(&format!("derper-flag-{flag}")).await;
@@ -156,7 +156,7 @@ async fn each_derper_flag_is_accepted_alone() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_derper_flags_at_once() {
     let f = Fixture::new("derper-flags-all").await;
     let mut args = f.base();

@@ -23,7 +23,7 @@ fn mesh_info(key: MeshKey) -> ClientInfo {
     ClientInfo { mesh_key: Some(key), version: 2, ..Default::default() }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_key_comes_from_setec_then_from_its_cache() {
     let hex = "5e".repeat(32);
     let key = MeshKey::parse(&hex).unwrap();
@@ -68,7 +68,7 @@ async fn mesh_key_comes_from_setec_then_from_its_cache() {
     assert!(p.log().contains("from the cache"), "{}", p.log());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_setec_without_cache_retries_and_says_why() {
     let dir = TempDir::new("setec-down");
     let dead = format!("http://127.0.0.1:{}", free_tcp_port());
@@ -90,7 +90,7 @@ async fn unreachable_setec_without_cache_retries_and_says_why() {
     assert!(!p.log().contains("derpfleet-relay running"), "no start without the mesh key");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_secret_is_retried_not_guessed() {
     let setec = SetecServer::start(&[("other/meshkey", &"11".repeat(32))]).await;
     let dir = TempDir::new("setec-404");

@@ -318,7 +318,8 @@ async fn mesh_peers_are_always_admitted() {
     server.shutdown().await;
 }
 
-#[tokio::test]
+// Multi-threaded: the stand-in keeps answering while this thread waits for the process's logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_socket_refuses_and_logs_why_in_the_binary() {
     let dir = TempDir::new("verify-clients-bin");
     let key = dir.0.join("k.key");
