@@ -41,7 +41,9 @@ async fn debug_vars_has_derpers_names_and_live_values() {
     assert_eq!(derp["gauge_current_connections"], 1);
     assert_eq!(derp["gauge_clients_local"], 1);
     assert_eq!(derp["got_ping"], 1);
-    for name in ["tls_listener", "counter_bootstrap_dns_requests", "process_start_unix_time", "version", "stun"] {
+    for name in
+        ["tls_listener", "counter_bootstrap_dns_requests", "process_start_unix_time", "version", "stun"]
+    {
         assert!(!v[name].is_null(), "{name} missing: {v}");
     }
     assert_eq!(v["derp_packets_dropped"], "MultiLabelMap");

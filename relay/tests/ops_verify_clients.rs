@@ -150,18 +150,23 @@ impl LocalApi {
             while let Ok((stream, _)) = listener.accept().await {
                 let (k, a) = (k.clone(), a.clone());
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let host =
-                            req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
-                        let target = req.uri().to_string();
-                        a.lock().unwrap().push(Asked { host, target });
-                        let resp = if req.uri().path() == "/localapi/v0/whois" {
-                            whois(mode, &k.lock().unwrap(), req.uri().query().unwrap_or(""))
-                        } else {
-                            go_http_error(404, "404 page not found")
-                        };
-                        async move { Ok::<_, Infallible>(resp) }
-                    });
+                    let service =
+                        hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                            let host = req
+                                .headers()
+                                .get("host")
+                                .and_then(|h| h.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned();
+                            let target = req.uri().to_string();
+                            a.lock().unwrap().push(Asked { host, target });
+                            let resp = if req.uri().path() == "/localapi/v0/whois" {
+                                whois(mode, &k.lock().unwrap(), req.uri().query().unwrap_or(""))
+                            } else {
+                                go_http_error(404, "404 page not found")
+                            };
+                            async move { Ok::<_, Infallible>(resp) }
+                        });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -324,8 +329,7 @@ async fn unreachable_socket_refuses_and_logs_why_in_the_binary() {
     let dir = TempDir::new("verify-clients-bin");
     let key = dir.0.join("k.key");
     let missing = dir.0.join("no-tailscaled.sock");
-    let (p, addr) =
-        start_plain_relay(&key, &["-verify-clients", "-socket", missing.to_str().unwrap()]);
+    let (p, addr) = start_plain_relay(&key, &["-verify-clients", "-socket", missing.to_str().unwrap()]);
     let client = NodePrivate::generate();
     assert!(try_connect(addr, &client, info()).await.is_none(), "no tailscaled: refused");
     let line = p.wait_for_line("client rejected");

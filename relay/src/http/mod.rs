@@ -507,10 +507,16 @@ fn debug(req: &Request<Incoming>, remote: SocketAddr, ctx: &HttpContext) -> Resp
         return plain_error(StatusCode::FORBIDDEN, "debug access denied");
     }
     match req.uri().path() {
-        "/debug" | "/debug/" => text_owned("text/html; charset=utf-8", crate::ops::debug_vars::index(&ctx.status)),
+        "/debug" | "/debug/" => {
+            text_owned("text/html; charset=utf-8", crate::ops::debug_vars::index(&ctx.status))
+        }
         "/debug/vars" => text_owned(
             "application/json; charset=utf-8",
-            crate::ops::debug_vars::vars(&ctx.status, &ctx.bootstrap_dns, ctx.derp.options().recv_rate.as_ref().is_some_and(|r| r.get().is_some())),
+            crate::ops::debug_vars::vars(
+                &ctx.status,
+                &ctx.bootstrap_dns,
+                ctx.derp.options().recv_rate.as_ref().is_some_and(|r| r.get().is_some()),
+            ),
         ),
         "/debug/varz" => {
             let mut r = Response::new(Full::new(Bytes::from(ctx.status.render_metrics())));

@@ -318,7 +318,10 @@ mod tests {
         let c = BootstrapDnsConfig::parse("a.example, b.example", "c.example/txt.example,");
         assert_eq!(c.published.len(), 2);
         assert_eq!(c.published[1].name, "b.example");
-        assert_eq!(c.unpublished, vec![Entry { name: "c.example".into(), txt_name: Some("txt.example".into()) }]);
+        assert_eq!(
+            c.unpublished,
+            vec![Entry { name: "c.example".into(), txt_name: Some("txt.example".into()) }]
+        );
         assert!(BootstrapDnsConfig::parse("", "").is_empty());
     }
 
@@ -326,7 +329,10 @@ mod tests {
     fn json_is_gos_indent() {
         let m: BTreeMap<String, Vec<IpAddr>> =
             [("localhost".to_owned(), vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()])].into();
-        assert_eq!(&go_indent_json(&m)[..], b"{\n\t\"localhost\": [\n\t\t\"127.0.0.1\",\n\t\t\"::1\"\n\t]\n}");
+        assert_eq!(
+            &go_indent_json(&m)[..],
+            b"{\n\t\"localhost\": [\n\t\t\"127.0.0.1\",\n\t\t\"::1\"\n\t]\n}"
+        );
         assert_eq!(&go_indent_json(&BTreeMap::new())[..], b"null");
     }
 

@@ -217,7 +217,8 @@ mod tests {
 
     #[test]
     fn prometheus_histogram_becomes_gos_per_bucket_counts() {
-        let text = "x_bucket{le=\"1\"} 2\nx_bucket{le=\"2\"} 5\nx_bucket{le=\"+Inf\"} 6\nx_sum 9\nx_count 6\n";
+        let text =
+            "x_bucket{le=\"1\"} 2\nx_bucket{le=\"2\"} 5\nx_bucket{le=\"+Inf\"} 6\nx_sum 9\nx_count 6\n";
         let s = Samples(parse(text));
         assert_eq!(s.histogram("x"), json!({"1": 2, "2": 3, "sum": 9, "count": 6}));
         let t = "k{kind=\"disco\"} 3\nk{kind=\"other\"} 4\n";

@@ -133,7 +133,9 @@ pub async fn mesh_key(settings: &SecretsSettings) -> Result<String, SecretsError
             let s = loop {
                 match get(&settings.url, &name).await {
                     Ok(s) => break s,
-                    Err(e) => tracing::warn!("setec: fetching {name:?} from {}: {e} (retrying)", settings.url),
+                    Err(e) => {
+                        tracing::warn!("setec: fetching {name:?} from {}: {e} (retrying)", settings.url)
+                    }
                 }
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(MAX_RETRY_WAIT);
@@ -171,7 +173,9 @@ fn prepare_cache(path: &Path) -> Result<(), SecretsError> {
 fn read_cache(path: &Path, name: &str) -> Option<SecretValue> {
     let text = std::fs::read(path).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&text)
-        .map_err(|e| tracing::warn!("setec: the cache {} is not valid JSON ({e}); ignoring it", path.display()))
+        .map_err(|e| {
+            tracing::warn!("setec: the cache {} is not valid JSON ({e}); ignoring it", path.display())
+        })
         .ok()?;
     secret_from_json(v.get(name)?.get("secret")?)
 }
@@ -242,9 +246,9 @@ async fn send(uri: &Uri, request: Request<Full<Bytes>>) -> Result<(StatusCode, B
     let https = uri.scheme_str() == Some("https");
     let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_owned();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| FetchError::Transport(format!("making HTTP request: connecting to {host}:{port}: {e}")))?;
+    let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| {
+        FetchError::Transport(format!("making HTTP request: connecting to {host}:{port}: {e}"))
+    })?;
     if https {
         let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
         let config = rustls::ClientConfig::builder_with_provider(crate::http::tls::provider())
@@ -272,8 +276,10 @@ where
         .await
         .map_err(|e| FetchError::Transport(format!("HTTP handshake: {e}")))?;
     let conn = tokio::spawn(conn);
-    let response =
-        sender.send_request(request).await.map_err(|e| FetchError::Transport(format!("HTTP request: {e}")))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| FetchError::Transport(format!("HTTP request: {e}")))?;
     let status = response.status();
     let body = Limited::new(response.into_body(), BODY_LIMIT)
         .collect()
@@ -290,7 +296,11 @@ mod tests {
 
     #[test]
     fn names_join_like_go_path_join() {
-        let s = |p: &str| SecretsSettings { url: String::new(), path_prefix: p.into(), cache_path: PathBuf::new() };
+        let s = |p: &str| SecretsSettings {
+            url: String::new(),
+            path_prefix: p.into(),
+            cache_path: PathBuf::new(),
+        };
         assert_eq!(s("prod/derp").mesh_key_name(), "prod/derp/meshkey");
         assert_eq!(s("prod/derp/").mesh_key_name(), "prod/derp/meshkey");
         assert_eq!(s("").mesh_key_name(), "meshkey");

@@ -194,7 +194,9 @@ impl LocalApiVerifier {
 fn decision(outcome: Outcome, key: &NodePublic, why: Option<String>) -> Decision {
     match outcome {
         Outcome::Allowed => Decision::Allow,
-        Outcome::NotFound => Decision::Deny(format!("peer {key} not authorized (not found in local tailscaled)")),
+        Outcome::NotFound => {
+            Decision::Deny(format!("peer {key} not authorized (not found in local tailscaled)"))
+        }
         Outcome::Error => {
             let why = why.unwrap_or_default();
             if why.contains("invalid 'addr' parameter") {
@@ -306,7 +308,10 @@ mod tests {
     fn old_tailscaled_is_named() {
         let k = derpfleet_proto::NodePrivate::generate().public();
         let d = decision(Outcome::Error, &k, Some("400 Bad Request: invalid 'addr' parameter".into()));
-        assert_eq!(d, Decision::Deny("tailscaled version is too old (out of sync with derper binary)".into()));
+        assert_eq!(
+            d,
+            Decision::Deny("tailscaled version is too old (out of sync with derper binary)".into())
+        );
         assert!(whois_target(&k).starts_with("/localapi/v0/whois?addr=nodekey%3A"));
     }
 }

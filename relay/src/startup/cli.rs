@@ -95,8 +95,9 @@ pub struct Flags {
           value_name = "bool")]
     pub derp: bool,
 
-    /// mode for getting a cert. possible options: manual, letsencrypt, gcp (ACME: TLS-ALPN-01 on
-    /// the main port; gcp = Google Trust Services' ACME directory, needs -acme-eab-kid/-acme-eab-key)
+    /// mode for getting a cert. possible options: manual, letsencrypt, gcp (letsencrypt: ACME with
+    /// TLS-ALPN-01 on the main port; gcp needs External Account Binding, not supported yet: refused
+    /// when TLS is served)
     #[arg(long = "certmode", default_value = "letsencrypt", value_name = "string")]
     pub certmode: String,
 
@@ -452,7 +453,12 @@ pub enum StartupError {
          -certdir (an IP -hostname gets a self-signed one), or a port other than 443 for plain HTTP"
     )]
     UnsupportedCertMode(String),
-    #[error("-certmode {0:?}: unknown mode (use manual or letsencrypt)")]
+    #[error(
+        "{0} is not supported yet by this relay's ACME client (no External Account Binding or IP \
+         certificates); use -certmode letsencrypt without it, or -certmode manual"
+    )]
+    AcmeExtraUnsupported(&'static str),
+    #[error("-certmode {0:?}: unknown mode (use manual, letsencrypt or gcp)")]
     UnknownCertMode(String),
     #[error("no -c given and neither $HOME nor $XDG_CONFIG_HOME is set")]
     NoConfigPath,
@@ -548,6 +554,13 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
     let tls = if !serve_tls {
         None
     } else if flags.certmode == "letsencrypt" {
+        // Only when ACME really runs (TLS served), as derper reads these flags only then.
+        if flags.acme_ip_certs {
+            return Err(StartupError::AcmeExtraUnsupported("-acme-ip-certs"));
+        }
+        if !flags.acme_eab_kid.is_empty() || !flags.acme_eab_key.is_empty() {
+            return Err(StartupError::AcmeExtraUnsupported("-acme-eab-kid/-acme-eab-key"));
+        }
         let settings = crate::ops::acme::AcmeSettings {
             hostname: flags.hostname.clone(),
             certdir: flags.certdir.clone().unwrap_or_else(default_certdir),
@@ -615,7 +628,10 @@ fn mesh_config(
         let settings = crate::ops::secrets::SecretsSettings {
             url: flags.secrets_url.clone(),
             path_prefix: flags.secrets_path_prefix.clone(),
-            cache_path: flags.secrets_cache_dir.clone().unwrap_or_else(crate::ops::secrets::default_cache_path),
+            cache_path: flags
+                .secrets_cache_dir
+                .clone()
+                .unwrap_or_else(crate::ops::secrets::default_cache_path),
         };
         let text = crate::ops::secrets::mesh_key_blocking(&settings)?;
         let key = derpfleet_proto::MeshKey::parse(text.trim()).map_err(|_| StartupError::SetecMeshKey)?;
@@ -864,6 +880,13 @@ mod tests {
         let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap(), "-hostname", "192.0.2.1"];
         let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
         assert!(e.contains("ACME needs a DNS name"), "{e}");
+        // EAB and IP certificates are refused when ACME would run, and only then.
+        let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap(), "-acme-eab-kid", "k"];
+        let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
+        assert!(e.starts_with("-acme-eab-kid/-acme-eab-key is not supported yet"), "{e}");
+        let args =
+            ["x", "-a", "127.0.0.1:8080", "-c", key.to_str().unwrap(), "-acme-ip-certs", "-acme-eab-kid=k"];
+        assert!(build(&Flags::parse_go(args).unwrap()).is_ok());
         // Plain HTTP on another port is fine with the default certmode.
         let args = ["x", "-a", "127.0.0.1:8080", "-c", key.to_str().unwrap()];
         let s = build(&Flags::parse_go(args).unwrap()).unwrap();

@@ -40,10 +40,11 @@ impl SetecServer {
             while let Ok((stream, _)) = listener.accept().await {
                 let (secrets, sink) = (secrets.clone(), sink.clone());
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (secrets, sink) = (secrets.clone(), sink.clone());
-                        async move { Ok::<_, Infallible>(answer(req, &secrets, &sink).await) }
-                    });
+                    let service =
+                        hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                            let (secrets, sink) = (secrets.clone(), sink.clone());
+                            async move { Ok::<_, Infallible>(answer(req, &secrets, &sink).await) }
+                        });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
