@@ -102,7 +102,8 @@ impl Fixture {
             "secrets-path-prefix" => v("prod/derp"),
             "secrets-url" => v(&self.setec.as_ref().unwrap().url()),
             "socket" => v(&self.path("tailscaled.sock")),
-            "stun" => vec!["-stun".into()],
+            // With a free port: derper's default 3478 may be another test's.
+            "stun" => vec!["-stun".into(), "-stun-port".into(), free_udp_port().to_string()],
             "stun-port" => v(&free_udp_port().to_string()),
             "tcp-keepalive-time" => v("5m"),
             "tcp-user-timeout" => v("10s"),
