@@ -3,8 +3,9 @@
 //!
 //! The core runs the check after a client's ClientInfo opens and before it is registered; a
 //! rejected client is closed without a ServerInfo. Mesh-key holders never reach the check (the
-//! core skips it for them). When both an allowlist and a URL are configured both must admit; the
-//! allowlist is asked first (no network round trip for strangers).
+//! core skips it for them). Every configured check must admit, asked in this order: the
+//! allowlist (no round trip for strangers), `-verify-clients` (tailscaled's LocalAPI,
+//! [`crate::ops::verify_localapi`]), then the URL (derper asks tailscaled before the URL too).
 //!
 //! The URL check speaks derper's exact protocol: `POST` (no Content-Type) of
 //! `{"NodePublic":"nodekey:<hex>","Source":"<client IP>"}` with a 5 s timeout; admitted only on

@@ -12,8 +12,14 @@
 //! - `-stun` (default true) serves STUN from the `derpfleet-stun` responder on `-stun-port`
 //!   at the IP of `-a` (with `-dev`: 127.0.0.1); `-stun-strict` answers only Tailscale-style
 //!   requests; `-stun-rate-limit`/`-stun-rate-burst` limit requests per source IP (0 = off).
-//! - Admission: `-verify-client-url` (derper's protocol) and `-allowlist FILE`; `-verify-clients`
-//!   (tailscaled's LocalAPI) is refused at start: it cannot be tested here, use the URL instead.
+//! - Admission: `-verify-clients` (tailscaled's LocalAPI over `-socket`), `-verify-client-url`
+//!   (derper's protocol) and `-allowlist FILE`.
+//! - Every other derper v1.102.3 flag is accepted: `-bootstrap-dns-names` and
+//!   `-unpublished-bootstrap-dns-names` ([`crate::ops::bootstrap_dns`]), `-secrets-*` (the mesh key
+//!   from setec, [`crate::ops::secrets`]), `-acme-email`. `-ace=true` stops the start, and so do
+//!   `-acme-eab-kid`/`-acme-eab-key`, `-certmode gcp` and `-acme-ip-certs` when an ACME certificate
+//!   would be requested (the ACME client has no EAB or IP identifiers yet); unused, they are ignored,
+//!   as derper ignores them without TLS.
 //! - `-accept-connection-limit-per-ip`/`-burst-per-ip` add a per-source-IP accept limit next to
 //!   derper's global one; both apply to the main listener, TLS or not.
 //! - Graceful restart: `-drain-timeout`, `-restart-reconnect-in` (+ `-restart-reconnect-jitter`),
