@@ -98,6 +98,8 @@ pub struct OpsConfig {
     pub verify_url: Option<VerifyUrl>,
     /// `-verify-client-url-fail-open`.
     pub verify_fail_open: bool,
+    /// `-verify-clients`: tailscaled's LocalAPI socket (empty = the default path).
+    pub verify_clients_socket: Option<String>,
     /// Per-client receive rate at start.
     pub recv_rate: RecvRate,
     /// `-rate-config` file, re-read by [`Server::reload`].
@@ -112,6 +114,8 @@ pub struct OpsConfig {
     pub acme: Option<Arc<crate::ops::acme::AcmeTask>>,
     /// At most one drop-log line per reason per this interval.
     pub drop_log_interval: Duration,
+    /// `/bootstrap-dns` names (`-bootstrap-dns-names`, `-unpublished-bootstrap-dns-names`).
+    pub bootstrap_dns: crate::ops::bootstrap_dns::BootstrapDnsConfig,
 }
 
 impl Default for OpsConfig {
@@ -125,6 +129,7 @@ impl Default for OpsConfig {
             allowlist: None,
             verify_url: None,
             verify_fail_open: true,
+            verify_clients_socket: None,
             recv_rate: RecvRate::default(),
             rate_config_path: None,
             stun: None,
@@ -132,6 +137,7 @@ impl Default for OpsConfig {
             cert_reload_interval: None,
             acme: None,
             drop_log_interval: Duration::from_secs(10),
+            bootstrap_dns: Default::default(),
         }
     }
 }
@@ -224,7 +230,16 @@ impl Server {
             ops.verify_url.clone(),
             ops.verify_fail_open,
             ops_metrics.admission(),
-        );
+        )
+        .with_localapi(ops.verify_clients_socket.as_deref().map(|socket| {
+            let v = Arc::new(crate::ops::verify_localapi::LocalApiVerifier::new(
+                socket,
+                ops_metrics.verify_clients(),
+            ));
+            let table = v.clone();
+            ops_metrics.add_text_source(Box::new(move || table.render_key_results()));
+            v
+        }));
         let recv_rate = SharedRecvRate::new(ops.recv_rate);
         ops_metrics.set_recv_rate(recv_rate.get());
         let options = CoreOptions {
@@ -286,7 +301,11 @@ impl Server {
         let cancel = CancellationToken::new();
         let accept_cancel = cancel.child_token();
         let tracker = TaskTracker::new();
+        let bootstrap_dns =
+            crate::ops::bootstrap_dns::BootstrapDns::new(ops.bootstrap_dns.clone(), ops_metrics.recorder());
+        tracker.spawn(bootstrap_dns.clone().run(cancel.clone()));
         let ctx = Arc::new(HttpContext {
+            bootstrap_dns,
             derp: derp.clone(),
             server_public,
             home: config.home.clone(),

@@ -65,16 +65,3 @@ fn bad_config_names_file_line_key_and_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("missing.toml"), "{err}");
 }
-
-#[test]
-fn verify_clients_is_refused_with_a_pointer_to_the_url() {
-    let dir = TempDir::new("ops-verify-clients");
-    let key = dir.0.join("k.key");
-    let out = Command::new(BIN)
-        .args(["-a", "127.0.0.1:0", "-c", key.to_str().unwrap(), "-stun=false", "-verify-clients"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("-verify-clients is not supported") && err.contains("-verify-client-url"), "{err}");
-}

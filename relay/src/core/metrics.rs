@@ -140,6 +140,10 @@ pub struct Metrics {
     pub websocket_accepts: Counter,
     /// Connections closed because a write hit its deadline.
     pub sclient_write_timeouts: Counter,
+    /// Established clients (past derper's 5 s grace) announcing this node as their home.
+    pub home_moves_in: Counter,
+    /// Established clients announcing they moved their home elsewhere.
+    pub home_moves_out: Counter,
     /// Frames coalesced per flush.
     pub buffered_write_frames: Histogram,
     /// Accept-to-ServerInfo time of successful handshakes (ours).
@@ -231,6 +235,8 @@ impl Metrics {
             watchers: g("derp_watchers"),
             websocket_accepts: c("derp_websocket_accepts"),
             sclient_write_timeouts: c("derp_sclient_write_timeouts"),
+            home_moves_in: c("derp_home_moves_in"),
+            home_moves_out: c("derp_home_moves_out"),
             buffered_write_frames: h("derp_buffered_write_frames"),
             handshake_seconds: h("derp_handshake_seconds"),
             queue_delay_seconds: h("derp_queue_delay_seconds"),

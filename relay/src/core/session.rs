@@ -119,6 +119,9 @@ pub enum SessionError {
     NotMeshPeer(&'static str),
 }
 
+/// derper ignores NotePreferred changes this soon after connecting when counting home moves.
+const HOME_MOVE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The reader side of one connection.
 pub struct Reader<'a> {
     conn: &'a Arc<Conn>,
@@ -126,6 +129,9 @@ pub struct Reader<'a> {
     metrics: &'a Metrics,
     /// Last NotePreferred value (the home-connections gauge follows it).
     preferred: bool,
+    /// When the reader started: home moves in the first [`HOME_MOVE_GRACE`] are the client's
+    /// initial announcement, not moves (derper's rule).
+    started: Instant,
     /// PeerGone(NotHere) limiter (1/s, burst 3), created on first use.
     not_here_limiter: Option<DefaultDirectRateLimiter>,
     /// Received-packet counts not yet added to the shared counters: they are published once
@@ -173,6 +179,7 @@ impl<'a> Reader<'a> {
             registry,
             metrics: &registry.metrics,
             preferred: false,
+            started: Instant::now(),
             not_here_limiter: None,
             tally: RecvTally::default(),
             recv_limit: None,
@@ -328,10 +335,17 @@ impl<'a> Reader<'a> {
     fn handle_note_preferred(&mut self, preferred: bool) {
         if preferred != self.preferred {
             self.preferred = preferred;
+            let moved = self.started.elapsed() > HOME_MOVE_GRACE;
             if preferred {
                 self.metrics.current_home_connections.increment(1.0);
+                if moved {
+                    self.metrics.home_moves_in.increment(1);
+                }
             } else {
                 self.metrics.current_home_connections.decrement(1.0);
+                if moved {
+                    self.metrics.home_moves_out.increment(1);
+                }
             }
         }
     }

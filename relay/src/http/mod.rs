@@ -79,6 +79,8 @@ pub struct HttpContext {
     pub cancel: CancellationToken,
     /// `/healthz` and the metrics text of `/debug/varz`.
     pub status: Arc<crate::ops::metrics_http::Status>,
+    /// `/bootstrap-dns` (on every port, whether or not DERP is served).
+    pub bootstrap_dns: Arc<crate::ops::bootstrap_dns::BootstrapDns>,
 }
 
 /// Why the first request could not be read; the connection is closed.
@@ -353,6 +355,9 @@ fn route_request(req: Request<Incoming>, remote: SocketAddr, ctx: &Arc<HttpConte
     if path.starts_with("/debug") {
         return debug(&req, remote, ctx);
     }
+    if path == "/bootstrap-dns" {
+        return with_browser_headers(ctx.bootstrap_dns.response(req.uri().query(), remote));
+    }
     if port == Port::Http80 {
         return port80(&req);
     }
@@ -360,6 +365,7 @@ fn route_request(req: Request<Incoming>, remote: SocketAddr, ctx: &Arc<HttpConte
         "/derp/probe" | "/derp/latency-check" => probe(req.method()),
         "/healthz" => crate::ops::metrics_http::healthz_response(&ctx.status),
         "/derp" if ctx.derp_enabled => derp_upgrade_via_hyper(req, remote, ctx),
+        "/derp" => plain_error(StatusCode::NOT_FOUND, "derp server disabled"),
         "/robots.txt" => with_browser_headers(text(
             StatusCode::OK,
             "text/plain; charset=utf-8",
@@ -495,12 +501,23 @@ pub fn debug_allowed(remote: SocketAddr, headers: &HeaderMap) -> bool {
     ip.is_loopback() && !headers.contains_key("x-forwarded-for")
 }
 
-/// `/debug/varz`: the core's metrics in Prometheus text format.
+/// `/debug/`, `/debug/vars` (derper's expvar JSON) and `/debug/varz` (Prometheus text).
 fn debug(req: &Request<Incoming>, remote: SocketAddr, ctx: &HttpContext) -> Resp {
     if !debug_allowed(remote, req.headers()) {
         return plain_error(StatusCode::FORBIDDEN, "debug access denied");
     }
     match req.uri().path() {
+        "/debug" | "/debug/" => {
+            text_owned("text/html; charset=utf-8", crate::ops::debug_vars::index(&ctx.status))
+        }
+        "/debug/vars" => text_owned(
+            "application/json; charset=utf-8",
+            crate::ops::debug_vars::vars(
+                &ctx.status,
+                &ctx.bootstrap_dns,
+                ctx.derp.options().recv_rate.as_ref().is_some_and(|r| r.get().is_some()),
+            ),
+        ),
         "/debug/varz" => {
             let mut r = Response::new(Full::new(Bytes::from(ctx.status.render_metrics())));
             r.headers_mut().insert(
@@ -550,6 +567,12 @@ fn with_browser_headers(mut r: Resp) -> Resp {
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    r
+}
+
+fn text_owned(content_type: &'static str, body: String) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 

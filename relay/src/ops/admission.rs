@@ -3,8 +3,9 @@
 //!
 //! The core runs the check after a client's ClientInfo opens and before it is registered; a
 //! rejected client is closed without a ServerInfo. Mesh-key holders never reach the check (the
-//! core skips it for them). When both an allowlist and a URL are configured both must admit; the
-//! allowlist is asked first (no network round trip for strangers).
+//! core skips it for them). Every configured check must admit, asked in this order: the
+//! allowlist (no round trip for strangers), `-verify-clients` (tailscaled's LocalAPI,
+//! [`crate::ops::verify_localapi`]), then the URL (derper asks tailscaled before the URL too).
 //!
 //! The URL check speaks derper's exact protocol: `POST` (no Content-Type) of
 //! `{"NodePublic":"nodekey:<hex>","Source":"<client IP>"}` with a 5 s timeout; admitted only on
@@ -307,6 +308,8 @@ impl AdmissionMetrics {
 /// The relay's admission policy.
 pub struct Admitter {
     allowlist: Option<Arc<Allowlist>>,
+    /// `-verify-clients`: asked after the allowlist, before the URL (derper's order).
+    localapi: Option<Arc<crate::ops::verify_localapi::LocalApiVerifier>>,
     verify_url: Option<VerifyUrl>,
     fail_open: bool,
     metrics: AdmissionMetrics,
@@ -320,12 +323,18 @@ impl Admitter {
         fail_open: bool,
         metrics: AdmissionMetrics,
     ) -> Self {
-        Self { allowlist, verify_url, fail_open, metrics }
+        Self { allowlist, localapi: None, verify_url, fail_open, metrics }
+    }
+
+    /// Adds the `-verify-clients` check (tailscaled's LocalAPI).
+    pub fn with_localapi(mut self, v: Option<Arc<crate::ops::verify_localapi::LocalApiVerifier>>) -> Self {
+        self.localapi = v;
+        self
     }
 
     /// True when some check is configured.
     pub fn is_active(&self) -> bool {
-        self.allowlist.is_some() || self.verify_url.is_some()
+        self.allowlist.is_some() || self.localapi.is_some() || self.verify_url.is_some()
     }
 
     /// The core hook for this policy.
@@ -339,6 +348,12 @@ impl Admitter {
             if !list.contains(&key) {
                 self.metrics.rejected.increment(1);
                 return Admission::Reject(format!("{key} is not in {}", list.path().display()));
+            }
+        }
+        if let Some(localapi) = &self.localapi {
+            if let crate::ops::verify_localapi::Decision::Deny(why) = localapi.decide(&key).await {
+                self.metrics.rejected.increment(1);
+                return Admission::Reject(why);
             }
         }
         if let Some(url) = &self.verify_url {

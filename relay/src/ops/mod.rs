@@ -4,10 +4,18 @@
 //! - [`admission`]: the allowlist file and `-verify-client-url`, plugged into the core as a check.
 //! - [`ratelimit`]: accept limits (global, per source IP) and the per-client receive rate.
 //! - [`acme`]: `-certmode letsencrypt`.
+//! - [`bootstrap_dns`]: `/bootstrap-dns` (derper's DNS answers for clients without DNS).
+//! - [`debug_vars`]: derper's `/debug/` index and `/debug/vars`.
+//! - [`secrets`]: `-secrets-url` (the mesh key from setec).
+//! - [`verify_localapi`]: `-verify-clients` (tailscaled's LocalAPI whois).
 //! - [`ops_metrics`]: the process series around the core's; [`metrics_http`]: the metrics listener.
 
 pub mod acme;
 pub mod admission;
+pub mod bootstrap_dns;
+pub mod debug_vars;
 pub mod metrics_http;
 pub mod ops_metrics;
 pub mod ratelimit;
+pub mod secrets;
+pub mod verify_localapi;

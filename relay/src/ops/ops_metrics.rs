@@ -39,7 +39,13 @@ pub struct OpsMetrics {
     /// SIGHUP reloads (allowlist, rate config) that failed, keeping the old setting.
     pub reload_errors: Counter,
     admission: AdmissionMetrics,
+    verify_clients: crate::ops::verify_localapi::LocalApiMetrics,
+    /// Extra Prometheus text appended by [`OpsMetrics::render`] (per-key tables, bounded).
+    text_sources: parking_lot::Mutex<Vec<TextSource>>,
 }
+
+/// A producer of extra Prometheus text for `/metrics`.
+pub type TextSource = Box<dyn Fn() -> String + Send + Sync>;
 
 impl std::fmt::Debug for OpsMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -91,6 +97,14 @@ impl OpsMetrics {
                 fail_open: c("derp_admission", &[("result", "fail_open")]),
                 fail_closed: c("derp_admission", &[("result", "fail_closed")]),
             },
+            verify_clients: crate::ops::verify_localapi::LocalApiMetrics {
+                cache_hit: c("derp_verify_clients_cache", &[("result", "hit")]),
+                cache_miss: c("derp_verify_clients_cache", &[("result", "miss")]),
+                allowed: c("derp_verify_clients", &[("result", "allowed")]),
+                not_found: c("derp_verify_clients", &[("result", "not_found")]),
+                error: c("derp_verify_clients", &[("result", "error")]),
+            },
+            text_sources: parking_lot::Mutex::new(Vec::new()),
             recorder,
             handle,
         };
@@ -107,6 +121,16 @@ impl OpsMetrics {
     /// Admission decision counters.
     pub fn admission(&self) -> AdmissionMetrics {
         self.admission.clone()
+    }
+
+    /// `-verify-clients` counters.
+    pub fn verify_clients(&self) -> crate::ops::verify_localapi::LocalApiMetrics {
+        self.verify_clients.clone()
+    }
+
+    /// Appends `source`'s text to every [`OpsMetrics::render`].
+    pub fn add_text_source(&self, source: TextSource) {
+        self.text_sources.lock().push(source);
     }
 
     /// Counts a connection refused by an accept limit.
@@ -134,6 +158,10 @@ impl OpsMetrics {
             self.current_file_descriptors.set(fds.count() as f64);
         }
         self.handle.run_upkeep();
-        self.handle.render()
+        let mut text = self.handle.render();
+        for source in self.text_sources.lock().iter() {
+            text.push_str(&source());
+        }
+        text
     }
 }

@@ -12,8 +12,14 @@
 //! - `-stun` (default true) serves STUN from the `derpfleet-stun` responder on `-stun-port`
 //!   at the IP of `-a` (with `-dev`: 127.0.0.1); `-stun-strict` answers only Tailscale-style
 //!   requests; `-stun-rate-limit`/`-stun-rate-burst` limit requests per source IP (0 = off).
-//! - Admission: `-verify-client-url` (derper's protocol) and `-allowlist FILE`; `-verify-clients`
-//!   (tailscaled's LocalAPI) is refused at start: it cannot be tested here, use the URL instead.
+//! - Admission: `-verify-clients` (tailscaled's LocalAPI over `-socket`), `-verify-client-url`
+//!   (derper's protocol) and `-allowlist FILE`.
+//! - Every other derper v1.102.3 flag is accepted: `-bootstrap-dns-names` and
+//!   `-unpublished-bootstrap-dns-names` ([`crate::ops::bootstrap_dns`]), `-secrets-*` (the mesh key
+//!   from setec, [`crate::ops::secrets`]), `-acme-email`. `-ace=true` stops the start, and so do
+//!   `-acme-eab-kid`/`-acme-eab-key`, `-certmode gcp` and `-acme-ip-certs` when an ACME certificate
+//!   would be requested (the ACME client has no EAB or IP identifiers yet); unused, they are ignored,
+//!   as derper ignores them without TLS.
 //! - `-accept-connection-limit-per-ip`/`-burst-per-ip` add a per-source-IP accept limit next to
 //!   derper's global one; both apply to the main listener, TLS or not.
 //! - Graceful restart: `-drain-timeout`, `-restart-reconnect-in` (+ `-restart-reconnect-jitter`),
@@ -95,8 +101,9 @@ pub struct Flags {
           value_name = "bool")]
     pub derp: bool,
 
-    /// mode for getting a cert. possible options: manual, letsencrypt (ACME, TLS-ALPN-01 on the main
-    /// port; gcp is not supported)
+    /// mode for getting a cert. possible options: manual, letsencrypt, gcp (letsencrypt: ACME with
+    /// TLS-ALPN-01 on the main port; gcp needs External Account Binding, not supported yet: refused
+    /// when TLS is served)
     #[arg(long = "certmode", default_value = "letsencrypt", value_name = "string")]
     pub certmode: String,
 
@@ -148,14 +155,15 @@ pub struct Flags {
     #[arg(long = "config", value_name = "file")]
     pub config_file: Option<PathBuf>,
 
-    /// verify clients through a local tailscaled (NOT SUPPORTED: refused at start; use
-    /// -verify-client-url)
+    /// verify clients to this DERP server through a local tailscaled instance (its LocalAPI whois
+    /// of each client's node key; see -socket)
     #[arg(long = "verify-clients", default_value = "false", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
           value_name = "bool")]
     pub verify_clients: bool,
 
-    /// tailscaled LocalAPI socket for -verify-clients (accepted for derper compatibility; unused)
+    /// optional alternate path to tailscaled socket (only relevant when using -verify-clients;
+    /// empty = /var/run/tailscale/tailscaled.sock)
     #[arg(long = "socket", default_value = "", value_name = "string")]
     pub socket: String,
 
@@ -270,6 +278,51 @@ pub struct Flags {
     /// extra PEM CA bundle trusted for -mesh-with TLS, besides the system trust store
     #[arg(long = "mesh-ca-file", value_name = "path")]
     pub mesh_ca_file: Option<PathBuf>,
+
+    // derper v1.102.3 flags beyond the core set (bootstrap DNS, ACME extras, setec, ACE), kept
+    // together; what each does here is in docs/operators.md "Migrating from Go derper".
+    /// optional comma-separated list of hostnames to make available at /bootstrap-dns
+    #[arg(long = "bootstrap-dns-names", default_value = "", value_name = "string")]
+    pub bootstrap_dns_names: String,
+
+    /// optional comma-separated list of hostnames to make available at /bootstrap-dns and not
+    /// publish in the list (only answered to ?q=NAME). An entry name/txtname reads the rollout
+    /// percentage (0 to 100) from the TXT record txtname
+    #[arg(long = "unpublished-bootstrap-dns-names", default_value = "", value_name = "string")]
+    pub unpublished_bootstrap_dns_names: String,
+
+    /// ACME External Account Binding (EAB) Key ID (required for -certmode gcp)
+    #[arg(long = "acme-eab-kid", default_value = "", value_name = "string")]
+    pub acme_eab_kid: String,
+
+    /// ACME External Account Binding (EAB) HMAC key, base64-encoded (required for -certmode gcp)
+    #[arg(long = "acme-eab-key", default_value = "", value_name = "string")]
+    pub acme_eab_key: String,
+
+    /// whether to get certificates for the server's IP addresses (clients connecting by IP, short-lived
+    /// profile, HTTP-01 on -http-port); requires -certmode letsencrypt
+    #[arg(long = "acme-ip-certs", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
+          value_name = "bool")]
+    pub acme_ip_certs: bool,
+
+    /// setec server URL for secrets retrieval of the mesh key
+    #[arg(long = "secrets-url", default_value = "", value_name = "string")]
+    pub secrets_url: String,
+
+    /// setec path prefix for the "meshkey" secret holding the DERP mesh key
+    #[arg(long = "secrets-path-prefix", default_value = "prod/derp", value_name = "string")]
+    pub secrets_path_prefix: String,
+
+    /// directory to cache setec secrets in (default $HOME/.cache/derper-secrets)
+    #[arg(long = "secrets-cache-dir", value_name = "dir")]
+    pub secrets_cache_dir: Option<PathBuf>,
+
+    /// derper's experimental embedded ACE server (not offered here: true stops the start)
+    #[arg(long = "ace", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
+          value_name = "bool")]
+    pub ace: bool,
 
     /// print this help
     #[arg(long = "help", visible_alias = "h", action = ArgAction::Help)]
@@ -406,7 +459,12 @@ pub enum StartupError {
          -certdir (an IP -hostname gets a self-signed one), or a port other than 443 for plain HTTP"
     )]
     UnsupportedCertMode(String),
-    #[error("-certmode {0:?}: unknown mode (use manual or letsencrypt)")]
+    #[error(
+        "{0} is not supported yet by this relay's ACME client (no External Account Binding or IP \
+         certificates); use -certmode letsencrypt without it, or -certmode manual"
+    )]
+    AcmeExtraUnsupported(&'static str),
+    #[error("-certmode {0:?}: unknown mode (use manual, letsencrypt or gcp)")]
     UnknownCertMode(String),
     #[error("no -c given and neither $HOME nor $XDG_CONFIG_HOME is set")]
     NoConfigPath,
@@ -416,8 +474,15 @@ pub enum StartupError {
     Tls(#[from] TlsError),
     #[error("ACME: {0}")]
     Acme(#[from] crate::ops::acme::AcmeError),
-    #[error("-verify-clients is not supported (it needs tailscaled's LocalAPI); use -verify-client-url")]
-    VerifyClientsUnsupported,
+    #[error(
+        "-ace=true: derper's experimental embedded ACE server is not offered by derpfleet-relay; \
+         remove -ace or set -ace=false"
+    )]
+    AceUnsupported,
+    #[error("-secrets-url: {0}")]
+    Secrets(#[from] crate::ops::secrets::SecretsError),
+    #[error("-secrets-url: the setec mesh key secret must hold exactly 64 hex characters")]
+    SetecMeshKey,
     #[error("-verify-client-url: {0}")]
     VerifyUrl(#[from] VerifyUrlError),
     #[error("-allowlist: {0}")]
@@ -458,6 +523,9 @@ pub struct Startup {
 /// and sets up TLS.
 pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
     let mut notes = Vec::new();
+    if flags.ace {
+        return Err(StartupError::AceUnsupported);
+    }
     let (listen, port_is_https) = if flags.dev {
         notes.push("running in dev mode: 127.0.0.1:3340, ephemeral key, plain HTTP".to_owned());
         (SocketAddr::from(([127, 0, 0, 1], 3340)), false)
@@ -492,6 +560,13 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
     let tls = if !serve_tls {
         None
     } else if flags.certmode == "letsencrypt" {
+        // Only when ACME really runs (TLS served), as derper reads these flags only then.
+        if flags.acme_ip_certs {
+            return Err(StartupError::AcmeExtraUnsupported("-acme-ip-certs"));
+        }
+        if !flags.acme_eab_kid.is_empty() || !flags.acme_eab_key.is_empty() {
+            return Err(StartupError::AcmeExtraUnsupported("-acme-eab-kid/-acme-eab-key"));
+        }
         let settings = crate::ops::acme::AcmeSettings {
             hostname: flags.hostname.clone(),
             certdir: flags.certdir.clone().unwrap_or_else(default_certdir),
@@ -554,8 +629,24 @@ fn mesh_config(
     notes: &mut Vec<String>,
 ) -> Result<(Option<derpfleet_proto::MeshKey>, Option<crate::mesh::MeshConfig>), StartupError> {
     use crate::mesh;
-    let path = flags.mesh_psk_file.clone().or_else(mesh::default_mesh_psk_file);
-    let key = path.as_deref().map(mesh::load_mesh_key).transpose()?;
+    let key = if !flags.dev && !flags.secrets_url.is_empty() {
+        // derper's order: setec wins over -mesh-psk-file (see crate::ops::secrets).
+        let settings = crate::ops::secrets::SecretsSettings {
+            url: flags.secrets_url.clone(),
+            path_prefix: flags.secrets_path_prefix.clone(),
+            cache_path: flags
+                .secrets_cache_dir
+                .clone()
+                .unwrap_or_else(crate::ops::secrets::default_cache_path),
+        };
+        let text = crate::ops::secrets::mesh_key_blocking(&settings)?;
+        let key = derpfleet_proto::MeshKey::parse(text.trim()).map_err(|_| StartupError::SetecMeshKey)?;
+        notes.push(format!("mesh key from setec {:?} ({})", settings.url, settings.mesh_key_name()));
+        Some(key)
+    } else {
+        let path = flags.mesh_psk_file.clone().or_else(mesh::default_mesh_psk_file);
+        path.as_deref().map(mesh::load_mesh_key).transpose()?
+    };
     let peers = mesh::parse_mesh_with(&flags.mesh_with)?;
     if peers.is_empty() {
         return Ok((key, None));
@@ -576,9 +667,6 @@ fn ops_config(
     cert_reloader: Option<std::sync::Arc<crate::http::tls::CertReloader>>,
     notes: &mut Vec<String>,
 ) -> Result<OpsConfig, StartupError> {
-    if flags.verify_clients {
-        return Err(StartupError::VerifyClientsUnsupported);
-    }
     let verify_url = (!flags.verify_client_url.is_empty())
         .then(|| VerifyUrl::parse(&flags.verify_client_url))
         .transpose()?;
@@ -625,6 +713,7 @@ fn ops_config(
         allowlist,
         verify_url,
         verify_fail_open: flags.verify_client_url_fail_open,
+        verify_clients_socket: flags.verify_clients.then(|| flags.socket.clone()),
         recv_rate,
         rate_config_path: flags.rate_config.clone(),
         stun,
@@ -632,6 +721,10 @@ fn ops_config(
         cert_reload_interval: (!flags.cert_reload_interval.is_zero()).then_some(flags.cert_reload_interval),
         acme: None,
         drop_log_interval: flags.drop_log_interval.max(Duration::from_millis(100)),
+        bootstrap_dns: crate::ops::bootstrap_dns::BootstrapDnsConfig::parse(
+            &flags.bootstrap_dns_names,
+            &flags.unpublished_bootstrap_dns_names,
+        ),
     })
 }
 
@@ -793,6 +886,13 @@ mod tests {
         let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap(), "-hostname", "192.0.2.1"];
         let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
         assert!(e.contains("ACME needs a DNS name"), "{e}");
+        // EAB and IP certificates are refused when ACME would run, and only then.
+        let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap(), "-acme-eab-kid", "k"];
+        let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
+        assert!(e.starts_with("-acme-eab-kid/-acme-eab-key is not supported yet"), "{e}");
+        let args =
+            ["x", "-a", "127.0.0.1:8080", "-c", key.to_str().unwrap(), "-acme-ip-certs", "-acme-eab-kid=k"];
+        assert!(build(&Flags::parse_go(args).unwrap()).is_ok());
         // Plain HTTP on another port is fine with the default certmode.
         let args = ["x", "-a", "127.0.0.1:8080", "-c", key.to_str().unwrap()];
         let s = build(&Flags::parse_go(args).unwrap()).unwrap();

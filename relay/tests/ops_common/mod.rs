@@ -3,6 +3,8 @@
 //! tests (`cli_binary.rs`) use the same process fixture.
 #![allow(dead_code)]
 
+pub mod setec;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
