@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use derpfleet_relay::config::args_from_toml;
+use derpfleet_relay::startup::config::args_from_toml;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
