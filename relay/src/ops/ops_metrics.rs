@@ -11,6 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::http::proxy_protocol::ProxyProtocolMetrics;
 use crate::ops::admission::AdmissionMetrics;
 use crate::ops::ratelimit::{AcceptRefusal, RecvRate};
 
@@ -39,6 +40,7 @@ pub struct OpsMetrics {
     /// SIGHUP reloads (allowlist, rate config) that failed, keeping the old setting.
     pub reload_errors: Counter,
     admission: AdmissionMetrics,
+    proxy_protocol: ProxyProtocolMetrics,
 }
 
 impl std::fmt::Debug for OpsMetrics {
@@ -91,6 +93,12 @@ impl OpsMetrics {
                 fail_open: c("derp_admission", &[("result", "fail_open")]),
                 fail_closed: c("derp_admission", &[("result", "fail_closed")]),
             },
+            proxy_protocol: ProxyProtocolMetrics {
+                proxied: c("derp_proxy_protocol_headers", &[("result", "proxied")]),
+                local: c("derp_proxy_protocol_headers", &[("result", "local")]),
+                rejected: ProxyProtocolMetrics::REASONS
+                    .map(|reason| c("derp_proxy_protocol_rejected", &[("reason", reason)])),
+            },
             recorder,
             handle,
         };
@@ -107,6 +115,11 @@ impl OpsMetrics {
     /// Admission decision counters.
     pub fn admission(&self) -> AdmissionMetrics {
         self.admission.clone()
+    }
+
+    /// PROXY protocol header counters.
+    pub fn proxy_protocol(&self) -> ProxyProtocolMetrics {
+        self.proxy_protocol.clone()
     }
 
     /// Counts a connection refused by an accept limit.

@@ -18,6 +18,11 @@
 //!   derper's global one; both apply to the main listener, TLS or not.
 //! - Graceful restart: `-drain-timeout`, `-restart-reconnect-in` (+ `-restart-reconnect-jitter`),
 //!   `-restart-try-for` (see [`crate::server::Server::drain`]).
+//! - Behind proxies: `-proxy-protocol-trusted` (PROXY v1/v2 from L4 balancers, see
+//!   [`crate::http::proxy_protocol`]) and `-forwarded-trusted` (`Forwarded`/`X-Forwarded-For` from
+//!   L7 proxies, [`crate::http::forwarded`]). The second is named after the header it believes,
+//!   parallel to the first, rather than a vague "trusted proxies", since the two mechanisms trust
+//!   different hops (a balancer in front of nginx is in the first list, nginx in the second).
 //! - `-config FILE`: a TOML file with any flag as a key ([`crate::startup::config`]); flags win over it.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -32,6 +37,7 @@ use derpfleet_proto::NodePrivate;
 use derpfleet_stun::{PerIpLimit, StunConfig};
 
 use crate::core::derp_server::DerpServerConfig;
+use crate::http::proxy_protocol::TrustedNets;
 use crate::http::tls::{self, TlsError};
 use crate::http::HomePage;
 use crate::ops::admission::{Allowlist, AllowlistError, VerifyUrl, VerifyUrlError};
@@ -271,6 +277,26 @@ pub struct Flags {
     #[arg(long = "mesh-ca-file", value_name = "path")]
     pub mesh_ca_file: Option<PathBuf>,
 
+    /// comma-separated CIDRs (or IPs) of L4 load balancers that send a PROXY protocol v1/v2 header
+    /// (HAProxy send-proxy-v2, AWS NLB): a connection from them must start with one, and its client
+    /// address is used for limits, -verify-client-url, mesh and logs. Others are never parsed.
+    /// Applies to -a and -http-port. Empty = off
+    #[arg(long = "proxy-protocol-trusted", default_value = "", value_parser = parse_trusted_nets,
+          value_name = "CIDR[,CIDR…]")]
+    pub proxy_protocol_trusted: TrustedNets,
+
+    /// how long a -proxy-protocol-trusted peer has to send its whole PROXY header (Go duration)
+    #[arg(long = "proxy-protocol-timeout", default_value = "5s", value_parser = parse_positive_duration,
+          value_name = "duration")]
+    pub proxy_protocol_timeout: Duration,
+
+    /// comma-separated CIDRs (or IPs) of L7 reverse proxies (nginx, Caddy, Traefik) whose Forwarded /
+    /// X-Forwarded-For header names the DERP client; from anyone else these headers are ignored.
+    /// Empty = off
+    #[arg(long = "forwarded-trusted", default_value = "", value_parser = parse_trusted_nets,
+          value_name = "CIDR[,CIDR…]")]
+    pub forwarded_trusted: TrustedNets,
+
     /// print this help
     #[arg(long = "help", visible_alias = "h", action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -378,6 +404,17 @@ pub fn parse_burst(s: &str) -> Result<i64, String> {
         return Err(format!("{s:?}: must be at least 1"));
     }
     Ok(v)
+}
+
+fn parse_trusted_nets(s: &str) -> Result<TrustedNets, String> {
+    s.parse()
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_go_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: must be more than 0")),
+        d => Ok(d),
+    }
 }
 
 fn check_verify_url(s: &str) -> Result<String, String> {
@@ -632,6 +669,9 @@ fn ops_config(
         cert_reload_interval: (!flags.cert_reload_interval.is_zero()).then_some(flags.cert_reload_interval),
         acme: None,
         drop_log_interval: flags.drop_log_interval.max(Duration::from_millis(100)),
+        proxy_protocol_trusted: flags.proxy_protocol_trusted.clone(),
+        proxy_protocol_timeout: flags.proxy_protocol_timeout,
+        forwarded_trusted: flags.forwarded_trusted.clone(),
     })
 }
 
