@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::core::derp_server::{jitter, CoreOptions, DerpServer, DerpServerConfig};
 use crate::core::writer::Control;
+use crate::http::forwarded::ForwardedTrust;
 use crate::http::proxy_protocol::{self, ProxyProtocol, TrustedNets};
 use crate::http::tls::CertReloader;
 use crate::http::{self, HomePage, HttpContext};
@@ -118,8 +119,8 @@ pub struct OpsConfig {
     pub proxy_protocol_trusted: TrustedNets,
     /// How long such a peer has to send its header (`-proxy-protocol-timeout`).
     pub proxy_protocol_timeout: Duration,
-    /// L7 proxies whose `Forwarded`/`X-Forwarded-For` are believed (`-forwarded-trusted`).
-    pub forwarded_trusted: TrustedNets,
+    /// L7 proxies whose forwarding header is believed (`-forwarded-trusted`, `-forwarded-header`).
+    pub forwarded: ForwardedTrust,
 }
 
 impl Default for OpsConfig {
@@ -142,7 +143,7 @@ impl Default for OpsConfig {
             drop_log_interval: Duration::from_secs(10),
             proxy_protocol_trusted: TrustedNets::default(),
             proxy_protocol_timeout: proxy_protocol::DEFAULT_HEADER_TIMEOUT,
-            forwarded_trusted: TrustedNets::default(),
+            forwarded: ForwardedTrust::default(),
         }
     }
 }
@@ -305,7 +306,7 @@ impl Server {
             tasks: tracker.clone(),
             cancel: cancel.clone(),
             status: status.clone(),
-            forwarded_trusted: ops.forwarded_trusted.clone(),
+            forwarded: ops.forwarded.clone(),
         });
         let proxy = ProxyProtocol::new(
             ops.proxy_protocol_trusted.clone(),

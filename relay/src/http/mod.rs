@@ -81,8 +81,8 @@ pub struct HttpContext {
     pub cancel: CancellationToken,
     /// `/healthz` and the metrics text of `/debug/varz`.
     pub status: Arc<crate::ops::metrics_http::Status>,
-    /// L7 proxies whose `Forwarded`/`X-Forwarded-For` are believed (`-forwarded-trusted`).
-    pub forwarded_trusted: proxy_protocol::TrustedNets,
+    /// L7 proxies whose forwarding header is believed (`-forwarded-trusted`, `-forwarded-header`).
+    pub forwarded: forwarded::ForwardedTrust,
 }
 
 /// Why the first request could not be read; the connection is closed.
@@ -241,7 +241,7 @@ where
     };
     let (head, mut buf, head_len) = first;
     // The DERP routes take the proxied client's address; ordinary HTTP (debug pages) keeps the peer's.
-    let client = forwarded::client_addr(remote, &head.forwarded, &ctx.forwarded_trusted);
+    let client = forwarded::client_addr(remote, &head.forwarded, &ctx.forwarded);
     let info = ConnInfo { remote: client, not_ideal: head.ideal_node };
     match head.route(ctx.derp_enabled) {
         Route::RawDerp => {
@@ -409,7 +409,7 @@ fn derp_upgrade_via_hyper(mut req: Request<Incoming>, remote: SocketAddr, ctx: &
             h.insert("Derp-Public-Key", v);
         }
     }
-    let remote = forwarded::client_addr(remote, &head.forwarded, &ctx.forwarded_trusted);
+    let remote = forwarded::client_addr(remote, &head.forwarded, &ctx.forwarded);
     let info = ConnInfo { remote, not_ideal: head.ideal_node };
     let derp = ctx.derp.clone();
     let on_upgrade = hyper::upgrade::on(&mut req);

@@ -19,8 +19,8 @@
 //! - Graceful restart: `-drain-timeout`, `-restart-reconnect-in` (+ `-restart-reconnect-jitter`),
 //!   `-restart-try-for` (see [`crate::server::Server::drain`]).
 //! - Behind proxies: `-proxy-protocol-trusted` (PROXY v1/v2 from L4 balancers, see
-//!   [`crate::http::proxy_protocol`]) and `-forwarded-trusted` (`Forwarded`/`X-Forwarded-For` from
-//!   L7 proxies, [`crate::http::forwarded`]). The second is named after the header it believes,
+//!   [`crate::http::proxy_protocol`]) and `-forwarded-trusted` with `-forwarded-header` (one of
+//!   `X-Forwarded-For`/`Forwarded` from L7 proxies, [`crate::http::forwarded`]). The second is named after the header it believes,
 //!   parallel to the first, rather than a vague "trusted proxies", since the two mechanisms trust
 //!   different hops (a balancer in front of nginx is in the first list, nginx in the second).
 //! - `-config FILE`: a TOML file with any flag as a key ([`crate::startup::config`]); flags win over it.
@@ -37,6 +37,7 @@ use derpfleet_proto::NodePrivate;
 use derpfleet_stun::{PerIpLimit, StunConfig};
 
 use crate::core::derp_server::DerpServerConfig;
+use crate::http::forwarded::{ForwardedHeader, ForwardedTrust};
 use crate::http::proxy_protocol::TrustedNets;
 use crate::http::tls::{self, TlsError};
 use crate::http::HomePage;
@@ -297,6 +298,12 @@ pub struct Flags {
           value_name = "CIDR[,CIDR…]")]
     pub forwarded_trusted: TrustedNets,
 
+    /// the one header -forwarded-trusted proxies set: x-forwarded-for (nginx, Caddy, Traefik) or
+    /// forwarded (RFC 7239). Only it is read: the other may be the client's own, passed through
+    #[arg(long = "forwarded-header", default_value = "x-forwarded-for", value_parser = parse_forwarded_header,
+          value_name = "string")]
+    pub forwarded_header: ForwardedHeader,
+
     /// print this help
     #[arg(long = "help", visible_alias = "h", action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -404,6 +411,10 @@ pub fn parse_burst(s: &str) -> Result<i64, String> {
         return Err(format!("{s:?}: must be at least 1"));
     }
     Ok(v)
+}
+
+fn parse_forwarded_header(s: &str) -> Result<ForwardedHeader, String> {
+    s.parse()
 }
 
 fn parse_trusted_nets(s: &str) -> Result<TrustedNets, String> {
@@ -671,7 +682,10 @@ fn ops_config(
         drop_log_interval: flags.drop_log_interval.max(Duration::from_millis(100)),
         proxy_protocol_trusted: flags.proxy_protocol_trusted.clone(),
         proxy_protocol_timeout: flags.proxy_protocol_timeout,
-        forwarded_trusted: flags.forwarded_trusted.clone(),
+        forwarded: ForwardedTrust {
+            proxies: flags.forwarded_trusted.clone(),
+            header: flags.forwarded_header,
+        },
     })
 }
 

@@ -92,9 +92,14 @@ pub fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
 }
 
 /// A DERP URL (`http://…` or `https://…`, any certificate accepted: the proxies' is self-signed).
+/// A `localhost` URL is dialed at 127.0.0.1 (never `::1`, which the 127.0.0.x binds cannot
+/// reach) with SNI `localhost`.
 pub fn target(url: &str) -> DerpTarget {
     let mut u: DerpUrl = url.parse().unwrap();
     u.cert_check = CertCheck::Insecure;
+    if u.host == "localhost" {
+        u.dial_addr = Some(SocketAddr::from(([127, 0, 0, 1], u.port)));
+    }
     DerpTarget::Url(u)
 }
 
