@@ -302,3 +302,47 @@ async fn the_http_port_listener_reads_headers_too() {
     assert_eq!(metric(&server, "derp_proxy_protocol_headers", &[("result", "proxied")]), 1.0);
     server.shutdown().await;
 }
+
+#[test]
+fn config_keys_and_bad_values() {
+    use derpfleet_relay::startup::cli::{build, Flags};
+    let dir = http_common::TempDir::new("pp-config");
+    let toml = dir.0.join("relay.toml");
+    std::fs::write(
+        &toml,
+        "a = \"127.0.0.1:0\"\nstun = false\nproxy-protocol-trusted = [\"10.0.0.0/8\", \"192.0.2.7\"]\n\
+         proxy-protocol-timeout = \"2s\"\nforwarded-trusted = \"127.0.0.1\"\nforwarded-header = \"forwarded\"\n",
+    )
+    .unwrap();
+    let key = dir.0.join("k.key");
+    let flags =
+        Flags::parse_with_config(["relay", "-config", toml.to_str().unwrap(), "-c", key.to_str().unwrap()])
+            .unwrap();
+    let ops = build(&flags).unwrap().ops;
+    assert!(ops.proxy_protocol_trusted.contains("10.20.30.40".parse().unwrap()));
+    assert!(ops.proxy_protocol_trusted.contains("192.0.2.7".parse().unwrap()));
+    assert!(!ops.proxy_protocol_trusted.contains("192.0.2.8".parse().unwrap()));
+    assert_eq!(ops.proxy_protocol_timeout, Duration::from_secs(2));
+    assert!(ops.forwarded.proxies.contains("127.0.0.1".parse().unwrap()));
+    assert_eq!(ops.forwarded.header, derpfleet_relay::http::forwarded::ForwardedHeader::Forwarded);
+
+    // A bad CIDR in the file names file, line, key and value; on the command line, the flag.
+    std::fs::write(&toml, "stun = false\n\nproxy-protocol-trusted = \"10.0.0.0/33\"\n").unwrap();
+    let out = std::process::Command::new(ops_common::BIN)
+        .args(["-config", toml.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [toml.to_str().unwrap(), "line 3", "proxy-protocol-trusted", "10.0.0.0/33"] {
+        assert!(err.contains(needle), "{needle:?} missing from: {err}");
+    }
+    for (flag, value) in
+        [("-proxy-protocol-trusted", "nope"), ("-forwarded-header", "via"), ("-proxy-protocol-timeout", "0")]
+    {
+        let out = std::process::Command::new(ops_common::BIN).args([flag, value]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&flag[1..]) && err.contains(value), "{err}");
+    }
+}
