@@ -25,6 +25,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::core::derp_server::{jitter, CoreOptions, DerpServer, DerpServerConfig};
 use crate::core::writer::Control;
+use crate::http::forwarded::ForwardedTrust;
+use crate::http::proxy_protocol::{self, ProxyProtocol, TrustedNets};
 use crate::http::tls::CertReloader;
 use crate::http::{self, HomePage, HttpContext};
 use crate::ops::admission::{Admitter, Allowlist, VerifyUrl};
@@ -116,6 +118,13 @@ pub struct OpsConfig {
     pub drop_log_interval: Duration,
     /// `/bootstrap-dns` names (`-bootstrap-dns-names`, `-unpublished-bootstrap-dns-names`).
     pub bootstrap_dns: crate::ops::bootstrap_dns::BootstrapDnsConfig,
+    /// Peers that must start with a PROXY header (`-proxy-protocol-trusted`), on the main and
+    /// `-http-port` listeners. Empty = PROXY protocol off.
+    pub proxy_protocol_trusted: TrustedNets,
+    /// How long such a peer has to send its header (`-proxy-protocol-timeout`).
+    pub proxy_protocol_timeout: Duration,
+    /// L7 proxies whose forwarding header is believed (`-forwarded-trusted`, `-forwarded-header`).
+    pub forwarded: ForwardedTrust,
 }
 
 impl Default for OpsConfig {
@@ -138,6 +147,9 @@ impl Default for OpsConfig {
             acme: None,
             drop_log_interval: Duration::from_secs(10),
             bootstrap_dns: Default::default(),
+            proxy_protocol_trusted: TrustedNets::default(),
+            proxy_protocol_timeout: proxy_protocol::DEFAULT_HEADER_TIMEOUT,
+            forwarded: ForwardedTrust::default(),
         }
     }
 }
@@ -313,7 +325,14 @@ impl Server {
             tasks: tracker.clone(),
             cancel: cancel.clone(),
             status: status.clone(),
+            forwarded: ops.forwarded.clone(),
         });
+        let proxy = ProxyProtocol::new(
+            ops.proxy_protocol_trusted.clone(),
+            ops.proxy_protocol_timeout,
+            ops_metrics.proxy_protocol(),
+        )
+        .map(Arc::new);
         let limiter = Arc::new(AcceptLimiter::new(ops.accept_limit, ops.accept_limit_per_ip));
         if !limiter.is_unlimited() {
             let (limiter, cancel) = (limiter.clone(), cancel.clone());
@@ -332,6 +351,7 @@ impl Server {
             ctx: ctx.clone(),
             tcp: config.tcp,
             limiter: Some(limiter),
+            proxy: proxy.clone(),
             ops: ops_metrics.clone(),
             accept_cancel: accept_cancel.clone(),
             cancel: cancel.clone(),
@@ -343,6 +363,7 @@ impl Server {
                 ctx,
                 tcp: config.tcp,
                 limiter: None,
+                proxy,
                 ops: ops_metrics.clone(),
                 accept_cancel: accept_cancel.clone(),
                 cancel: cancel.clone(),
@@ -532,6 +553,8 @@ struct AcceptLoop {
     tcp: TcpTuning,
     /// Accept limits (main listener only).
     limiter: Option<Arc<AcceptLimiter>>,
+    /// PROXY protocol for trusted peers (read before the limits, which then see the client).
+    proxy: Option<Arc<ProxyProtocol>>,
     ops: Arc<OpsMetrics>,
     /// Stops accepting (drain); connections go on.
     accept_cancel: CancellationToken,
@@ -541,7 +564,7 @@ struct AcceptLoop {
 }
 
 async fn accept_loop(listener: TcpListener, kind: Listener, l: AcceptLoop) {
-    let AcceptLoop { ctx, tcp, limiter, ops, accept_cancel, cancel, tracker } = l;
+    let AcceptLoop { ctx, tcp, limiter, proxy, ops, accept_cancel, cancel, tracker } = l;
     let kind = Arc::new(kind);
     let is_main = matches!(*kind, Listener::Main(_));
     loop {
@@ -561,25 +584,48 @@ async fn accept_loop(listener: TcpListener, kind: Listener, l: AcceptLoop) {
         if is_main {
             ops.tls_listener_accepted_connections.increment(1);
         }
-        if let Some(limiter) = &limiter {
-            if let Err(why) = limiter.check(remote.ip()) {
-                // derper: accept, then close at once (an RST-free close; nothing is read).
-                ops.accept_refused(why);
-                tracing::debug!(%remote, ?why, "connection over the accept limit closed");
-                drop(stream);
-                continue;
-            }
+        // A trusted proxy's connection is limited by the client address its header gives.
+        let proxy = proxy.clone().filter(|p| p.trusts(remote.ip()));
+        if proxy.is_none() && !within_limits(limiter.as_deref(), &ops, remote) {
+            drop(stream);
+            continue;
         }
         if let Err(e) = tune(&stream, tcp) {
             tracing::debug!(%remote, "setting socket options: {e}");
         }
-        let (ctx, kind, cancel) = (ctx.clone(), kind.clone(), cancel.clone());
+        let (ctx, kind, cancel, limiter, ops) =
+            (ctx.clone(), kind.clone(), cancel.clone(), limiter.clone(), ops.clone());
         tracker.spawn(async move {
+            let run = async move {
+                let mut stream = stream;
+                let remote = match &proxy {
+                    None => remote,
+                    Some(p) => match p.read(&mut stream, remote).await {
+                        Some(client) if within_limits(limiter.as_deref(), &ops, client) => client,
+                        _ => return,
+                    },
+                };
+                serve(stream, remote, &kind, ctx).await
+            };
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = serve(stream, remote, &kind, ctx) => {}
+                _ = run => {}
             }
         });
+    }
+}
+
+/// The accept limits for a connection from `remote`; over them it is counted and the caller closes
+/// it at once (derper: accept, then close; nothing is read).
+fn within_limits(limiter: Option<&AcceptLimiter>, ops: &OpsMetrics, remote: SocketAddr) -> bool {
+    let Some(limiter) = limiter else { return true };
+    match limiter.check(remote.ip()) {
+        Ok(()) => true,
+        Err(why) => {
+            ops.accept_refused(why);
+            tracing::debug!(%remote, ?why, "connection over the accept limit closed");
+            false
+        }
     }
 }
 

@@ -8,6 +8,8 @@
 //! those bytes, to hyper's HTTP/1.1 server ([`serve_http`]), which also handles DERP upgrades on
 //! later keep-alive requests (without fast start). HTTP/2 is never spoken.
 
+pub mod forwarded;
+pub mod proxy_protocol;
 pub mod tls;
 pub mod websocket;
 
@@ -81,6 +83,8 @@ pub struct HttpContext {
     pub status: Arc<crate::ops::metrics_http::Status>,
     /// `/bootstrap-dns` (on every port, whether or not DERP is served).
     pub bootstrap_dns: Arc<crate::ops::bootstrap_dns::BootstrapDns>,
+    /// L7 proxies whose forwarding header is believed (`-forwarded-trusted`, `-forwarded-header`).
+    pub forwarded: forwarded::ForwardedTrust,
 }
 
 /// Why the first request could not be read; the connection is closed.
@@ -113,6 +117,8 @@ pub struct RequestHead {
     pub fast_start: bool,
     /// `Ideal-Node` header present.
     pub ideal_node: bool,
+    /// `Forwarded` / `X-Forwarded-For` values ([`forwarded::client_addr`]).
+    pub forwarded: forwarded::ForwardedHeaders,
 }
 
 /// Where a request goes.
@@ -155,6 +161,8 @@ impl RequestHead {
                 head.fast_start = text() == "1";
             } else if name.eq_ignore_ascii_case(derpfleet_proto::consts::IDEAL_NODE_HEADER) {
                 head.ideal_node = true;
+            } else {
+                head.forwarded.collect(name, value);
             }
         }
         head
@@ -234,7 +242,9 @@ where
         }
     };
     let (head, mut buf, head_len) = first;
-    let info = ConnInfo { remote, not_ideal: head.ideal_node };
+    // The DERP routes take the proxied client's address; ordinary HTTP (debug pages) keeps the peer's.
+    let client = forwarded::client_addr(remote, &head.forwarded, &ctx.forwarded);
+    let info = ConnInfo { remote: client, not_ideal: head.ideal_node };
     match head.route(ctx.derp_enabled) {
         Route::RawDerp => {
             buf.advance(head_len);
@@ -246,7 +256,7 @@ where
                     _ => return,
                 }
             }
-            tracing::debug!(%remote, fast_start = head.fast_start, "DERP upgrade");
+            tracing::debug!(remote = %client, fast_start = head.fast_start, "DERP upgrade");
             ctx.derp.accept(PrefixedIo::new(buf.freeze(), io), info).await;
         }
         Route::WebSocketDerp => {
@@ -262,7 +272,7 @@ where
                 Ok(Ok(())) => {}
                 _ => return,
             }
-            tracing::debug!(%remote, "DERP WebSocket upgrade");
+            tracing::debug!(remote = %client, "DERP WebSocket upgrade");
             let ws = websocket::server_byte_stream(PrefixedIo::new(buf.freeze(), io)).await;
             ctx.derp.accept(ws, info).await;
         }
@@ -405,6 +415,7 @@ fn derp_upgrade_via_hyper(mut req: Request<Incoming>, remote: SocketAddr, ctx: &
             h.insert("Derp-Public-Key", v);
         }
     }
+    let remote = forwarded::client_addr(remote, &head.forwarded, &ctx.forwarded);
     let info = ConnInfo { remote, not_ideal: head.ideal_node };
     let derp = ctx.derp.clone();
     let on_upgrade = hyper::upgrade::on(&mut req);

@@ -11,6 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::http::proxy_protocol::ProxyProtocolMetrics;
 use crate::ops::admission::AdmissionMetrics;
 use crate::ops::ratelimit::{AcceptRefusal, RecvRate};
 
@@ -42,6 +43,7 @@ pub struct OpsMetrics {
     verify_clients: crate::ops::verify_localapi::LocalApiMetrics,
     /// Extra Prometheus text appended by [`OpsMetrics::render`] (per-key tables, bounded).
     text_sources: parking_lot::Mutex<Vec<TextSource>>,
+    proxy_protocol: ProxyProtocolMetrics,
 }
 
 /// A producer of extra Prometheus text for `/metrics`.
@@ -105,6 +107,12 @@ impl OpsMetrics {
                 error: c("derp_verify_clients", &[("result", "error")]),
             },
             text_sources: parking_lot::Mutex::new(Vec::new()),
+            proxy_protocol: ProxyProtocolMetrics {
+                proxied: c("derp_proxy_protocol_headers", &[("result", "proxied")]),
+                local: c("derp_proxy_protocol_headers", &[("result", "local")]),
+                rejected: ProxyProtocolMetrics::REASONS
+                    .map(|reason| c("derp_proxy_protocol_rejected", &[("reason", reason)])),
+            },
             recorder,
             handle,
         };
@@ -131,6 +139,11 @@ impl OpsMetrics {
     /// Appends `source`'s text to every [`OpsMetrics::render`].
     pub fn add_text_source(&self, source: TextSource) {
         self.text_sources.lock().push(source);
+    }
+
+    /// PROXY protocol header counters.
+    pub fn proxy_protocol(&self) -> ProxyProtocolMetrics {
+        self.proxy_protocol.clone()
     }
 
     /// Counts a connection refused by an accept limit.

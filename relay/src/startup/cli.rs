@@ -24,6 +24,11 @@
 //!   derper's global one; both apply to the main listener, TLS or not.
 //! - Graceful restart: `-drain-timeout`, `-restart-reconnect-in` (+ `-restart-reconnect-jitter`),
 //!   `-restart-try-for` (see [`crate::server::Server::drain`]).
+//! - Behind proxies: `-proxy-protocol-trusted` (PROXY v1/v2 from L4 balancers, see
+//!   [`crate::http::proxy_protocol`]) and `-forwarded-trusted` with `-forwarded-header` (one of
+//!   `X-Forwarded-For`/`Forwarded` from L7 proxies, [`crate::http::forwarded`]). The second is named after the header it believes,
+//!   parallel to the first, rather than a vague "trusted proxies", since the two mechanisms trust
+//!   different hops (a balancer in front of nginx is in the first list, nginx in the second).
 //! - `-config FILE`: a TOML file with any flag as a key ([`crate::startup::config`]); flags win over it.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -38,6 +43,8 @@ use derpfleet_proto::NodePrivate;
 use derpfleet_stun::{PerIpLimit, StunConfig};
 
 use crate::core::derp_server::DerpServerConfig;
+use crate::http::forwarded::{ForwardedHeader, ForwardedTrust};
+use crate::http::proxy_protocol::TrustedNets;
 use crate::http::tls::{self, TlsError};
 use crate::http::HomePage;
 use crate::ops::admission::{Allowlist, AllowlistError, VerifyUrl, VerifyUrlError};
@@ -323,6 +330,31 @@ pub struct Flags {
           default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
           value_name = "bool")]
     pub ace: bool,
+    /// comma-separated CIDRs (or IPs) of L4 load balancers that send a PROXY protocol v1/v2 header
+    /// (HAProxy send-proxy-v2, AWS NLB): a connection from them must start with one, and its client
+    /// address is used for limits, -verify-client-url, mesh and logs. Others are never parsed.
+    /// Applies to -a and -http-port. Empty = off
+    #[arg(long = "proxy-protocol-trusted", default_value = "", value_parser = parse_trusted_nets,
+          value_name = "CIDR[,CIDR…]")]
+    pub proxy_protocol_trusted: TrustedNets,
+
+    /// how long a -proxy-protocol-trusted peer has to send its whole PROXY header (Go duration)
+    #[arg(long = "proxy-protocol-timeout", default_value = "5s", value_parser = parse_positive_duration,
+          value_name = "duration")]
+    pub proxy_protocol_timeout: Duration,
+
+    /// comma-separated CIDRs (or IPs) of L7 reverse proxies (nginx, Caddy, Traefik) whose Forwarded /
+    /// X-Forwarded-For header names the DERP client; from anyone else these headers are ignored.
+    /// Empty = off
+    #[arg(long = "forwarded-trusted", default_value = "", value_parser = parse_trusted_nets,
+          value_name = "CIDR[,CIDR…]")]
+    pub forwarded_trusted: TrustedNets,
+
+    /// the one header -forwarded-trusted proxies set: x-forwarded-for (nginx, Caddy, Traefik) or
+    /// forwarded (RFC 7239). Only it is read: the other may be the client's own, passed through
+    #[arg(long = "forwarded-header", default_value = "x-forwarded-for", value_parser = parse_forwarded_header,
+          value_name = "string")]
+    pub forwarded_header: ForwardedHeader,
 
     /// print this help
     #[arg(long = "help", visible_alias = "h", action = ArgAction::Help)]
@@ -431,6 +463,21 @@ pub fn parse_burst(s: &str) -> Result<i64, String> {
         return Err(format!("{s:?}: must be at least 1"));
     }
     Ok(v)
+}
+
+fn parse_forwarded_header(s: &str) -> Result<ForwardedHeader, String> {
+    s.parse()
+}
+
+fn parse_trusted_nets(s: &str) -> Result<TrustedNets, String> {
+    s.parse()
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_go_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: must be more than 0")),
+        d => Ok(d),
+    }
 }
 
 fn check_verify_url(s: &str) -> Result<String, String> {
@@ -725,6 +772,12 @@ fn ops_config(
             &flags.bootstrap_dns_names,
             &flags.unpublished_bootstrap_dns_names,
         ),
+        proxy_protocol_trusted: flags.proxy_protocol_trusted.clone(),
+        proxy_protocol_timeout: flags.proxy_protocol_timeout,
+        forwarded: ForwardedTrust {
+            proxies: flags.forwarded_trusted.clone(),
+            header: flags.forwarded_header,
+        },
     })
 }
 
