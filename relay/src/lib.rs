@@ -11,10 +11,12 @@
 //!   ([`http::tls`]) and the WebSocket byte stream ([`http::websocket`]).
 //! - [`mesh`]: `-mesh-with` watch links to the other nodes of the region, and their forwarders.
 //! - [`ops`]: operations around the core: admission, rate limits, ACME, the metrics listener.
-//! - [`startup`]: derper-compatible flags, the TOML config file, derper's key file.
+//! - [`startup`]: derper-compatible flags, the TOML config file, derper's key file;
+//!   [`defaults`]: every flag's default, read by the flags and by the settings' `Default` impls.
 //! - [`server`]: `Server::spawn(config)`: owns listeners and tasks; graceful shutdown.
 
 pub mod core;
+pub mod defaults;
 pub mod http;
 pub mod mesh;
 pub mod ops;

@@ -152,7 +152,7 @@ pub struct Metrics {
     pub control_frames_dropped: Counter,
     /// ForwardPacket frames received from mesh peers.
     pub packets_forwarded_in: Counter,
-    /// ForwardPacket frames queued to mesh links (issue 5).
+    /// ForwardPacket frames queued to mesh links.
     pub packets_forwarded_out: Counter,
     /// Keys that went from one forwarder to several.
     pub multiforwarder_created: Counter,

@@ -7,7 +7,7 @@
 //! that watchers see a consistent stream: a watcher's initial flood and the later updates never
 //! miss a connection.
 //!
-//! The mesh (issue 5, [`crate::mesh`]): a destination with no local connection may have
+//! The mesh ([`crate::mesh`]): a destination with no local connection may have
 //! [`PacketForwarder`]s (links to other servers of the region). `route` prefers local delivery,
 //! then the key's preferred forwarder, then "unknown"; a key whose last local connection leaves is
 //! only reported gone when no forwarder knows it. Several forwarders for one key follow derper's

@@ -1,4 +1,4 @@
-//! Rate limits (issue 4): connection accepts (global and per source IP) and the per-client receive
+//! Rate limits: connection accepts (global and per source IP) and the per-client receive
 //! byte rate (derper's `-rate-config`, spec §1.8).
 //!
 //! Accept limits are GCRA token buckets (`governor`); a connection over the limit is accepted and
