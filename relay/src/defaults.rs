@@ -2,10 +2,10 @@
 //!
 //! clap's `default_value_t` (so `--help` and the README table), the TOML config file (through the
 //! same clap definitions) and the `Default` impls of the settings structs
-//! ([`crate::server::TcpTuning`], [`crate::server::DrainOptions`], [`crate::server::OpsConfig`],
-//! [`crate::core::derp_server::DerpServerConfig::new`]) all read these constants, so a default
+//! (`TcpTuning`, `DrainOptions`, `OpsConfig` in `server`,
+//! `DerpServerConfig::new` in the core) all read these constants, so a default
 //! cannot differ between the command line and an embedding program. Values are derper's unless
-//! the flag is ours (see [`crate::startup::cli`]).
+//! the flag is ours (see the `startup::cli` module docs).
 
 use derpfleet_gocompat::GoDuration;
 use derpfleet_proto::consts;

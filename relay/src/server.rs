@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::core::derp_server::{jitter, CoreOptions, DerpServer, DerpServerConfig};
-use crate::core::writer::Control;
+use crate::core::outbox::Control;
 use crate::defaults;
 use crate::http::tls::CertReloader;
 use crate::http::{self, HomePage, HttpContext};

@@ -29,10 +29,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::metrics::Metrics;
+use crate::core::outbox::{Outbox, SeenSources};
+use crate::core::recv_limit::SharedRecvRate;
 use crate::core::registry::{Conn, Registry};
 use crate::core::session::{self, HandshakeFailure, Reader};
-use crate::core::writer::{self, Outbox, SeenSources, WriterSettings};
-use crate::ops::ratelimit::SharedRecvRate;
+use crate::core::writer::{self, WriterSettings};
 
 /// Control-queue depth (PeerGone) of a regular connection.
 const CONTROL_QUEUE_DEPTH: usize = 512;

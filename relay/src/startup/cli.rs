@@ -18,7 +18,8 @@
 //!   derper's global one; both apply to the main listener, TLS or not.
 //! - Graceful restart: `-drain-timeout`, `-restart-reconnect-in` (+ `-restart-reconnect-jitter`),
 //!   `-restart-try-for` (see [`crate::server::Server::drain`]).
-//! - `-config FILE`: a TOML file with any flag as a key ([`crate::startup::config`]); flags win over it.
+//! - `-config FILE`: a TOML file with any flag as a key (the `config` module beside this one);
+//!   flags win over it.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -271,24 +272,20 @@ impl Flags {
         parse_typed(&typed, typed.clone())
     }
 
-    /// Parses a command line that may name a `-config` TOML file: the file's settings come
-    /// first, the command line overrides them.
-    pub fn parse_with_config<I, T>(args: I) -> Result<Flags, FlagsError>
+    /// Parses a command line in Go flag syntax with `before` (`--key=value` arguments, e.g. from
+    /// the config file) in front of its flags, so the command line overrides them. Errors name
+    /// flags as written on the command line.
+    pub fn parse_go_after<I, T>(before: Vec<String>, args: I) -> Result<Flags, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString>,
     {
         let typed: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
-        let args = derpfleet_gocompat::normalize_args(typed.iter().cloned());
-        let Some(path) = crate::startup::config::config_arg(&args) else {
-            return Ok(parse_typed(&typed, typed.clone())?);
-        };
-        let from_file = crate::startup::config::load_args(&path)?;
-        let mut all: Vec<std::ffi::OsString> = Vec::with_capacity(typed.len() + from_file.len());
+        let mut all: Vec<std::ffi::OsString> = Vec::with_capacity(typed.len() + before.len());
         all.extend(typed.first().cloned());
-        all.extend(from_file.into_iter().map(Into::into));
+        all.extend(before.into_iter().map(Into::into));
         all.extend(typed.iter().skip(1).cloned());
-        Ok(parse_typed(&typed, all)?)
+        parse_typed(&typed, all)
     }
 }
 
@@ -329,17 +326,6 @@ fn parse_typed(typed: &[std::ffi::OsString], args: Vec<std::ffi::OsString>) -> R
     flags.metrics_addr_explicit =
         matches.value_source("metrics_addr").is_some_and(|s| s != clap::parser::ValueSource::DefaultValue);
     Ok(flags)
-}
-
-/// Why the command line (with its config file) could not be parsed.
-#[derive(Debug, thiserror::Error)]
-pub enum FlagsError {
-    /// A bad flag (clap prints it with usage; `--help` and `--version` land here too).
-    #[error(transparent)]
-    Flags(#[from] clap::Error),
-    /// A bad config file.
-    #[error(transparent)]
-    Config(#[from] crate::startup::config::ConfigError),
 }
 
 /// `+Inf`/`Inf`/`inf` or a non-negative number (connections per second).

@@ -38,6 +38,33 @@ pub enum ConfigError {
     Key { path: PathBuf, line: usize, key: String, reason: String },
 }
 
+/// Parses a command line that may name a `-config` TOML file: the file's settings come first,
+/// the command line overrides them.
+pub fn parse_with_config<I, T>(args: I) -> Result<Flags, FlagsError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString>,
+{
+    let typed: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let normalized = derpfleet_gocompat::normalize_args(typed.iter().cloned());
+    let from_file = match config_arg(&normalized) {
+        Some(path) => load_args(&path)?,
+        None => Vec::new(),
+    };
+    Ok(Flags::parse_go_after(from_file, typed)?)
+}
+
+/// Why the command line (with its config file) could not be parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagsError {
+    /// A bad flag (clap prints it with usage; `--help` and `--version` land here too).
+    #[error(transparent)]
+    Flags(#[from] clap::Error),
+    /// A bad config file.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
 /// Reads `path` and turns it into `--key=value` arguments.
 pub fn load_args(path: &Path) -> Result<Vec<String>, ConfigError> {
     let text =
