@@ -1,4 +1,4 @@
-//! Issue 7 acceptance 6 with the real relay binary: a home-region client reconnects after the
+//! With the real relay binary: a home-region client reconnects after the
 //! relay restarts, within the documented backoff bound (`derpfleet_client::region`: no wait
 //! exceeds 5 s), and tells the new relay process it is its home (`NotePreferred`), which the relay
 //! counts in `derp_current_home_connections`.

@@ -1,4 +1,4 @@
-//! netcheck labs in network namespaces (issue 7 acceptance 1, 2 and 4).
+//! netcheck labs in network namespaces.
 //!
 //! Delay lab: `cli` (the client) ↔ `rtr` ↔ `srv`. `srv` runs, per region, a `derpfleet-stun`
 //! responder and a `derpfleet-relay` (manual cert mode, self-signed IP certificate pinned with

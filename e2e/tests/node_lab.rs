@@ -1,4 +1,4 @@
-//! The reference node end to end (issue 8): two `derpfleet-client up` processes behind NATs in
+//! The reference node end to end: two `derpfleet-client up` processes behind NATs in
 //! network namespaces, a `derpfleet-relay` (TLS, self-signed, `InsecureForTests` in the DERP map)
 //! and a `derpfleet-stun` in a "public" namespace.
 //!

@@ -1,4 +1,4 @@
-//! Interop (issue 8 acceptance 4): `derpfleet-client up` completes a WireGuard handshake with a
+//! Interop: `derpfleet-client up` completes a WireGuard handshake with a
 //! Debian `wireguard-go` peer on a direct UDP path (static endpoint, no disco) and pings through it
 //! in both directions.
 //!

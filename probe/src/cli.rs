@@ -4,14 +4,14 @@
 //! `-mesh-psk-file` and `-location`.
 //!
 //! A bad flag exits 2 and names the flag as it was typed (clap sees the `--name` form that
-//! [`derpfleet_proto::goflag::normalize_args`] produced; the message is turned back).
+//! [`derpfleet_gocompat::normalize_args`] produced; the message is turned back).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use derpfleet_proto::goflag::{normalize_args, parse_go_bool};
+use derpfleet_gocompat::{normalize_args, parse_go_bool};
 
 /// derpprobe's default map (Tailscale's own fleet).
 pub const DEFAULT_DERP_MAP: &str = "https://login.tailscale.com/derpmap/default";

@@ -13,13 +13,11 @@
 //! - [`handshake`]: ServerKey, ClientInfo and ServerInfo, with the NaCl box (`crypto_box`).
 //! - [`disco`]: just enough of the disco format for a relay to recognise disco packets.
 //! - [`derpmap`]: Tailscale's DERP map JSON (`tailcfg.DERPMap`) and its validation.
-//! - [`goflag`]: Go `flag`-package command-line syntax, so derper command lines work unchanged.
 
 pub mod consts;
 pub mod derpmap;
 pub mod disco;
 pub mod frame;
-pub mod goflag;
 pub mod handshake;
 pub mod key;
 pub mod msg;

@@ -347,11 +347,7 @@ impl ServerToClient {
                 put_header(buf, FrameType::ServerInfo, len);
                 buf.put_slice(b);
             }
-            Self::RecvPacket { src, data } => {
-                put_header(buf, FrameType::RecvPacket, len);
-                buf.put_slice(&src.0);
-                buf.put_slice(data);
-            }
+            Self::RecvPacket { src, data } => encode_recv_packet(buf, src, data),
             Self::KeepAlive => put_header(buf, FrameType::KeepAlive, 0),
             Self::PeerGone { key, reason } => {
                 put_header(buf, FrameType::PeerGone, len);
@@ -389,6 +385,16 @@ impl ServerToClient {
             }
         }
     }
+}
+
+/// Appends RecvPacket(`src` ‖ `data`) from borrowed parts: the relay's send loop writes queued
+/// packets with this (no `ServerToClient` value, so no reference-count traffic per packet).
+#[inline]
+pub fn encode_recv_packet(buf: &mut BytesMut, src: &NodePublic, data: &[u8]) {
+    buf.reserve(FRAME_HEADER_LEN + KEY_LEN + data.len());
+    put_header(buf, FrameType::RecvPacket, KEY_LEN + data.len());
+    buf.put_slice(&src.0);
+    buf.put_slice(data);
 }
 
 #[cfg(test)]

@@ -11,10 +11,30 @@
 //!   ([`http::tls`]) and the WebSocket byte stream ([`http::websocket`]).
 //! - [`mesh`]: `-mesh-with` watch links to the other nodes of the region, and their forwarders.
 //! - [`ops`]: operations around the core: admission, rate limits, ACME, the metrics listener.
-//! - [`startup`]: derper-compatible flags, the TOML config file, derper's key file.
+//! - [`startup`]: derper-compatible flags, the TOML config file, derper's key file;
+//!   [`defaults`]: every flag's default, read by the flags and by the settings' `Default` impls.
 //! - [`server`]: `Server::spawn(config)`: owns listeners and tasks; graceful shutdown.
 
+//!
+//! # Names
+//! One scheme, so a reader can tell from a name where a thing lives and what it is:
+//! - A type is named after its file: [`server::Server`] (`server.rs`) owns the listeners and every
+//!   task of a running relay; [`core::derp_server::DerpServer`] (`core/derp_server.rs`) is the
+//!   transport-free DERP core it hands upgraded streams to. "Server" alone always means the
+//!   former, "DERP server" the latter.
+//! - `ConnInfo` in this crate is what the *accept path* knows about a connection (remote address,
+//!   the not-ideal-node header); the client crate's `conn::ConnInfo` is what a *server told a
+//!   client* in ServerInfo. They live in different crates and never meet.
+//! - Settings a caller builds before start are `*Config` (`ServerConfig`, `DerpServerConfig`,
+//!   `OpsConfig`, `MeshConfig`). The older suffixes mark narrower things and are being folded in:
+//!   `*Options` for knobs with a `Default` that most callers leave alone (`CoreOptions`,
+//!   `DrainOptions`), `*Settings` for one subsystem's slice of the flags (`StunSettings`,
+//!   `AcmeSettings`, `WriterSettings`), `TcpTuning` for socket options. New types use `*Config`.
+//! - Every flag default is a constant in [`defaults`]; Go syntax (flags, durations, listen
+//!   addresses) comes from the `derpfleet-gocompat` crate.
+
 pub mod core;
+pub mod defaults;
 pub mod http;
 pub mod mesh;
 pub mod ops;

@@ -12,11 +12,12 @@ use std::process::ExitCode;
 
 use derpfleet_relay::http::tls;
 use derpfleet_relay::server::Server;
-use derpfleet_relay::startup::cli::{self, Flags, FlagsError};
+use derpfleet_relay::startup::cli::{self, Flags};
+use derpfleet_relay::startup::config::{parse_with_config, FlagsError};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let flags = match Flags::parse_with_config(std::env::args_os()) {
+    let flags = match parse_with_config(std::env::args_os()) {
         Ok(f) => f,
         Err(FlagsError::Flags(e)) => e.exit(),
         Err(FlagsError::Config(e)) => {

@@ -1,4 +1,4 @@
-//! The mesh: several relays acting as one region (spec §3, issue 5; derper's `mesh.go`).
+//! The mesh: several relays acting as one region (spec §3; derper's `mesh.go`).
 //!
 //! Every node dials every other node named in `-mesh-with` with its **own** server key and the
 //! region's mesh key, sends WatchConns, and learns from PeerPresent/PeerGone which clients the

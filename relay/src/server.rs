@@ -4,7 +4,7 @@
 //! [`TaskTracker`] and stopped by one [`CancellationToken`]; [`Server::shutdown`] cancels and waits.
 //! Dropping a [`Server`] cancels too, so a forgotten handle leaks nothing but a brief wind-down.
 //!
-//! Around the core it runs the operations parts ([`OpsConfig`], issue 4): accept limits, the
+//! Around the core it runs the operations parts ([`OpsConfig`]): accept limits, the
 //! admission policy, the per-client receive rate, the metrics listener, the embedded STUN
 //! responder, certificate reloading and the drop log; [`Server::reload`] is SIGHUP.
 
@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::core::derp_server::{jitter, CoreOptions, DerpServer, DerpServerConfig};
-use crate::core::writer::Control;
+use crate::core::outbox::Control;
+use crate::defaults;
 use crate::http::forwarded::ForwardedTrust;
 use crate::http::proxy_protocol::{self, ProxyProtocol, TrustedNets};
 use crate::http::tls::CertReloader;
@@ -42,15 +43,18 @@ const ACCEPT_LIMITER_PRUNE: Duration = Duration::from_secs(10);
 /// Socket options applied to every accepted TCP connection.
 #[derive(Clone, Copy, Debug)]
 pub struct TcpTuning {
-    /// Idle time before TCP keepalive probes (`-tcp-keepalive-time`, 10 min); None = off.
+    /// Idle time before TCP keepalive probes (`-tcp-keepalive-time`); None = off.
     pub keepalive_time: Option<Duration>,
-    /// `TCP_USER_TIMEOUT` (`-tcp-user-timeout`, 15 s); None = the kernel default.
+    /// `TCP_USER_TIMEOUT` (`-tcp-user-timeout`); None = the kernel default.
     pub user_timeout: Option<Duration>,
 }
 
 impl Default for TcpTuning {
     fn default() -> Self {
-        Self { keepalive_time: Some(Duration::from_secs(600)), user_timeout: Some(Duration::from_secs(15)) }
+        Self {
+            keepalive_time: defaults::TCP_KEEPALIVE_TIME.non_zero(),
+            user_timeout: defaults::TCP_USER_TIMEOUT.non_zero(),
+        }
     }
 }
 
@@ -82,7 +86,7 @@ pub struct StunSettings {
     pub config: StunConfig,
 }
 
-/// The operations side of a relay (issue 4). `Default` = everything off except nothing: no
+/// The operations side of a relay. `Default` = everything off except nothing: no
 /// limits, no admission checks, no metrics listener, no STUN, no certificate reload.
 #[derive(Clone, Debug)]
 pub struct OpsConfig {
@@ -137,7 +141,7 @@ impl Default for OpsConfig {
             accept_limit_per_ip: unlimited,
             allowlist: None,
             verify_url: None,
-            verify_fail_open: true,
+            verify_fail_open: defaults::VERIFY_CLIENT_URL_FAIL_OPEN,
             verify_clients_socket: None,
             recv_rate: RecvRate::default(),
             rate_config_path: None,
@@ -145,7 +149,7 @@ impl Default for OpsConfig {
             cert_reloader: None,
             cert_reload_interval: None,
             acme: None,
-            drop_log_interval: Duration::from_secs(10),
+            drop_log_interval: defaults::DROP_LOG_INTERVAL.get(),
             bootstrap_dns: Default::default(),
             proxy_protocol_trusted: TrustedNets::default(),
             proxy_protocol_timeout: proxy_protocol::DEFAULT_HEADER_TIMEOUT,
@@ -170,10 +174,10 @@ pub struct DrainOptions {
 impl Default for DrainOptions {
     fn default() -> Self {
         Self {
-            reconnect_in: Duration::from_secs(1),
-            reconnect_jitter: Duration::from_secs(2),
-            try_for: Duration::from_secs(30),
-            deadline: Duration::from_secs(5),
+            reconnect_in: defaults::RESTART_RECONNECT_IN.get(),
+            reconnect_jitter: defaults::RESTART_RECONNECT_JITTER.get(),
+            try_for: defaults::RESTART_TRY_FOR.get(),
+            deadline: defaults::DRAIN_TIMEOUT.get(),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Issue 2 acceptance 3: the real `derpfleet-relay` binary with derper command lines.
+//! The real `derpfleet-relay` binary with derper command lines.
 
 mod http_common;
 mod ops_common;
@@ -158,6 +158,34 @@ fn version_help_and_bad_flags() {
     let out = Command::new(BIN).args(["-tcp-write-timeout", "soon"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid duration"));
+}
+
+/// Every bad flag value exits 2 (before anything starts), naming the flag as typed and the value.
+#[test]
+fn bad_flag_values_exit_2_naming_the_flag_as_typed() {
+    for (args, needles) in [
+        (&["-a", "nonsense"][..], &["'-a", "nonsense"][..]),
+        (&["-a=:99999"], &["'-a", ":99999"]),
+        (&["--a", "1.2.3.4"], &["'--a", "1.2.3.4"]),
+        (&["-bogus"], &["'-bogus'"]),
+        (&["-stun=maybe"], &["'-stun", "maybe"]),
+        (&["-stun-port", "-5"], &["'-stun-port", "-5"]),
+        (&["-certmode", "selfsigned"], &["'-certmode", "selfsigned"]),
+        (&["-home", "ftp://x/"], &["'-home", "ftp://x/"]),
+        (&["-mesh-with", "a.example:notaport"], &["'-mesh-with", "a.example:notaport"]),
+        (&["-metrics-addr", "9090"], &["'-metrics-addr", "9090"]),
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{args:?}: {needle:?} missing from {err}");
+        }
+        if !args[0].starts_with("--") {
+            let doubled = format!("'-{}", args[0].split('=').next().unwrap());
+            assert!(!err.contains(&doubled), "{args:?} echoed with two dashes: {err}");
+        }
+    }
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Spec §11 item 30 and issue 2 acceptances 4 and 5: slow receivers and hostile bytes, against
+//! Spec §11 item 30: slow receivers and hostile bytes, against
 //! the server core over loopback TCP.
 
 use std::sync::OnceLock;
@@ -210,7 +210,7 @@ async fn throw_bytes(relay: &CoreRelay, start: Start, bytes: &[u8], close: bool)
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 
-    /// Issue 2 acceptance 4: random and truncated bytes at the handshake and the frame reader
+    /// random and truncated bytes at the handshake and the frame reader
     /// never panic, and the other clients keep relaying.
     #[test]
     fn hostile_bytes_close_only_their_connection(

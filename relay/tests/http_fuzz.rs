@@ -1,4 +1,4 @@
-//! Issue 2 acceptance 4 (HTTP upgrade part): random and truncated bytes thrown at the request
+//! HTTP upgrade part: random and truncated bytes thrown at the request
 //! sniffer and the upgrade: no panic anywhere in the server, only that connection closes, and an
 //! established pair of clients keeps relaying throughout.
 

@@ -1,4 +1,4 @@
-//! The mesh with real relay processes (issue 5, acceptance 3): kill one node of three, restart
+//! The mesh with real relay processes: kill one node of three, restart
 //! it, and watch the region heal without the other nodes' clients reconnecting. Also the
 //! `-mesh-psk-file`/`-mesh-with` start-up errors.
 

@@ -1,4 +1,4 @@
-//! Several in-process relays meshed into one region (spec §3, §11 items 25–26; issue 5): packets
+//! Several in-process relays meshed into one region (spec §3, §11 items 25–26): packets
 //! cross the mesh in every direction, links that break are rebuilt, a client may move between
 //! nodes, and a DNS name with several addresses meshes with each of them.
 

@@ -1,4 +1,4 @@
-//! Issue 4 acceptance 1: admission through `-verify-client-url` (against a real local HTTP
+//! Admission through `-verify-client-url` (against a real local HTTP
 //! server) and the allowlist file (reloaded at SIGHUP), in-process and with the real binary.
 
 mod http_common;

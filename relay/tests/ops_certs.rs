@@ -1,4 +1,4 @@
-//! Issue 4 acceptance 5: certificate files replaced on disk are picked up without a restart: a
+//! Certificate files replaced on disk are picked up without a restart: a
 //! new TLS connection sees the new certificate, connections made before keep working, and a
 //! broken replacement keeps the served certificate.
 

@@ -65,3 +65,24 @@ fn bad_config_names_file_line_key_and_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("missing.toml"), "{err}");
 }
+
+/// A value of the wrong TOML type stops the start (exit 2) with file, line, key and reason; it is
+/// not converted.
+#[test]
+fn wrong_toml_types_are_rejected() {
+    let dir = TempDir::new("ops-config-types");
+    let toml = dir.0.join("types.toml");
+    for (text, line, key, reason) in [
+        ("stun-port = \"3478\"\n", "line 1", "stun-port", "expected an integer"),
+        ("a = \"127.0.0.1:0\"\nhostname = 123\n", "line 2", "hostname", "expected a string"),
+        ("hostname = [\"a.example\"]\n", "line 1", "hostname", "found an array"),
+    ] {
+        std::fs::write(&toml, text).unwrap();
+        let out = Command::new(BIN).args(["-config", toml.to_str().unwrap()]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text:?}: {err}");
+        for needle in [toml.to_str().unwrap(), line, key, reason] {
+            assert!(err.contains(needle), "{text:?}: {needle:?} missing from: {err}");
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! Issue 4 acceptance 4: SIGTERM with 100 connected clients (the real binary): every client gets
+//! SIGTERM with 100 connected clients (the real binary): every client gets
 //! `Restarting` (reconnect-in with jitter, try-for) before the close, the process exits 0 within
 //! the drain deadline, and nothing panics.
 

@@ -1,4 +1,4 @@
-//! Issue 4 acceptance 3 (and issue 3's embedded STUN): after a scripted scenario, `/metrics` on
+//! The metrics endpoint (with the embedded STUN responder's counters): after a scripted scenario, `/metrics` on
 //! the metrics listener shows derper's names with the right values, plus the process and STUN
 //! series; `/healthz` answers on both listeners.
 

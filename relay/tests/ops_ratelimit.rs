@@ -1,4 +1,4 @@
-//! Issue 4 acceptance 2: accept-rate limits (global and per source IP) refuse connections beyond
+//! Accept-rate limits (global and per source IP) refuse connections beyond
 //! the burst while established clients keep relaying; the per-client receive rate holds a
 //! sender at the configured rate through TCP back-pressure with zero relay drops; mesh peers are
 //! exempt.

@@ -1,4 +1,4 @@
-//! Issue 4 acceptance 6: README.md documents every flag and config key. The table between the
+//! README.md documents every flag and config key. The table between the
 //! `relay-flags` markers is generated from the same clap definitions as `--help`
 //! (`derpfleet_relay::startup::cli::flags_markdown`); run with `UPDATE_README=1` to rewrite it.
 

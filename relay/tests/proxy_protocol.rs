@@ -305,7 +305,7 @@ async fn the_http_port_listener_reads_headers_too() {
 
 #[test]
 fn config_keys_and_bad_values() {
-    use derpfleet_relay::startup::cli::{build, Flags};
+    use derpfleet_relay::startup::cli::build;
     let dir = http_common::TempDir::new("pp-config");
     let toml = dir.0.join("relay.toml");
     std::fs::write(
@@ -315,9 +315,14 @@ fn config_keys_and_bad_values() {
     )
     .unwrap();
     let key = dir.0.join("k.key");
-    let flags =
-        Flags::parse_with_config(["relay", "-config", toml.to_str().unwrap(), "-c", key.to_str().unwrap()])
-            .unwrap();
+    let flags = derpfleet_relay::startup::config::parse_with_config([
+        "relay",
+        "-config",
+        toml.to_str().unwrap(),
+        "-c",
+        key.to_str().unwrap(),
+    ])
+    .unwrap();
     let ops = build(&flags).unwrap().ops;
     assert!(ops.proxy_protocol_trusted.contains("10.20.30.40".parse().unwrap()));
     assert!(ops.proxy_protocol_trusted.contains("192.0.2.7".parse().unwrap()));

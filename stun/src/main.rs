@@ -8,9 +8,9 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{ArgAction, Parser};
-use derpfleet_proto::goflag::{normalize_args, parse_go_bool};
-use derpfleet_stun::server::{bind_sockets, parse_listen_addr};
+use clap::{CommandFactory, FromArgMatches, Parser};
+use derpfleet_gocompat::parse_listen_addr;
+use derpfleet_stun::server::bind_sockets;
 use derpfleet_stun::{PerIpLimit, StunConfig, StunMetrics, StunServer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 use tokio::net::TcpListener;
@@ -18,16 +18,15 @@ use tokio_util::sync::CancellationToken;
 
 /// A fast STUN (RFC 5389/8489 Binding) responder, compatible with Tailscale clients.
 #[derive(Debug, Parser)]
-#[command(name = "derpfleet-stun", version)]
+#[command(name = "derpfleet-stun", version, mut_args = derpfleet_gocompat::go_arg)]
 struct Flags {
     /// UDP listen address: ":PORT" (all interfaces, IPv4 and IPv6), "IP:PORT" or "[IPv6]:PORT"
-    #[arg(long = "a", default_value = ":3478", value_name = "addr")]
+    #[arg(long = "a", default_value = ":3478", value_parser = check_listen_addr, value_name = "addr")]
     addr: String,
 
     /// answer only Tailscale-style requests (SOFTWARE "tailnode" + FINGERPRINT last), like derper;
     /// by default plain RFC 5389 Binding requests are answered too
-    #[arg(long = "stun-strict", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set)]
+    #[arg(long = "stun-strict")]
     strict: bool,
 
     /// sustained STUN requests per second allowed per source IP; 0 disables the limit
@@ -39,7 +38,7 @@ struct Flags {
     rate_burst: u32,
 
     /// serve Prometheus metrics as text on http://ADDR/metrics (e.g. 127.0.0.1:9478); empty = off
-    #[arg(long = "metrics-addr", default_value = "", value_name = "addr")]
+    #[arg(long = "metrics-addr", default_value = "", value_parser = check_metrics_addr, value_name = "addr")]
     metrics_addr: String,
 
     /// number of SO_REUSEPORT sockets (one task each); 0 = one per CPU
@@ -58,7 +57,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn real_main() -> anyhow::Result<()> {
-    let flags = Flags::parse_from(normalize_args(std::env::args_os()));
+    // Bad flags exit 2 naming the flag as typed (`-rate-limit -5`: "invalid value '-5' for '-rate-limit'").
+    let flags = derpfleet_gocompat::try_get_matches(Flags::command(), std::env::args_os())
+        .and_then(|m| Flags::from_arg_matches(&m))
+        .unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -87,7 +89,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let local = sockets[0].local_addr()?;
     let cancel = CancellationToken::new();
     if !flags.metrics_addr.is_empty() {
-        let maddr: SocketAddr = flags.metrics_addr.parse().context("-metrics-addr: want IP:PORT")?;
+        let maddr: SocketAddr = parse_listen_addr(&flags.metrics_addr).context("-metrics-addr")?;
         let listener = TcpListener::bind(maddr).await.with_context(|| format!("binding metrics {maddr}"))?;
         tracing::info!(addr = %listener.local_addr()?, "serving Prometheus metrics at /metrics");
         tokio::spawn(serve_metrics(listener, recorder.clone(), cancel.clone()));
@@ -103,6 +105,20 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     cancel.cancel();
     serving.await??;
     Ok(())
+}
+
+/// `-a`: checked while parsing, so a bad address exits 2 like any bad flag.
+fn check_listen_addr(s: &str) -> Result<String, String> {
+    parse_listen_addr(s).map_err(|e| e.reason)?;
+    Ok(s.to_owned())
+}
+
+/// `-metrics-addr`: empty (off) or a listen address.
+fn check_metrics_addr(s: &str) -> Result<String, String> {
+    if !s.is_empty() {
+        check_listen_addr(s)?;
+    }
+    Ok(s.to_owned())
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

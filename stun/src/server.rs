@@ -13,10 +13,9 @@
 //! ```no_run
 //! # async fn embed(recorder: &metrics_exporter_prometheus::PrometheusRecorder,
 //! #                cancel: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
-//! use derpfleet_stun::server::{bind_sockets, parse_listen_addr};
+//! use derpfleet_stun::server::bind_sockets;
 //! use derpfleet_stun::{StunConfig, StunMetrics, StunServer};
-//! let mut addr = parse_listen_addr(":443").expect("-a"); // same IP as -a; ":443" → [::] dual-stack
-//! addr.set_port(3478); // -stun-port
+//! let addr = "[::]:3478".parse().expect("addr"); // the IP of -a (":443" → [::] dual-stack), -stun-port
 //! let sockets = bind_sockets(addr, std::thread::available_parallelism().map_or(1, |n| n.get()))?;
 //! let server = StunServer::new(StunConfig::default(), StunMetrics::register(recorder));
 //! tokio::spawn(server.serve(sockets, cancel));
@@ -377,34 +376,9 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocke
     Ok(sock.into())
 }
 
-/// Parses a Go-style listen address: `:3478` (all interfaces, dual-stack), `0.0.0.0:3478`,
-/// `[::1]:3478`, `127.0.0.1:3478`. Host names are not resolved.
-pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, ListenAddrError> {
-    if let Some(port) = s.strip_prefix(':') {
-        let port = port.parse().map_err(|_| ListenAddrError(s.to_owned()))?;
-        return Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
-    }
-    s.parse().map_err(|_| ListenAddrError(s.to_owned()))
-}
-
-/// A listen address that is not `:port`, `ip:port` or `[ipv6]:port`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid listen address {0:?}: want :PORT, IP:PORT or [IPv6]:PORT")]
-pub struct ListenAddrError(pub String);
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn listen_addr_forms() {
-        assert_eq!(parse_listen_addr(":3478").unwrap(), "[::]:3478".parse().unwrap());
-        assert_eq!(parse_listen_addr("127.0.0.1:1").unwrap(), "127.0.0.1:1".parse().unwrap());
-        assert_eq!(parse_listen_addr("[::1]:2").unwrap(), "[::1]:2".parse().unwrap());
-        for bad in ["", "3478", ":", ":99999", "localhost:3478", "::1:3478", "1.2.3.4"] {
-            assert!(parse_listen_addr(bad).is_err(), "{bad:?} accepted");
-        }
-    }
 
     #[test]
     fn several_sockets_share_one_port() {

@@ -144,3 +144,27 @@ fn help_lists_the_flags_and_bad_flags_fail() {
     let out = Command::new(BIN).args(["-stun-strict=maybe"]).output().unwrap();
     assert!(!out.status.success());
 }
+
+/// Every bad flag value exits 2 and names the flag as typed and the value.
+#[test]
+fn bad_flag_values_exit_2_naming_flag_and_value() {
+    for (args, needles) in [
+        (&["--rate-limit", "-5"][..], &["'--rate-limit", "'-5'"][..]),
+        (&["-rate-limit", "-5"], &["'-rate-limit", "'-5'"]),
+        (&["-a", "nonsense"], &["'-a", "nonsense"]),
+        (&["-bogus"], &["'-bogus'"]),
+        (&["-stun-strict=maybe"], &["'-stun-strict", "maybe"]),
+        (&["-metrics-addr", "9478"], &["'-metrics-addr", "9478"]),
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{args:?}: {needle:?} missing from {err}");
+        }
+        if args[0].starts_with("--") {
+            continue;
+        }
+        assert!(!err.contains(&format!("'-{}", args[0])), "{args:?} echoed with two dashes: {err}");
+    }
+}

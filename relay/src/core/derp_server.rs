@@ -19,10 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use derpfleet_proto::consts::{
-    DEFAULT_WRITE_TIMEOUT, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_JITTER, MESH_WRITE_TIMEOUT,
-    PER_CLIENT_SEND_QUEUE_DEPTH,
-};
+use derpfleet_proto::consts::{HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_JITTER, MESH_WRITE_TIMEOUT};
 use derpfleet_proto::frame::{FrameDecoder, Role};
 use derpfleet_proto::handshake::ClientInfo;
 use derpfleet_proto::msg::{peer_present_flags as flags, ServerToClient};
@@ -32,10 +29,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::metrics::Metrics;
+use crate::core::outbox::{Outbox, SeenSources};
+use crate::core::recv_limit::SharedRecvRate;
 use crate::core::registry::{Conn, Registry};
 use crate::core::session::{self, HandshakeFailure, Reader};
-use crate::core::writer::{self, Outbox, SeenSources, WriterSettings};
-use crate::ops::ratelimit::SharedRecvRate;
+use crate::core::writer::{self, WriterSettings};
 
 /// Control-queue depth (PeerGone) of a regular connection.
 const CONTROL_QUEUE_DEPTH: usize = 512;
@@ -56,7 +54,7 @@ pub enum Admission {
 }
 
 /// A check run after a non-mesh client's ClientInfo opens and before it is registered
-/// (issue 4 plugs `--verify-clients` / `--verify-client-url` in here). It must bound its own time.
+/// (the `-verify-client-url` and `-allowlist` policy plugs in here). It must bound its own time.
 pub trait AdmissionCheck: Send + Sync + 'static {
     /// Decides whether `key` (with `info`, arriving as `conn`) may connect.
     fn check<'a>(
@@ -96,8 +94,8 @@ impl DerpServerConfig {
         Self {
             private_key,
             mesh_key: None,
-            write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
-            queue_depth: PER_CLIENT_SEND_QUEUE_DEPTH,
+            write_timeout: crate::defaults::TCP_WRITE_TIMEOUT.non_zero(),
+            queue_depth: crate::defaults::SEND_QUEUE_DEPTH,
         }
     }
 }

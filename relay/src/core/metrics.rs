@@ -1,6 +1,6 @@
 //! Every counter, gauge and histogram of one DERP server, with derper's Prometheus names.
 //!
-//! Each [`crate::core::derp_server::DerpServer`] owns its own `PrometheusRecorder` (not the global
+//! Each `DerpServer` owns its own `PrometheusRecorder` (not the global
 //! recorder), so several servers in one process (tests, a mesh in one binary) keep separate
 //! numbers. Every series, labelled ones included, is registered up front into fixed arrays, so
 //! the packet path costs one atomic add per counter and never touches the registry.
@@ -156,7 +156,7 @@ pub struct Metrics {
     pub control_frames_dropped: Counter,
     /// ForwardPacket frames received from mesh peers.
     pub packets_forwarded_in: Counter,
-    /// ForwardPacket frames queued to mesh links (issue 5).
+    /// ForwardPacket frames queued to mesh links.
     pub packets_forwarded_out: Counter,
     /// Keys that went from one forwarder to several.
     pub multiforwarder_created: Counter,

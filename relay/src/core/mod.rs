@@ -5,13 +5,18 @@
 //!   connection: handshake, reader loop, send loop.
 //! - [`session`]: one connection's handshake and reader loop.
 //! - [`registry`]: clients by key, the duplicate-connection policy, watchers, who-saw-whom.
-//! - [`writer`]: one connection's send side: its outbox and the drain-then-flush send loop.
+//! - [`outbox`]: what other tasks hand one connection: packets, Pongs, control frames (never
+//!   blocking), and the sources it has been sent packets from.
+//! - [`writer`]: one connection's drain-then-flush send loop.
 //! - [`queue`]: the bounded head-drop queue the outbox is made of.
+//! - [`recv_limit`]: the per-client receive byte rate the reader waits on.
 //! - [`metrics`]: every DERP series with derper's names, and the drop reasons.
 
 pub mod derp_server;
 pub mod metrics;
+pub mod outbox;
 pub mod queue;
+pub mod recv_limit;
 pub mod registry;
 pub mod session;
 pub mod writer;

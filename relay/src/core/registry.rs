@@ -7,7 +7,7 @@
 //! that watchers see a consistent stream: a watcher's initial flood and the later updates never
 //! miss a connection.
 //!
-//! The mesh (issue 5, [`crate::mesh`]): a destination with no local connection may have
+//! The mesh (the crate's `mesh` module): a destination with no local connection may have
 //! [`PacketForwarder`]s (links to other servers of the region). `route` prefers local delivery,
 //! then the key's preferred forwarder, then "unknown"; a key whose last local connection leaves is
 //! only reported gone when no forwarder knows it. Several forwarders for one key follow derper's
@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::metrics::{DropReason, Metrics, PacketKind};
-use crate::core::writer::{Control, Outbox, SeenSources};
+use crate::core::outbox::{Control, Outbox, SeenSources};
 
 /// One accepted, handshaken connection as the rest of the server sees it.
 #[derive(Debug)]

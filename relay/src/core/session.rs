@@ -23,9 +23,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::core::metrics::{DropReason, Metrics, PacketKind};
+use crate::core::outbox::Control;
+use crate::core::recv_limit::ClientRecvLimiter;
 use crate::core::registry::{Conn, Registry, Routed};
-use crate::core::writer::Control;
-use crate::ops::ratelimit::ClientRecvLimiter;
 
 /// Read buffer while traffic keeps filling it.
 const READ_LARGE: usize = 64 << 10;

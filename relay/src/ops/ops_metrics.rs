@@ -2,7 +2,7 @@
 //! limit setting, certificate reloads, graceful restarts, STUN, and process gauges.
 //!
 //! They live in a recorder of their own (the core's [`crate::core::metrics::Metrics`] keeps the DERP
-//! series), so each [`crate::server::Server`] has separate numbers; `/metrics` renders both.
+//! series), so each `Server` has separate numbers; `/metrics` renders both.
 //! Names follow derper where it has one (`tls_listener_*_connections`, `process_start_unix_time`,
 //! `uptime_sec`, `derp_current_file_descriptors`, `derp_rate_limit_per_client_*`, `stun_*`).
 

@@ -29,20 +29,20 @@
 //!   `X-Forwarded-For`/`Forwarded` from L7 proxies, [`crate::http::forwarded`]). The second is named after the header it believes,
 //!   parallel to the first, rather than a vague "trusted proxies", since the two mechanisms trust
 //!   different hops (a balancer in front of nginx is in the first list, nginx in the second).
-//! - `-config FILE`: a TOML file with any flag as a key ([`crate::startup::config`]); flags win over it.
+//! - `-config FILE`: a TOML file with any flag as a key (the `config` module beside this one); flags win over it.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use derpfleet_proto::goflag::parse_go_bool;
+use derpfleet_gocompat::{parse_listen_addr, GoDuration, ListenAddrError};
 use derpfleet_proto::NodePrivate;
 
 use derpfleet_stun::{PerIpLimit, StunConfig};
 
 use crate::core::derp_server::DerpServerConfig;
+use crate::defaults;
 use crate::http::forwarded::{ForwardedHeader, ForwardedTrust};
 use crate::http::proxy_protocol::TrustedNets;
 use crate::http::tls::{self, TlsError};
@@ -61,13 +61,14 @@ use crate::startup::keyfile::{self, KeyFileError};
     about = "A Tailscale DERP v2 relay server, wire-compatible with tailscaled and Go derper.",
     disable_help_flag = true,
     disable_version_flag = true,
-    args_override_self = true
+    args_override_self = true,
+    mut_args = derpfleet_gocompat::go_arg
 )]
 pub struct Flags {
     /// server HTTP/HTTPS listen address, in form ":port", "ip:port", or for IPv6 "[ip]:port". If the IP is
     /// omitted, it defaults to all interfaces. Serves HTTPS if the port is 443 and/or -certmode is manual,
     /// otherwise HTTP.
-    #[arg(long = "a", default_value = ":443", value_name = "addr")]
+    #[arg(long = "a", default_value = defaults::ADDR, value_parser = check_listen_addr, value_name = "addr")]
     pub addr: String,
 
     /// config file path (JSON {"PrivateKey":"privkey:<hex>"}; created with a new key if missing)
@@ -75,43 +76,36 @@ pub struct Flags {
     pub config_path: Option<PathBuf>,
 
     /// run in localhost development mode (127.0.0.1:3340, ephemeral key, plain HTTP; overrides -a)
-    #[arg(long = "dev", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
-          value_name = "bool")]
+    #[arg(long = "dev", default_value_t = false, value_name = "bool")]
     pub dev: bool,
 
     /// print version and exit
-    #[arg(long = "version", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
-          value_name = "bool")]
+    #[arg(long = "version", default_value_t = false, value_name = "bool")]
     pub version: bool,
 
     /// The port on which to serve HTTP. Set to -1 to disable. The listener is bound to the same IP (if any)
     /// as specified in the -a flag. Only used when HTTPS is served.
-    #[arg(long = "http-port", default_value_t = 80, allow_negative_numbers = true, value_name = "int")]
+    #[arg(long = "http-port", default_value_t = defaults::HTTP_PORT, allow_negative_numbers = true, value_name = "int")]
     pub http_port: i32,
 
     /// whether to run a STUN server. It will bind to the same IP (if any) as the -a flag.
-    #[arg(long = "stun", default_value = "true", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
-          value_name = "bool")]
+    #[arg(long = "stun", default_value_t = true, value_name = "bool")]
     pub stun: bool,
 
     /// The UDP port on which to serve STUN. The listener is bound to the same IP (if any) as the -a flag.
-    #[arg(long = "stun-port", default_value_t = 3478, value_name = "int")]
+    #[arg(long = "stun-port", default_value_t = defaults::STUN_PORT, value_name = "int")]
     pub stun_port: u16,
 
     /// whether to run a DERP server. The only reason to set this false is if you're decommissioning a
     /// server but want to keep its bootstrap DNS functionality still running.
-    #[arg(long = "derp", default_value = "true", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
-          value_name = "bool")]
+    #[arg(long = "derp", default_value_t = true, value_name = "bool")]
     pub derp: bool,
 
     /// mode for getting a cert. possible options: manual, letsencrypt, gcp (letsencrypt: ACME with
     /// TLS-ALPN-01 on the main port; gcp needs External Account Binding, not supported yet: refused
     /// when TLS is served)
-    #[arg(long = "certmode", default_value = "letsencrypt", value_name = "string")]
+    #[arg(long = "certmode", default_value = defaults::CERTMODE, value_parser = check_certmode,
+          value_name = "string")]
     pub certmode: String,
 
     /// -certmode letsencrypt: contact e-mail for the ACME account (optional)
@@ -134,28 +128,25 @@ pub struct Flags {
 
     /// TLS host name for certs, if addr's port is :443. When -certmode manual, it can be an IP address
     /// (a self-signed certificate is generated if <certdir>/<ip>.crt is missing).
-    #[arg(long = "hostname", default_value = "derp.tailscale.com", value_name = "string")]
+    #[arg(long = "hostname", default_value = defaults::HOSTNAME, value_name = "string")]
     pub hostname: String,
 
     /// what to serve at the root path. It may be left empty (the default, for a default homepage), "blank"
     /// for a blank page, or a URL to redirect to
-    #[arg(long = "home", default_value = "", value_name = "string")]
+    #[arg(long = "home", default_value = "", value_parser = check_home, value_name = "string")]
     pub home: String,
 
     /// TCP keepalive time (Go duration, e.g. 10m; 0 disables keepalive)
-    #[arg(long = "tcp-keepalive-time", default_value = "10m", value_parser = parse_go_duration,
-          value_name = "duration")]
-    pub tcp_keepalive_time: Duration,
+    #[arg(long = "tcp-keepalive-time", default_value_t = defaults::TCP_KEEPALIVE_TIME, value_name = "duration")]
+    pub tcp_keepalive_time: GoDuration,
 
     /// TCP user timeout (Go duration; 0 leaves the kernel default)
-    #[arg(long = "tcp-user-timeout", default_value = "15s", value_parser = parse_go_duration,
-          value_name = "duration")]
-    pub tcp_user_timeout: Duration,
+    #[arg(long = "tcp-user-timeout", default_value_t = defaults::TCP_USER_TIMEOUT, value_name = "duration")]
+    pub tcp_user_timeout: GoDuration,
 
     /// TCP write timeout per DERP frame for regular clients (Go duration; 0 means no timeout)
-    #[arg(long = "tcp-write-timeout", default_value = "2s", value_parser = parse_go_duration,
-          value_name = "duration")]
-    pub tcp_write_timeout: Duration,
+    #[arg(long = "tcp-write-timeout", default_value_t = defaults::TCP_WRITE_TIMEOUT, value_name = "duration")]
+    pub tcp_write_timeout: GoDuration,
 
     /// TOML file whose keys are these flags' names (e.g. stun-port = 3478); command-line flags
     /// override it
@@ -164,9 +155,7 @@ pub struct Flags {
 
     /// verify clients to this DERP server through a local tailscaled instance (its LocalAPI whois
     /// of each client's node key; see -socket)
-    #[arg(long = "verify-clients", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
-          value_name = "bool")]
+    #[arg(long = "verify-clients", default_value_t = false, value_name = "bool")]
     pub verify_clients: bool,
 
     /// optional alternate path to tailscaled socket (only relevant when using -verify-clients;
@@ -182,9 +171,7 @@ pub struct Flags {
 
     /// whether -verify-client-url admits clients when the controller cannot be reached (only
     /// transport errors and timeouts; any answer other than an allow rejects)
-    #[arg(long = "verify-client-url-fail-open", default_value = "true", num_args = 0..=1,
-          require_equals = true, default_missing_value = "true", value_parser = parse_go_bool,
-          action = ArgAction::Set, value_name = "bool")]
+    #[arg(long = "verify-client-url-fail-open", default_value_t = true, value_name = "bool")]
     pub verify_client_url_fail_open: bool,
 
     /// file of node keys allowed to connect (one nodekey:<hex> per line, # comments), reloaded on
@@ -194,22 +181,22 @@ pub struct Flags {
 
     /// rate limit (connections per second) for accepting connections on the main port; over it a
     /// connection is accepted and closed at once. +Inf = no limit
-    #[arg(long = "accept-connection-limit", default_value = "+Inf", value_parser = parse_rate,
+    #[arg(long = "accept-connection-limit", default_value = defaults::ACCEPT_CONNECTION_LIMIT, value_parser = parse_rate,
           value_name = "float")]
     pub accept_connection_limit: f64,
 
     /// burst for -accept-connection-limit
-    #[arg(long = "accept-connection-burst", default_value_t = i64::MAX, value_parser = parse_burst,
+    #[arg(long = "accept-connection-burst", default_value_t = defaults::ACCEPT_CONNECTION_BURST, value_parser = parse_burst,
           value_name = "int")]
     pub accept_connection_burst: i64,
 
     /// rate limit (connections per second) per source IP for accepting connections; +Inf = no limit
-    #[arg(long = "accept-connection-limit-per-ip", default_value = "+Inf", value_parser = parse_rate,
+    #[arg(long = "accept-connection-limit-per-ip", default_value = defaults::ACCEPT_CONNECTION_LIMIT, value_parser = parse_rate,
           value_name = "float")]
     pub accept_connection_limit_per_ip: f64,
 
     /// burst for -accept-connection-limit-per-ip
-    #[arg(long = "accept-connection-burst-per-ip", default_value_t = 20, value_parser = parse_burst,
+    #[arg(long = "accept-connection-burst-per-ip", default_value_t = defaults::ACCEPT_CONNECTION_BURST_PER_IP, value_parser = parse_burst,
           value_name = "int")]
     pub accept_connection_burst_per_ip: i64,
 
@@ -220,56 +207,48 @@ pub struct Flags {
     pub rate_config: Option<PathBuf>,
 
     /// listen address of the /metrics (Prometheus) and /healthz endpoints; empty = off
-    #[arg(long = "metrics-addr", default_value = "127.0.0.1:9090", value_parser = check_metrics_addr,
+    #[arg(long = "metrics-addr", default_value = defaults::METRICS_ADDR, value_parser = check_metrics_addr,
           value_name = "addr")]
     pub metrics_addr: String,
 
     /// on SIGTERM/SIGINT: how long to wait for clients to leave after Restarting before closing
     /// the rest (Go duration)
-    #[arg(long = "drain-timeout", default_value = "5s", value_parser = parse_go_duration,
-          value_name = "duration")]
-    pub drain_timeout: Duration,
+    #[arg(long = "drain-timeout", default_value_t = defaults::DRAIN_TIMEOUT, value_name = "duration")]
+    pub drain_timeout: GoDuration,
 
     /// Restarting frame at shutdown: when clients should reconnect (Go duration; each client gets
     /// a random extra delay up to -restart-reconnect-jitter)
-    #[arg(long = "restart-reconnect-in", default_value = "1s", value_parser = parse_go_duration,
-          value_name = "duration")]
-    pub restart_reconnect_in: Duration,
+    #[arg(long = "restart-reconnect-in", default_value_t = defaults::RESTART_RECONNECT_IN, value_name = "duration")]
+    pub restart_reconnect_in: GoDuration,
 
     /// upper bound of the random per-client delay added to -restart-reconnect-in
-    #[arg(long = "restart-reconnect-jitter", default_value = "2s", value_parser = parse_go_duration,
-          value_name = "duration")]
-    pub restart_reconnect_jitter: Duration,
+    #[arg(long = "restart-reconnect-jitter", default_value_t = defaults::RESTART_RECONNECT_JITTER, value_name = "duration")]
+    pub restart_reconnect_jitter: GoDuration,
 
     /// Restarting frame at shutdown: how long clients should keep trying to reconnect
-    #[arg(long = "restart-try-for", default_value = "30s", value_parser = parse_go_duration,
-          value_name = "duration")]
-    pub restart_try_for: Duration,
+    #[arg(long = "restart-try-for", default_value_t = defaults::RESTART_TRY_FOR, value_name = "duration")]
+    pub restart_try_for: GoDuration,
 
     /// how often -certmode manual certificate files are checked for changes (Go duration; 0 = never)
-    #[arg(long = "cert-reload-interval", default_value = "5s", value_parser = parse_go_duration,
-          value_name = "duration")]
-    pub cert_reload_interval: Duration,
+    #[arg(long = "cert-reload-interval", default_value_t = defaults::CERT_RELOAD_INTERVAL, value_name = "duration")]
+    pub cert_reload_interval: GoDuration,
 
     /// answer only Tailscale-style STUN requests (derper's rules); otherwise any RFC 5389 Binding
     /// request is answered too
-    #[arg(long = "stun-strict", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
-          value_name = "bool")]
+    #[arg(long = "stun-strict", default_value_t = false, value_name = "bool")]
     pub stun_strict: bool,
 
     /// STUN requests per second allowed per source IP (0 = no limit)
-    #[arg(long = "stun-rate-limit", default_value_t = 100, value_name = "int")]
+    #[arg(long = "stun-rate-limit", default_value_t = defaults::STUN_RATE_LIMIT, value_name = "int")]
     pub stun_rate_limit: u32,
 
     /// STUN requests a source IP may send back to back
-    #[arg(long = "stun-rate-burst", default_value_t = 200, value_name = "int")]
+    #[arg(long = "stun-rate-burst", default_value_t = defaults::STUN_RATE_BURST, value_name = "int")]
     pub stun_rate_burst: u32,
 
     /// packet drops are logged at most once per this interval, one line per reason with counts
-    #[arg(long = "drop-log-interval", default_value = "10s", value_parser = parse_go_duration,
-          value_name = "duration")]
-    pub drop_log_interval: Duration,
+    #[arg(long = "drop-log-interval", default_value_t = defaults::DROP_LOG_INTERVAL, value_name = "duration")]
+    pub drop_log_interval: GoDuration,
 
     /// file holding the region's mesh key (64 hex chars); default /home/derp/keys/derp-mesh.key or
     /// $HOME/keys/derp-mesh.key if present
@@ -279,7 +258,7 @@ pub struct Flags {
     /// optional comma-separated list of hostnames to mesh with: host[:port][/dialhost] (https,
     /// verified against the system trust store); an entry starting with http:// is dialed without
     /// TLS. May include this server itself. A name with several addresses meshes with each
-    #[arg(long = "mesh-with", default_value = "", value_name = "string")]
+    #[arg(long = "mesh-with", default_value = "", value_parser = check_mesh_with, value_name = "string")]
     pub mesh_with: String,
 
     /// extra PEM CA bundle trusted for -mesh-with TLS, besides the system trust store
@@ -308,9 +287,7 @@ pub struct Flags {
 
     /// whether to get certificates for the server's IP addresses (clients connecting by IP, short-lived
     /// profile, HTTP-01 on -http-port); requires -certmode letsencrypt
-    #[arg(long = "acme-ip-certs", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
-          value_name = "bool")]
+    #[arg(long = "acme-ip-certs", default_value_t = false, value_name = "bool")]
     pub acme_ip_certs: bool,
 
     /// setec server URL for secrets retrieval of the mesh key
@@ -326,9 +303,7 @@ pub struct Flags {
     pub secrets_cache_dir: Option<PathBuf>,
 
     /// derper's experimental embedded ACE server (not offered here: true stops the start)
-    #[arg(long = "ace", default_value = "false", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_parser = parse_go_bool, action = ArgAction::Set,
-          value_name = "bool")]
+    #[arg(long = "ace", default_value_t = false, value_name = "bool")]
     pub ace: bool,
     /// comma-separated CIDRs (or IPs) of L4 load balancers that send a PROXY protocol v1/v2 header
     /// (HAProxy send-proxy-v2, AWS NLB): a connection from them must start with one, and its client
@@ -341,7 +316,7 @@ pub struct Flags {
     /// how long a -proxy-protocol-trusted peer has to send its whole PROXY header (Go duration)
     #[arg(long = "proxy-protocol-timeout", default_value = "5s", value_parser = parse_positive_duration,
           value_name = "duration")]
-    pub proxy_protocol_timeout: Duration,
+    pub proxy_protocol_timeout: std::time::Duration,
 
     /// comma-separated CIDRs (or IPs) of L7 reverse proxies (nginx, Caddy, Traefik) whose Forwarded /
     /// X-Forwarded-For header names the DERP client; from anyone else these headers are ignored.
@@ -373,26 +348,24 @@ impl Flags {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString>,
     {
-        parse_normalized(derpfleet_proto::goflag::normalize_args(args))
+        let typed: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        parse_typed(&typed, typed.clone())
     }
 
-    /// Parses a command line that may name a `-config` TOML file: the file's settings come
-    /// first, the command line overrides them.
-    pub fn parse_with_config<I, T>(args: I) -> Result<Flags, FlagsError>
+    /// Parses a command line in Go flag syntax with `before` (`--key=value` arguments, e.g. from
+    /// the config file) in front of its flags, so the command line overrides them. Errors name
+    /// flags as written on the command line.
+    pub fn parse_go_after<I, T>(before: Vec<String>, args: I) -> Result<Flags, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString>,
     {
-        let args: Vec<std::ffi::OsString> = derpfleet_proto::goflag::normalize_args(args);
-        let Some(path) = crate::startup::config::config_arg(&args) else {
-            return Ok(parse_normalized(args)?);
-        };
-        let from_file = crate::startup::config::load_args(&path)?;
-        let mut all: Vec<std::ffi::OsString> = Vec::with_capacity(args.len() + from_file.len());
-        all.extend(args.first().cloned());
-        all.extend(from_file.into_iter().map(Into::into));
-        all.extend(args.into_iter().skip(1));
-        Ok(parse_normalized(all)?)
+        let typed: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let mut all: Vec<std::ffi::OsString> = Vec::with_capacity(typed.len() + before.len());
+        all.extend(typed.first().cloned());
+        all.extend(before.into_iter().map(Into::into));
+        all.extend(typed.iter().skip(1).cloned());
+        parse_typed(&typed, all)
     }
 }
 
@@ -423,24 +396,16 @@ pub fn flags_markdown() -> String {
     out
 }
 
-fn parse_normalized(args: Vec<std::ffi::OsString>) -> Result<Flags, clap::Error> {
+/// Parses `args` (Go syntax; the config file's `--key=value` pairs may come first); errors name
+/// flags as the user wrote them on the command line `typed`.
+fn parse_typed(typed: &[std::ffi::OsString], args: Vec<std::ffi::OsString>) -> Result<Flags, clap::Error> {
     use clap::{CommandFactory, FromArgMatches};
-    let matches = Flags::command().try_get_matches_from(args)?;
-    let mut flags = Flags::from_arg_matches(&matches)?;
+    let matches = derpfleet_gocompat::try_get_matches(Flags::command(), args)
+        .map_err(|e| derpfleet_gocompat::as_typed(e, typed))?;
+    let mut flags = Flags::from_arg_matches(&matches).map_err(|e| derpfleet_gocompat::as_typed(e, typed))?;
     flags.metrics_addr_explicit =
         matches.value_source("metrics_addr").is_some_and(|s| s != clap::parser::ValueSource::DefaultValue);
     Ok(flags)
-}
-
-/// Why the command line (with its config file) could not be parsed.
-#[derive(Debug, thiserror::Error)]
-pub enum FlagsError {
-    /// A bad flag (clap prints it with usage; `--help` and `--version` land here too).
-    #[error(transparent)]
-    Flags(#[from] clap::Error),
-    /// A bad config file.
-    #[error(transparent)]
-    Config(#[from] crate::startup::config::ConfigError),
 }
 
 /// `+Inf`/`Inf`/`inf` or a non-negative number (connections per second).
@@ -473,8 +438,8 @@ fn parse_trusted_nets(s: &str) -> Result<TrustedNets, String> {
     s.parse()
 }
 
-fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    match parse_go_duration(s)? {
+fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<GoDuration>().map_err(|e| e.to_string())?.get() {
         d if d.is_zero() => Err(format!("{s:?}: must be more than 0")),
         d => Ok(d),
     }
@@ -489,16 +454,42 @@ fn check_verify_url(s: &str) -> Result<String, String> {
 
 fn check_metrics_addr(s: &str) -> Result<String, String> {
     if !s.is_empty() {
-        parse_listen_addr(s)?;
+        check_listen_addr(s)?;
     }
+    Ok(s.to_owned())
+}
+
+/// `-a`: a listen address (checked at parse time so a bad one exits 2 like every bad flag).
+fn check_listen_addr(s: &str) -> Result<String, String> {
+    parse_listen_addr(s).map_err(|e| e.reason)?;
+    Ok(s.to_owned())
+}
+
+/// `-certmode`: `manual`, `letsencrypt`, or `gcp` (known, refused later with a hint).
+fn check_certmode(s: &str) -> Result<String, String> {
+    match s {
+        "manual" | "letsencrypt" | "gcp" => Ok(s.to_owned()),
+        _ => Err(format!("unknown mode {s:?} (use manual, letsencrypt or gcp)")),
+    }
+}
+
+/// `-home`: empty, `blank` or an http(s) URL.
+fn check_home(s: &str) -> Result<String, String> {
+    HomePage::parse(s)?;
+    Ok(s.to_owned())
+}
+
+/// `-mesh-with`: a list of `host[:port][/dialhost]` entries.
+fn check_mesh_with(s: &str) -> Result<String, String> {
+    crate::mesh::parse_mesh_with(s).map_err(|e| e.to_string())?;
     Ok(s.to_owned())
 }
 
 /// Why the relay cannot start with the given flags.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
-    #[error("-a {addr:?}: {reason}")]
-    Addr { addr: String, reason: String },
+    #[error("-a: {0}")]
+    Addr(ListenAddrError),
     #[error("-home: {0}")]
     Home(String),
     #[error(
@@ -536,8 +527,8 @@ pub enum StartupError {
     Allowlist(#[from] AllowlistError),
     #[error("-rate-config: {0}")]
     RateConfig(#[from] RateConfigError),
-    #[error("-metrics-addr {addr:?}: {reason}")]
-    MetricsAddr { addr: String, reason: String },
+    #[error("-metrics-addr: {0}")]
+    MetricsAddr(ListenAddrError),
     #[error("-mesh-psk-file: {0}")]
     MeshKey(#[from] crate::mesh::MeshKeyError),
     #[error(transparent)]
@@ -577,8 +568,8 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
         notes.push("running in dev mode: 127.0.0.1:3340, ephemeral key, plain HTTP".to_owned());
         (SocketAddr::from(([127, 0, 0, 1], 3340)), false)
     } else {
-        parse_listen_addr(&flags.addr)
-            .map_err(|reason| StartupError::Addr { addr: flags.addr.clone(), reason })?
+        let addr = parse_listen_addr(&flags.addr).map_err(StartupError::Addr)?;
+        (addr, addr.port() == 443)
     };
     let home = HomePage::parse(&flags.home).map_err(StartupError::Home)?;
     let private_key = if flags.dev {
@@ -638,7 +629,6 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
         Some(setup.config)
     };
     let http_port = (flags.http_port >= 0).then_some(flags.http_port as u16);
-    let non_zero = |d: Duration| (!d.is_zero()).then_some(d);
     let config = ServerConfig {
         listen,
         tls,
@@ -648,21 +638,21 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
         derp: DerpServerConfig {
             private_key,
             mesh_key: None,
-            write_timeout: non_zero(flags.tcp_write_timeout),
+            write_timeout: flags.tcp_write_timeout.non_zero(),
             queue_depth: queue_depth_from_env(),
         },
         tcp: TcpTuning {
-            keepalive_time: non_zero(flags.tcp_keepalive_time),
-            user_timeout: non_zero(flags.tcp_user_timeout),
+            keepalive_time: flags.tcp_keepalive_time.non_zero(),
+            user_timeout: flags.tcp_user_timeout.non_zero(),
         },
     };
     let mut ops = ops_config(flags, listen, cert_reloader, &mut notes)?;
     ops.acme = acme_task;
     let drain = DrainOptions {
-        reconnect_in: flags.restart_reconnect_in,
-        reconnect_jitter: flags.restart_reconnect_jitter,
-        try_for: flags.restart_try_for,
-        deadline: flags.drain_timeout,
+        reconnect_in: flags.restart_reconnect_in.get(),
+        reconnect_jitter: flags.restart_reconnect_jitter.get(),
+        try_for: flags.restart_try_for.get(),
+        deadline: flags.drain_timeout.get(),
     };
     let (mesh_key, mesh) = mesh_config(flags, &mut notes)?;
     let mut config = config;
@@ -732,9 +722,7 @@ fn ops_config(
     let metrics_addr = if flags.metrics_addr.is_empty() {
         None
     } else {
-        let (addr, _) = parse_listen_addr(&flags.metrics_addr)
-            .map_err(|reason| StartupError::MetricsAddr { addr: flags.metrics_addr.clone(), reason })?;
-        Some(addr)
+        Some(parse_listen_addr(&flags.metrics_addr).map_err(StartupError::MetricsAddr)?)
     };
     let stun = flags.stun.then(|| StunSettings {
         addr: SocketAddr::new(listen.ip(), flags.stun_port),
@@ -765,9 +753,9 @@ fn ops_config(
         rate_config_path: flags.rate_config.clone(),
         stun,
         cert_reloader,
-        cert_reload_interval: (!flags.cert_reload_interval.is_zero()).then_some(flags.cert_reload_interval),
+        cert_reload_interval: flags.cert_reload_interval.non_zero(),
         acme: None,
-        drop_log_interval: flags.drop_log_interval.max(Duration::from_millis(100)),
+        drop_log_interval: flags.drop_log_interval.max(defaults::MIN_DROP_LOG_INTERVAL).get(),
         bootstrap_dns: crate::ops::bootstrap_dns::BootstrapDnsConfig::parse(
             &flags.bootstrap_dns_names,
             &flags.unpublished_bootstrap_dns_names,
@@ -787,7 +775,7 @@ fn queue_depth_from_env() -> usize {
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .filter(|&n: &usize| n > 0)
-        .unwrap_or(derpfleet_proto::consts::PER_CLIENT_SEND_QUEUE_DEPTH)
+        .unwrap_or(defaults::SEND_QUEUE_DEPTH)
 }
 
 fn is_root() -> bool {
@@ -817,98 +805,9 @@ pub fn default_certdir() -> PathBuf {
     base.join("tailscale").join("derper-certs")
 }
 
-/// Parses `-a`: `:443`, `0.0.0.0:443`, `[::]:443`, `127.0.0.1:3340`, `host:https`. Returns the
-/// address (an empty host means all interfaces, `[::]` dual-stack) and whether the port is 443.
-pub fn parse_listen_addr(s: &str) -> Result<(SocketAddr, bool), String> {
-    let (host, port) = s.rsplit_once(':').ok_or_else(|| "missing port (use :443 or ip:port)".to_owned())?;
-    let port: u16 = match port {
-        "https" => 443,
-        "http" => 80,
-        p => p.parse().map_err(|_| format!("bad port {p:?}"))?,
-    };
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    let ip = if host.is_empty() {
-        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-    } else if let Ok(ip) = host.parse::<IpAddr>() {
-        ip
-    } else {
-        (host, port)
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("{host:?} has no address"))?
-            .ip()
-    };
-    Ok((SocketAddr::new(ip, port), port == 443))
-}
-
-/// Parses a Go `time.Duration` string: `0`, or a sequence of decimal numbers with units
-/// `ns`, `us`/`µs`, `ms`, `s`, `m`, `h` (e.g. `2s`, `1h30m`, `1.5s`, `500ms`). Negative values
-/// are rejected (they mean "off" nowhere in our flags; use 0).
-pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?} (examples: 2s, 10m, 1h30m, 500ms)");
-    if s == "0" || s == "+0" {
-        return Ok(Duration::ZERO);
-    }
-    let mut rest = s.strip_prefix('+').unwrap_or(s);
-    if rest.is_empty() || rest.starts_with('-') {
-        return Err(bad());
-    }
-    let mut total = 0f64;
-    while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
-        if num_len == 0 {
-            return Err(bad());
-        }
-        let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
-        rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let nanos_per = match &rest[..unit_len] {
-            "ns" => 1.0,
-            "us" | "µs" | "μs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return Err(bad()),
-        };
-        total += value * nanos_per;
-        rest = &rest[unit_len..];
-    }
-    if !total.is_finite() || total > u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok(Duration::from_nanos(total.round() as u64))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_go_duration("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse_go_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_go_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_go_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
-        for bad in ["", "2", "s", "2x", "-1s", "1..2s", "1h30"] {
-            assert!(parse_go_duration(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn listen_addrs() {
-        assert_eq!(parse_listen_addr(":443").unwrap(), ("[::]:443".parse().unwrap(), true));
-        assert_eq!(parse_listen_addr("0.0.0.0:443").unwrap(), ("0.0.0.0:443".parse().unwrap(), true));
-        assert_eq!(parse_listen_addr("[::]:443").unwrap(), ("[::]:443".parse().unwrap(), true));
-        assert_eq!(parse_listen_addr("127.0.0.1:3340").unwrap(), ("127.0.0.1:3340".parse().unwrap(), false));
-        assert_eq!(parse_listen_addr("127.0.0.1:https").unwrap(), ("127.0.0.1:443".parse().unwrap(), true));
-        assert!(parse_listen_addr("localhost:https").unwrap().0.ip().is_loopback());
-        assert!(parse_listen_addr("443").is_err());
-        assert!(parse_listen_addr(":99999").is_err());
-    }
 
     #[test]
     fn derper_command_lines_parse() {
@@ -919,11 +818,11 @@ mod tests {
         assert_eq!(f.home, "blank");
         let f = Flags::parse_go(["x", "--a", ":8443", "-http-port", "-1", "-tcp-write-timeout=0"]).unwrap();
         assert_eq!((f.addr.as_str(), f.http_port), (":8443", -1));
-        assert_eq!(f.tcp_write_timeout, Duration::ZERO);
+        assert_eq!(f.tcp_write_timeout, GoDuration::ZERO);
         let f = Flags::parse_go(["x"]).unwrap();
         assert_eq!((f.addr.as_str(), f.http_port, f.stun, f.derp), (":443", 80, true, true));
         assert_eq!(f.certmode, "letsencrypt");
-        assert_eq!(f.tcp_keepalive_time, Duration::from_secs(600));
+        assert_eq!(f.tcp_keepalive_time, GoDuration::from_secs(600));
         assert!(Flags::parse_go(["x", "-tcp-user-timeout", "soon"]).is_err());
         assert!(Flags::parse_go(["x", "-stun=maybe"]).is_err());
     }

@@ -1,9 +1,12 @@
 //! The TOML configuration file (`-config FILE`): every command-line flag, by the same name.
 //!
 //! Keys are the flag names without the dash (`a`, `stun-port`, `verify-client-url`…); `_` may be
-//! written for `-` (`stun_port`). Values are TOML strings, integers, floats, booleans, or (for
-//! list flags such as `mesh-with`) arrays of strings, joined with commas. Durations are strings in
-//! Go syntax (`"10m"`). Flags on the command line override the file.
+//! written for `-` (`stun_port`). Each value must have the TOML type of its flag: integers for
+//! `int` flags (`stun-port = 3478`, not `"3478"`), booleans for `bool` flags, numbers for `float`
+//! flags (or the string `"+Inf"` that `--help` shows), strings for everything else (durations in
+//! Go syntax, `"10m"`); list flags (`mesh-with`) also take an array of strings, joined with
+//! commas. A value of the wrong type is an error, not a conversion. Flags on the command line
+//! override the file.
 //!
 //! How: each key/value becomes `--key=value` in front of the real command line, and the whole is
 //! parsed by the same clap definition as the flags (so the file cannot drift from `--help`, and
@@ -21,6 +24,15 @@ use crate::startup::cli::Flags;
 /// Flags that make no sense in the file.
 const NOT_IN_FILE: &[&str] = &["help", "version", "config"];
 
+/// Flags whose value is a comma-separated list (an array of strings is accepted for them).
+const LIST_FLAGS: &[&str] = &[
+    "mesh-with",
+    "proxy-protocol-trusted",
+    "forwarded-trusted",
+    "bootstrap-dns-names",
+    "unpublished-bootstrap-dns-names",
+];
+
 /// Why the configuration file is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -30,6 +42,33 @@ pub enum ConfigError {
     Syntax { path: PathBuf, message: String },
     #[error("config file {path}, line {line}, key {key:?}: {reason}")]
     Key { path: PathBuf, line: usize, key: String, reason: String },
+}
+
+/// Parses a command line that may name a `-config` TOML file: the file's settings come first,
+/// the command line overrides them.
+pub fn parse_with_config<I, T>(args: I) -> Result<Flags, FlagsError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString>,
+{
+    let typed: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let normalized = derpfleet_gocompat::normalize_args(typed.iter().cloned());
+    let from_file = match config_arg(&normalized) {
+        Some(path) => load_args(&path)?,
+        None => Vec::new(),
+    };
+    Ok(Flags::parse_go_after(from_file, typed)?)
+}
+
+/// Why the command line (with its config file) could not be parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagsError {
+    /// A bad flag (clap prints it with usage; `--help` and `--version` land here too).
+    #[error(transparent)]
+    Flags(#[from] clap::Error),
+    /// A bad config file.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// Reads `path` and turns it into `--key=value` arguments.
@@ -65,10 +104,12 @@ pub fn args_from_toml(path: &Path, text: &str) -> Result<Vec<String>, ConfigErro
             key: key.get_ref().clone(),
             reason,
         };
-        let known = command.get_arguments().any(|a| a.get_long() == Some(name.as_str()));
-        if !known || NOT_IN_FILE.contains(&name.as_str()) {
+        let arg = command.get_arguments().find(|a| a.get_long() == Some(name.as_str()));
+        let Some(arg) = arg.filter(|_| !NOT_IN_FILE.contains(&name.as_str())) else {
             return Err(err("unknown key (the keys are the flag names shown by --help)".to_owned()));
-        }
+        };
+        let kind = arg.get_value_names().and_then(|v| v.first()).map(|n| n.as_str()).unwrap_or("");
+        check_type(kind, LIST_FLAGS.contains(&name.as_str()), value.get_ref()).map_err(err)?;
         let value = value_text(value.get_ref()).map_err(err)?;
         let arg = format!("--{name}={value}");
         if let Err(e) = Flags::try_parse_from(["derpfleet-relay", arg.as_str()]) {
@@ -77,6 +118,42 @@ pub fn args_from_toml(path: &Path, text: &str) -> Result<Vec<String>, ConfigErro
         args.push(arg);
     }
     Ok(args)
+}
+
+/// Checks that `v` has the TOML type of a flag whose clap value name is `kind`.
+fn check_type(kind: &str, list: bool, v: &toml::Value) -> Result<(), String> {
+    use toml::Value::{Array, Boolean, Float, Integer, String as Str};
+    let ok = match (kind, v) {
+        (_, Array(_)) => list,
+        ("int", Integer(_)) | ("bool", Boolean(_)) => true,
+        ("float", Integer(_) | Float(_)) => true,
+        ("float", Str(s)) => s.trim_start_matches('+').eq_ignore_ascii_case("inf"),
+        ("int" | "bool" | "float", _) => false,
+        (_, Str(_)) => true,
+        // Flags without a declared kind take any scalar, as on the command line.
+        ("", Integer(_) | Float(_) | Boolean(_)) => true,
+        _ => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    let want = match kind {
+        "int" => "an integer",
+        "bool" => "a boolean (true or false)",
+        "float" => "a number (or \"+Inf\")",
+        _ if list => "a string or an array of strings",
+        _ => "a string",
+    };
+    let found = match v {
+        Str(s) => format!("the string {s:?}"),
+        Integer(i) => format!("the integer {i}"),
+        Float(f) => format!("the number {f}"),
+        Boolean(b) => format!("the boolean {b}"),
+        Array(_) => "an array".to_owned(),
+        toml::Value::Datetime(d) => format!("the date {d}"),
+        toml::Value::Table(_) => "a table (use top-level keys)".to_owned(),
+    };
+    Err(format!("expected {want}, found {found}"))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -165,6 +242,37 @@ mod tests {
         assert!(s.contains("r.toml") && s.contains("line"), "{s}");
         let s = args_from_toml(Path::new("r.toml"), "[table]\nx = 1\n").unwrap_err().to_string();
         assert!(s.contains("table"), "{s}");
+    }
+
+    #[test]
+    fn wrong_types_are_rejected_with_file_line_key_and_reason() {
+        for (text, line, key, reason) in [
+            ("stun-port = \"3478\"\n", 1, "stun-port", "expected an integer, found the string \"3478\""),
+            ("a = \":1\"\nhostname = 123\n", 2, "hostname", "expected a string, found the integer 123"),
+            ("hostname = [\"a\", \"b\"]\n", 1, "hostname", "expected a string, found an array"),
+            ("stun = \"false\"\n", 1, "stun", "expected a boolean"),
+            ("dev = 1\n", 1, "dev", "expected a boolean"),
+            ("tcp-write-timeout = 2\n", 1, "tcp-write-timeout", "expected a string, found the integer 2"),
+            ("accept-connection-limit = true\n", 1, "accept-connection-limit", "expected a number"),
+            ("stun-port = [3478]\n", 1, "stun-port", "found an array"),
+            ("mesh-with = [1]\n", 1, "mesh-with", "list items must be strings"),
+        ] {
+            let s = args_from_toml(Path::new("t.toml"), text).unwrap_err().to_string();
+            for needle in ["t.toml", &format!("line {line}"), key, reason] {
+                assert!(s.contains(needle), "{text:?}: {needle:?} missing from {s}");
+            }
+        }
+        let ok = "mesh-with = [\"a.example\", \"b.example\"]\naccept-connection-limit = \"+Inf\"\n\
+                  accept-connection-limit-per-ip = 5\n";
+        let args = args_from_toml(Path::new("t.toml"), ok).unwrap();
+        assert_eq!(
+            args,
+            [
+                "--mesh-with=a.example,b.example",
+                "--accept-connection-limit=+Inf",
+                "--accept-connection-limit-per-ip=5"
+            ]
+        );
     }
 
     #[test]

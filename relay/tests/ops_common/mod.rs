@@ -1,4 +1,4 @@
-//! Shared fixtures for the operations tests (issue 4): the relay binary as a child process, a
+//! Shared fixtures for the operations tests: the relay binary as a child process, a
 //! canned local HTTP server standing in for an admission controller, metric scraping. The CLI
 //! tests (`cli_binary.rs`) use the same process fixture.
 #![allow(dead_code)]

@@ -1,0 +1,211 @@
+//! What other tasks hand one connection for sending: its [`Outbox`] (data, disco, Pong and control
+//! queues), the [`Packet`] and [`Control`] items in it, and the connection's [`SeenSources`].
+//!
+//! Spec §1.5. Producers (other connections' readers, the registry) never block: packets go into
+//! a head-drop data or disco queue (depth `queue_depth`), a Pong into a one-slot mailbox (a Ping
+//! arriving while it is full is dropped), PeerGone/PeerPresent into a bounded control queue
+//! (refused and counted when full). Every push is followed by `Notify::notify_one`, whose stored
+//! permit means a wakeup is never lost between "queues look empty" and "wait". The registry and
+//! the send loop ([`crate::core::writer`]) both build on this module, which imports neither.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use derpfleet_proto::consts::PING_DATA_LEN;
+use derpfleet_proto::msg::PeerGoneReason;
+use derpfleet_proto::NodePublic;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::core::metrics::{DropReason, Metrics, PacketKind};
+use crate::core::queue::BoundedQueue;
+
+/// A packet waiting in a destination's queue.
+#[derive(Debug)]
+pub struct Packet {
+    /// The sender's key (written in front of the data in RecvPacket).
+    pub src: NodePublic,
+    /// The packet data: a slice of the sender's read buffer, copied only into the write buffer.
+    pub data: Bytes,
+    /// When it was queued (for `derp_queue_delay_seconds`).
+    pub enqueued: Instant,
+}
+
+/// A server-generated frame for one connection, other than packets and Pongs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// `key` is gone for `reason`.
+    PeerGone(NodePublic, PeerGoneReason),
+    /// (Watchers) `key` connected from `endpoint` with these PeerPresent flags.
+    PeerPresent(NodePublic, SocketAddr, u8),
+    /// The server is going away (graceful shutdown): the send loop writes this after everything
+    /// queued before it, flushes, and ends the connection.
+    Restarting {
+        /// When the client should reconnect.
+        reconnect_in: Duration,
+        /// How long it should keep trying.
+        try_for: Duration,
+    },
+}
+
+/// Everything other tasks can hand one connection for sending. Never blocks.
+#[derive(Debug)]
+pub struct Outbox {
+    pub(super) data: BoundedQueue<Packet>,
+    pub(super) disco: BoundedQueue<Packet>,
+    pub(super) pong: Mutex<Option<[u8; PING_DATA_LEN]>>,
+    pub(super) control: BoundedQueue<Control>,
+    pub(super) notify: Notify,
+    pub(super) closed: AtomicBool,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+impl Outbox {
+    /// An empty outbox: data and disco queues of `depth`, a control queue of `control_depth`.
+    pub fn new(depth: usize, control_depth: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            data: BoundedQueue::new(depth),
+            disco: BoundedQueue::new(depth),
+            pong: Mutex::new(None),
+            control: BoundedQueue::new(control_depth),
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
+    /// Queues a packet from `src`. A full queue drops its oldest packet (`queue_head`); a closed
+    /// connection drops the new one (`gone_disconnected`). Returns false in the latter case.
+    #[inline]
+    pub fn send_packet(&self, src: NodePublic, data: Bytes, kind: PacketKind) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            self.metrics.drop_packet(DropReason::GoneDisconnected, kind, data.len());
+            return false;
+        }
+        let queue = match kind {
+            PacketKind::Disco => &self.disco,
+            PacketKind::Other => &self.data,
+        };
+        if let Some(old) = queue.push_drop_head(Packet { src, data, enqueued: Instant::now() }) {
+            self.metrics.drop_packet(DropReason::QueueHead, kind, old.data.len());
+        }
+        self.notify.notify_one();
+        true
+    }
+
+    /// Queues a Pong echoing `data`, unless one is already waiting (then this one is dropped, as
+    /// derper does with its depth-1 channel). Returns whether it was queued.
+    pub fn send_pong(&self, data: [u8; PING_DATA_LEN]) -> bool {
+        {
+            let mut slot = self.pong.lock();
+            if slot.is_some() || self.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            *slot = Some(data);
+        }
+        self.notify.notify_one();
+        true
+    }
+
+    /// Queues a control frame; refused (and counted) when the control queue is full or closed.
+    pub fn send_control(&self, c: Control) -> bool {
+        if self.closed.load(Ordering::Acquire) || self.control.try_push(c).is_err() {
+            self.metrics.control_frames_dropped.increment(1);
+            return false;
+        }
+        self.notify.notify_one();
+        true
+    }
+
+    /// Queues many control frames at once; returns how many were refused (and counted).
+    pub fn send_controls(&self, items: Vec<Control>) -> usize {
+        if self.closed.load(Ordering::Acquire) {
+            self.metrics.control_frames_dropped.increment(items.len() as u64);
+            return items.len();
+        }
+        let refused = self.control.try_push_all(items);
+        self.metrics.control_frames_dropped.increment(refused as u64);
+        self.notify.notify_one();
+        refused
+    }
+
+    /// True once the connection is closing: nothing more will be written.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection closed and counts every packet still queued as `gone_disconnected`.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.count_leftovers();
+        self.notify.notify_one();
+    }
+
+    fn count_leftovers(&self) {
+        for (queue, kind) in [(&self.data, PacketKind::Other), (&self.disco, PacketKind::Disco)] {
+            let left = queue.take_all();
+            let bytes = left.iter().map(|p| p.data.len()).sum();
+            self.metrics.drop_packets(DropReason::GoneDisconnected, kind, left.len() as u64, bytes);
+        }
+        self.control.take_all();
+    }
+
+    /// Queued data plus disco packets (for tests and debugging).
+    pub fn queued_packets(&self) -> usize {
+        self.data.len() + self.disco.len()
+    }
+
+    /// Releases queue storage if everything is empty (idle connections).
+    pub(super) fn trim(&self) {
+        self.data.shrink_if_empty();
+        self.disco.shrink_if_empty();
+        self.control.shrink_if_empty();
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        // A packet pushed after `close` (a sender that saw the flag just before it was set).
+        self.count_leftovers();
+    }
+}
+
+/// The source keys one connection has been sent packets from (spec §1.6, "sawSrc").
+///
+/// Owned by the send loop, so the per-packet check touches no shared state; the first packet from
+/// a new source is recorded in the registry's shared index.
+#[derive(Debug, Default)]
+pub struct SeenSources {
+    last: Option<NodePublic>,
+    keys: HashSet<NodePublic>,
+}
+
+impl SeenSources {
+    /// Every source seen.
+    pub fn keys(&self) -> impl Iterator<Item = &NodePublic> {
+        self.keys.iter()
+    }
+
+    /// Forgets `src` once the receiver is told it left, so that a later return is recorded again.
+    pub(super) fn forget(&mut self, src: &NodePublic) {
+        if self.last.as_ref() == Some(src) {
+            self.last = None;
+        }
+        self.keys.remove(src);
+    }
+
+    /// Records `src`; true when it is new.
+    #[inline]
+    pub(super) fn note(&mut self, src: NodePublic) -> bool {
+        if self.last == Some(src) {
+            return false;
+        }
+        self.last = Some(src);
+        self.keys.insert(src)
+    }
+}
