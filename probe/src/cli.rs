@@ -159,42 +159,10 @@ pub struct FlagError {
     pub is_help: bool,
 }
 
-/// Parses a Go `time.Duration` string: `0`, or decimal numbers with units `ns`, `us`/`µs`, `ms`, `s`,
-/// `m`, `h` (`15s`, `1m30s`, `500ms`). Negative values are rejected.
+/// Parses a Go `time.Duration` string (`15s`, `1m30s`, `500ms`, `0`) with the workspace's one Go
+/// duration parser; negative values are rejected.
 pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?} (examples: 15s, 1m, 500ms)");
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let mut rest = s.strip_prefix('+').unwrap_or(s);
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    let mut total = 0f64;
-    while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
-        if num_len == 0 {
-            return Err(bad());
-        }
-        let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
-        rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let nanos = match &rest[..unit_len] {
-            "ns" => 1.0,
-            "us" | "µs" | "μs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return Err(bad()),
-        };
-        total += value * nanos;
-        rest = &rest[unit_len..];
-    }
-    if !total.is_finite() || total > 1e18 {
-        return Err(bad());
-    }
-    Ok(Duration::from_nanos(total.round() as u64))
+    s.parse::<derpfleet_gocompat::GoDuration>().map(derpfleet_gocompat::GoDuration::get)
 }
 
 #[cfg(test)]
