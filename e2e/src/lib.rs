@@ -7,6 +7,7 @@
 //! - [`pathlab`]: the NAT lab for the reference node's path tests (speed, roaming, IPv6).
 //! - [`Child`]: a spawned process that is killed (and reaped) on drop, so no test leaves one behind.
 
+pub mod delay;
 pub mod netns;
 pub mod pathlab;
 

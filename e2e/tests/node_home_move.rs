@@ -21,12 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use derpfleet_e2e::delay::{tcp_delay, udp_delay, Delay};
 use derpfleet_e2e::netns::{unique_tag, veth, Netns};
 use derpfleet_e2e::{bin_path, Child};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
 
 // ---------------------------------------------------------------------------------------------
 // The netcheck lab's delaying forwarder (same design: one thread in the router namespace, one
@@ -78,93 +76,6 @@ impl Drop for NsThread {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// One-way delay in microseconds.
-type Delay = Arc<AtomicU64>;
-
-fn now_delay(d: &Delay) -> Duration {
-    Duration::from_micros(d.load(Relaxed))
-}
-
-async fn udp_delay(listen: SocketAddr, upstream: SocketAddr, one_way: Delay) -> Result<()> {
-    let front = Arc::new(UdpSocket::bind(listen).await.with_context(|| format!("bind {listen}"))?);
-    let mut sessions: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
-    let mut buf = vec![0u8; 65536];
-    loop {
-        let (n, client) = front.recv_from(&mut buf).await?;
-        let back = match sessions.get(&client) {
-            Some(s) => s.clone(),
-            None => {
-                let s = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
-                s.connect(upstream).await?;
-                let (s2, front2, d2) = (s.clone(), front.clone(), one_way.clone());
-                tokio::spawn(async move {
-                    let mut b = vec![0u8; 65536];
-                    loop {
-                        let n = match s2.recv(&mut b).await {
-                            Ok(n) => n,
-                            // The relay is down (ICMP port unreachable): keep the session.
-                            Err(_) => continue,
-                        };
-                        let (pkt, f, wait) = (b[..n].to_vec(), front2.clone(), now_delay(&d2));
-                        tokio::spawn(async move {
-                            tokio::time::sleep(wait).await;
-                            let _ = f.send_to(&pkt, client).await;
-                        });
-                    }
-                });
-                sessions.insert(client, s.clone());
-                s
-            }
-        };
-        let (pkt, wait) = (buf[..n].to_vec(), now_delay(&one_way));
-        tokio::spawn(async move {
-            tokio::time::sleep(wait).await;
-            let _ = back.send(&pkt).await;
-        });
-    }
-}
-
-async fn delayed_pipe<R, W>(mut r: R, mut w: W, one_way: Delay)
-where
-    R: tokio::io::AsyncRead + Unpin + Send + 'static,
-    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-    let writer = tokio::spawn(async move {
-        while let Some((due, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
-            if w.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-        let _ = w.shutdown().await;
-    });
-    let mut buf = vec![0u8; 65536];
-    while let Ok(n) = r.read(&mut buf).await {
-        if n == 0 || tx.send((tokio::time::Instant::now() + now_delay(&one_way), buf[..n].to_vec())).is_err()
-        {
-            break;
-        }
-    }
-    drop(tx);
-    let _ = writer.await;
-}
-
-async fn tcp_delay(listen: SocketAddr, upstream: SocketAddr, one_way: Delay) -> Result<()> {
-    let l = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
-    loop {
-        let (c, _) = l.accept().await?;
-        let one_way = one_way.clone();
-        tokio::spawn(async move {
-            let Ok(u) = TcpStream::connect(upstream).await else { return };
-            let _ = (c.set_nodelay(true), u.set_nodelay(true));
-            let (cr, cw) = c.into_split();
-            let (ur, uw) = u.into_split();
-            tokio::join!(delayed_pipe(cr, uw, one_way.clone()), delayed_pipe(ur, cw, one_way));
-        });
     }
 }
 
