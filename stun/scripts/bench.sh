@@ -3,6 +3,8 @@
 # 2 SO_REUSEPORT sockets), offers load with the `stun-bench` example, and prints answers/s plus
 # the responder's own CPU time per answer (from /proc, so the figure survives a busy machine).
 # Usage: stun/scripts/bench.sh [SECONDS] [RATE]   (run from the workspace root)
+#   STUN_BIND=0.0.0.0 binds the responder to the wildcard address (answers then carry packet info);
+#   STUN_BIN=path runs another responder build (to compare two builds in one session).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${1:-5}
@@ -10,11 +12,13 @@ rate=${2:-235000}
 port=34780
 mport=34781
 cargo build --release -q -p derpfleet-stun --bin derpfleet-stun --example stun-bench
-bin=target/release/derpfleet-stun
+bin=${STUN_BIN:-target/release/derpfleet-stun}
+bind=${STUN_BIND:-127.0.0.1}
 bench=target/release/examples/stun-bench
 
 echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC'); $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'); load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-$bin -a 127.0.0.1:$port -rate-limit=0 -sockets 2 -metrics-addr 127.0.0.1:$mport >/dev/null 2>&1 &
+echo "# responder $bin bound to $bind:$port"
+$bin -a $bind:$port -rate-limit=0 -sockets 2 -metrics-addr 127.0.0.1:$mport >/dev/null 2>&1 &
 srv=$!
 trap 'kill $srv 2>/dev/null || true' EXIT
 sleep 0.5

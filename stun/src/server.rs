@@ -267,7 +267,7 @@ async fn socket_loop(inner: Arc<Inner>, sock: UdpSocket, cancel: CancellationTok
                     }
                 }
                 // A receive batch and a send batch hold the same number of datagrams.
-                tx.push(from, |buf| write_response(txid, src, buf));
+                tx.push_from(from, pkt.local, |buf| write_response(txid, src, buf));
             }
             if !flush(&sock, &mut tx, &mut tally, &inner.metrics, &cancel).await {
                 return;
@@ -373,6 +373,10 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocke
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
+    if addr.ip().is_unspecified() {
+        // Answer from the address each request came to, not from whichever one routing picks.
+        crate::batch::enable_packet_info(std::os::fd::AsFd::as_fd(&sock), addr.is_ipv6())?;
+    }
     Ok(sock.into())
 }
 
