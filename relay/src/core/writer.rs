@@ -75,18 +75,19 @@ impl InFlight {
 }
 
 /// The send loop of one connection. Returns when the connection is cancelled (Ok) or a write
-/// fails; `seen` collects the source keys this connection was sent packets from.
+/// fails; `seen` collects the source keys this connection was sent packets from (and tells
+/// `registry` the first time).
 pub async fn run_writer<W>(
     w: &mut W,
     conn: &Arc<Conn>,
     registry: &Registry,
+    metrics: &Metrics,
     settings: WriterSettings,
     seen: &mut SeenSources,
 ) -> Result<(), WriteError>
 where
     W: AsyncWrite + Unpin,
 {
-    let metrics = &*registry.metrics;
     let out = &conn.out;
     let mut buf = BytesMut::new();
     let mut in_flight = InFlight::default();

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use clap::{CommandFactory, Parser};
 use toml::Spanned;
 
-use crate::startup::cli::Flags;
+use crate::startup::flags::Flags;
 
 /// Flags that make no sense in the file.
 const NOT_IN_FILE: &[&str] = &["help", "version", "config"];
