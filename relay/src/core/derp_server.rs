@@ -31,7 +31,7 @@ use crate::core::outbox::SeenSources;
 use crate::core::reader::Reader;
 use crate::core::recv_limit::SharedRecvRate;
 use crate::core::registry::Registry;
-use crate::core::writer::{self, WriterSettings};
+use crate::core::writer::{self, WriterConfig};
 
 /// How long a closing connection may take to shut its write side down.
 const SHUTDOWN_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -66,7 +66,7 @@ impl DerpServerConfig {
 /// Less common settings of the server core, kept apart from [`DerpServerConfig`] so that the
 /// contract struct keeps its fields. `Default` is derper's behaviour.
 #[derive(Clone, Debug)]
-pub struct CoreOptions {
+pub struct CoreConfig {
     /// Write deadline for mesh peers (30 s).
     pub mesh_write_timeout: Duration,
     /// Deadline for the ServerKey write and the ClientInfo read (10 s).
@@ -81,7 +81,7 @@ pub struct CoreOptions {
     pub recv_rate: Option<Arc<SharedRecvRate>>,
 }
 
-impl Default for CoreOptions {
+impl Default for CoreConfig {
     fn default() -> Self {
         Self {
             mesh_write_timeout: MESH_WRITE_TIMEOUT,
@@ -97,7 +97,7 @@ impl Default for CoreOptions {
 /// The DERP server core, shared by all connections.
 pub struct DerpServer {
     config: DerpServerConfig,
-    options: CoreOptions,
+    options: CoreConfig,
     public_key: NodePublic,
     registry: Registry,
     metrics: Arc<Metrics>,
@@ -124,11 +124,11 @@ impl Drop for DerpServer {
 impl DerpServer {
     /// Creates the core. Inside a Tokio runtime it also starts a small metrics upkeep task.
     pub fn new(config: DerpServerConfig) -> Arc<Self> {
-        Self::with_options(config, CoreOptions::default())
+        Self::with_options(config, CoreConfig::default())
     }
 
-    /// [`DerpServer::new`] with non-default [`CoreOptions`].
-    pub fn with_options(config: DerpServerConfig, options: CoreOptions) -> Arc<Self> {
+    /// [`DerpServer::new`] with non-default [`CoreConfig`].
+    pub fn with_options(config: DerpServerConfig, options: CoreConfig) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new());
         let public_key = config.private_key.public();
         let upkeep = tokio::runtime::Handle::try_current().ok().map(|rt| {
@@ -168,7 +168,7 @@ impl DerpServer {
     }
 
     /// The less common settings it runs with.
-    pub fn options(&self) -> &CoreOptions {
+    pub fn options(&self) -> &CoreConfig {
         &self.options
     }
 
@@ -234,7 +234,7 @@ impl DerpServer {
             self.metrics.current_notideal_connections.increment(1.0);
         }
 
-        let settings = WriterSettings {
+        let settings = WriterConfig {
             write_timeout: if conn.can_mesh {
                 Some(self.options.mesh_write_timeout)
             } else {

@@ -14,11 +14,11 @@
 //! - [`metrics`]: every DERP series with derper's names, and the drop reasons.
 
 pub mod derp_server;
-pub mod handshake;
+pub(crate) mod handshake;
 pub mod metrics;
 pub mod outbox;
-pub mod queue;
-pub mod reader;
+pub(crate) mod queue;
+pub(crate) mod reader;
 pub mod recv_limit;
 pub mod registry;
-pub mod writer;
+pub(crate) mod writer;

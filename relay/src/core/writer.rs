@@ -40,7 +40,7 @@ pub enum WriteError {
 
 /// Per-connection settings of the send loop.
 #[derive(Clone, Copy, Debug)]
-pub struct WriterSettings {
+pub struct WriterConfig {
     /// Deadline of each write (None = none).
     pub write_timeout: Option<Duration>,
     /// KeepAlive period for this connection (interval plus this connection's jitter).
@@ -82,7 +82,7 @@ pub async fn run_writer<W>(
     conn: &Arc<Conn>,
     registry: &Registry,
     metrics: &Metrics,
-    settings: WriterSettings,
+    settings: WriterConfig,
     seen: &mut SeenSources,
 ) -> Result<(), WriteError>
 where
@@ -179,7 +179,7 @@ async fn write_buf<W>(
     w: &mut W,
     buf: &[u8],
     conn: &Conn,
-    settings: WriterSettings,
+    settings: WriterConfig,
     metrics: &Metrics,
     in_flight: &mut InFlight,
     flush: bool,

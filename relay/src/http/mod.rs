@@ -11,7 +11,7 @@
 pub mod forwarded;
 pub mod proxy_protocol;
 pub mod tls;
-pub mod websocket;
+pub(crate) mod websocket;
 
 use std::convert::Infallible;
 use std::io;

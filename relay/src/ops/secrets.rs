@@ -39,7 +39,7 @@ const BODY_LIMIT: usize = 1 << 20;
 
 /// Where and what to fetch.
 #[derive(Clone, Debug)]
-pub struct SecretsSettings {
+pub struct SecretsConfig {
     /// `-secrets-url`.
     pub url: String,
     /// `-secrets-path-prefix`.
@@ -48,7 +48,7 @@ pub struct SecretsSettings {
     pub cache_path: PathBuf,
 }
 
-impl SecretsSettings {
+impl SecretsConfig {
     /// The mesh key's secret name, `<prefix>/meshkey` (Go's `path.Join`).
     pub fn mesh_key_name(&self) -> String {
         let prefix = self.path_prefix.trim_end_matches('/');
@@ -103,7 +103,7 @@ pub struct SecretValue {
 
 /// Gets the mesh key text from the cache or setec, blocking until it has it (see the module
 /// docs). Runs on its own thread so it can be called from inside the relay's runtime.
-pub fn mesh_key_blocking(settings: &SecretsSettings) -> Result<String, SecretsError> {
+pub fn mesh_key_blocking(settings: &SecretsConfig) -> Result<String, SecretsError> {
     let settings = settings.clone();
     let worker = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -116,7 +116,7 @@ pub fn mesh_key_blocking(settings: &SecretsSettings) -> Result<String, SecretsEr
 }
 
 /// [`mesh_key_blocking`], async.
-pub async fn mesh_key(settings: &SecretsSettings) -> Result<String, SecretsError> {
+pub async fn mesh_key(settings: &SecretsConfig) -> Result<String, SecretsError> {
     let uri: Uri = settings.url.parse().map_err(|_| SecretsError::Url(settings.url.clone()))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
         return Err(SecretsError::Url(settings.url.clone()));
@@ -296,7 +296,7 @@ mod tests {
 
     #[test]
     fn names_join_like_go_path_join() {
-        let s = |p: &str| SecretsSettings {
+        let s = |p: &str| SecretsConfig {
             url: String::new(),
             path_prefix: p.into(),
             cache_path: PathBuf::new(),

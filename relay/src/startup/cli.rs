@@ -19,7 +19,7 @@ use crate::http::tls::{self, TlsError};
 use crate::http::HomePage;
 use crate::ops::admission::{Allowlist, AllowlistError, VerifyUrl, VerifyUrlError};
 use crate::ops::ratelimit::{load_rate_config, AcceptRate, RateConfigError, RecvRate};
-use crate::server::{DrainOptions, OpsConfig, ServerConfig, StunSettings, TcpTuning};
+use crate::server::{DrainConfig, OpsConfig, ServerConfig, StunListenConfig, TcpConfig};
 use crate::startup::flags::Flags;
 use crate::startup::keyfile::{self, KeyFileError};
 
@@ -90,7 +90,7 @@ pub struct Startup {
     /// Admission, limits, metrics, STUN, certificate reload.
     pub ops: OpsConfig,
     /// What a graceful shutdown does.
-    pub drain: DrainOptions,
+    pub drain: DrainConfig,
     /// The mesh to start next to the server (`-mesh-with`), if any.
     pub mesh: Option<crate::mesh::MeshConfig>,
 }
@@ -179,14 +179,14 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
             write_timeout: flags.tcp_write_timeout.non_zero(),
             queue_depth: queue_depth_from_env(),
         },
-        tcp: TcpTuning {
+        tcp: TcpConfig {
             keepalive_time: flags.tcp_keepalive_time.non_zero(),
             user_timeout: flags.tcp_user_timeout.non_zero(),
         },
     };
     let mut ops = ops_config(flags, listen, cert_reloader, &mut notes)?;
     ops.acme = acme_task;
-    let drain = DrainOptions {
+    let drain = DrainConfig {
         reconnect_in: flags.restart_reconnect_in.get(),
         reconnect_jitter: flags.restart_reconnect_jitter.get(),
         try_for: flags.restart_try_for.get(),
@@ -206,7 +206,7 @@ fn mesh_config(
     use crate::mesh;
     let key = if !flags.dev && !flags.secrets_url.is_empty() {
         // derper's order: setec wins over -mesh-psk-file (see crate::ops::secrets).
-        let settings = crate::ops::secrets::SecretsSettings {
+        let settings = crate::ops::secrets::SecretsConfig {
             url: flags.secrets_url.clone(),
             path_prefix: flags.secrets_path_prefix.clone(),
             cache_path: flags
@@ -262,7 +262,7 @@ fn ops_config(
     } else {
         Some(parse_listen_addr(&flags.metrics_addr).map_err(StartupError::MetricsAddr)?)
     };
-    let stun = flags.stun.then(|| StunSettings {
+    let stun = flags.stun.then(|| StunListenConfig {
         addr: SocketAddr::new(listen.ip(), flags.stun_port),
         config: StunConfig {
             strict: flags.stun_strict,
