@@ -183,6 +183,7 @@ impl Default for DrainConfig {
 }
 
 /// Why the server could not start.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error("listening on {addr}: {source}")]

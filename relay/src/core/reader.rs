@@ -32,7 +32,7 @@ const READ_SMALL: usize = 2 << 10;
 
 /// Why a reader loop ended with an error. Only this connection closes.
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
+pub(crate) enum SessionError {
     /// The transport failed.
     #[error("read failed: {0}")]
     Io(#[from] std::io::Error),
@@ -48,7 +48,7 @@ pub enum SessionError {
 const HOME_MOVE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The reader side of one connection.
-pub struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     conn: &'a Arc<Conn>,
     registry: &'a Registry,
     metrics: &'a Metrics,
@@ -98,7 +98,7 @@ impl RecvTally {
 
 impl<'a> Reader<'a> {
     /// A reader for `conn`, routing through `registry` and counting into `metrics`.
-    pub fn new(conn: &'a Arc<Conn>, registry: &'a Registry, metrics: &'a Metrics) -> Self {
+    pub(crate) fn new(conn: &'a Arc<Conn>, registry: &'a Registry, metrics: &'a Metrics) -> Self {
         Self {
             conn,
             registry,
@@ -112,14 +112,14 @@ impl<'a> Reader<'a> {
     }
 
     /// Limits this reader's receive rate (None = unlimited).
-    pub fn with_recv_limit(mut self, limit: Option<ClientRecvLimiter>) -> Self {
+    pub(crate) fn with_recv_limit(mut self, limit: Option<ClientRecvLimiter>) -> Self {
         self.recv_limit = limit;
         self
     }
 
     /// Reads and handles frames until EOF (Ok), cancellation (Ok) or an error. `buf` may hold
     /// bytes already read during the handshake.
-    pub async fn run<R>(
+    pub(crate) async fn run<R>(
         mut self,
         r: &mut R,
         mut buf: BytesMut,
@@ -192,7 +192,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Dispatches one frame.
-    pub fn handle_frame(&mut self, f: RawFrame) -> Result<(), SessionError> {
+    pub(crate) fn handle_frame(&mut self, f: RawFrame) -> Result<(), SessionError> {
         if self.conn.is_dup() {
             self.registry.note_activity(self.conn);
         }

@@ -88,6 +88,7 @@ pub struct HttpContext {
 }
 
 /// Why the first request could not be read; the connection is closed.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum HeadError {
     #[error("reading the request: {0}")]

@@ -72,7 +72,7 @@ fn int(v: f64) -> Value {
 }
 
 /// The `/debug/vars` JSON of one relay.
-pub fn vars(status: &Status, bootstrap: &BootstrapDns, rate_limit_enabled: bool) -> String {
+pub(crate) fn vars(status: &Status, bootstrap: &BootstrapDns, rate_limit_enabled: bool) -> String {
     let s = Samples(MetricsSnapshot::parse(&status.render_metrics()));
     let registry = status.derp.registry();
     let local = registry.key_count();
@@ -163,7 +163,7 @@ pub fn vars(status: &Status, bootstrap: &BootstrapDns, rate_limit_enabled: bool)
 }
 
 /// The `/debug/` index: what there is, and a few facts (derper's `tsweb.Debugger` page).
-pub fn index(status: &Status) -> String {
+pub(crate) fn index(status: &Status) -> String {
     let mesh_key = status.derp.config().mesh_key.is_some();
     format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>derpfleet-relay debug</title></head><body>\n\

@@ -24,6 +24,7 @@ use crate::startup::flags::Flags;
 use crate::startup::keyfile::{self, KeyFileError};
 
 /// Why the relay cannot start with the given flags.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error("-a: {0}")]

@@ -34,6 +34,7 @@ const LIST_FLAGS: &[&str] = &[
 ];
 
 /// Why the configuration file is unusable.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config file {path}: {source}")]
