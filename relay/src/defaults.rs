@@ -5,7 +5,7 @@
 //! (`TcpConfig`, `DrainConfig`, `OpsConfig` in `server`,
 //! `DerpServerConfig::new` in the core) all read these constants, so a default
 //! cannot differ between the command line and an embedding program. Values are derper's unless
-//! the flag is ours (see the `startup::cli` module docs).
+//! the flag is ours (see the `startup::flags` module docs).
 
 use derpfleet_gocompat::GoDuration;
 use derpfleet_proto::consts;
