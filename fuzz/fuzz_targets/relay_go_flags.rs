@@ -6,7 +6,7 @@
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 
-use derpfleet_relay::startup::cli::Flags;
+use derpfleet_relay::startup::flags::Flags;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

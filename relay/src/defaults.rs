@@ -2,10 +2,10 @@
 //!
 //! clap's `default_value_t` (so `--help` and the README table), the TOML config file (through the
 //! same clap definitions) and the `Default` impls of the settings structs
-//! (`TcpTuning`, `DrainOptions`, `OpsConfig` in `server`,
+//! (`TcpConfig`, `DrainConfig`, `OpsConfig` in `server`,
 //! `DerpServerConfig::new` in the core) all read these constants, so a default
 //! cannot differ between the command line and an embedding program. Values are derper's unless
-//! the flag is ours (see the `startup::cli` module docs).
+//! the flag is ours (see the `startup::flags` module docs).
 
 use derpfleet_gocompat::GoDuration;
 use derpfleet_proto::consts;

@@ -25,13 +25,16 @@
 //! - `ConnInfo` in this crate is what the *accept path* knows about a connection (remote address,
 //!   the not-ideal-node header); the client crate's `conn::ConnInfo` is what a *server told a
 //!   client* in ServerInfo. They live in different crates and never meet.
-//! - Settings a caller builds before start are `*Config` (`ServerConfig`, `DerpServerConfig`,
-//!   `OpsConfig`, `MeshConfig`). The older suffixes mark narrower things and are being folded in:
-//!   `*Options` for knobs with a `Default` that most callers leave alone (`CoreOptions`,
-//!   `DrainOptions`), `*Settings` for one subsystem's slice of the flags (`StunSettings`,
-//!   `AcmeSettings`, `WriterSettings`), `TcpTuning` for socket options. New types use `*Config`.
+//! - Settings a caller builds before start are `*Config`, all of them: `ServerConfig`,
+//!   `DerpServerConfig` and `CoreConfig` (its less common knobs, with derper's defaults),
+//!   `OpsConfig`, `MeshConfig`, `DrainConfig`, `StunListenConfig` (where the embedded STUN
+//!   responder listens, around the stun crate's `StunConfig`), `TcpConfig` (socket options),
+//!   `WriterConfig` (one connection's send loop), `SecretsConfig`. The one exception is the ACME
+//!   module's `AcmeSettings`, still to be renamed.
 //! - Every flag default is a constant in [`defaults`]; Go syntax (flags, durations, listen
 //!   addresses) comes from the `derpfleet-gocompat` crate.
+
+#![warn(unreachable_pub, missing_docs)]
 
 pub mod core;
 pub mod defaults;

@@ -12,8 +12,9 @@ use std::process::ExitCode;
 
 use derpfleet_relay::http::tls;
 use derpfleet_relay::server::Server;
-use derpfleet_relay::startup::cli::{self, Flags};
+use derpfleet_relay::startup::cli;
 use derpfleet_relay::startup::config::{parse_with_config, FlagsError};
+use derpfleet_relay::startup::flags::Flags;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {

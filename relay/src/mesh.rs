@@ -445,14 +445,15 @@ enum LinkEnd {
 /// the link ends, however it ends) removes them all and counts the link as disconnected.
 struct Announced<'a> {
     registry: &'a Registry,
+    metrics: &'a Metrics,
     link_id: u64,
     keys: HashSet<NodePublic>,
 }
 
 impl<'a> Announced<'a> {
-    fn new(registry: &'a Registry, link_id: u64) -> Self {
-        registry.metrics.mesh_peers_connected.increment(1.0);
-        Self { registry, link_id, keys: HashSet::new() }
+    fn new(registry: &'a Registry, metrics: &'a Metrics, link_id: u64) -> Self {
+        metrics.mesh_peers_connected.increment(1.0);
+        Self { registry, metrics, link_id, keys: HashSet::new() }
     }
 }
 
@@ -461,7 +462,7 @@ impl Drop for Announced<'_> {
         for key in self.keys.drain() {
             self.registry.remove_packet_forwarder(key, self.link_id);
         }
-        self.registry.metrics.mesh_peers_connected.decrement(1.0);
+        self.metrics.mesh_peers_connected.decrement(1.0);
     }
 }
 
@@ -536,7 +537,7 @@ async fn link_once(
     let link =
         Arc::new(MeshLink { id: NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed), tx: tx.clone(), metrics });
     let registry = ctx.derp.registry();
-    let mut present = Announced::new(registry, link.id);
+    let mut present = Announced::new(registry, ctx.derp.metrics(), link.id);
     tracing::info!(%peer, %addr, server = %other.short(), "mesh: link up, watching connections");
     let err = loop {
         let m = tokio::select! {

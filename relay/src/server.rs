@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::core::derp_server::{jitter, CoreOptions, DerpServer, DerpServerConfig};
+use crate::core::derp_server::{jitter, CoreConfig, DerpServer, DerpServerConfig};
 use crate::core::outbox::Control;
 use crate::defaults;
 use crate::http::forwarded::ForwardedTrust;
@@ -42,14 +42,14 @@ const ACCEPT_LIMITER_PRUNE: Duration = Duration::from_secs(10);
 
 /// Socket options applied to every accepted TCP connection.
 #[derive(Clone, Copy, Debug)]
-pub struct TcpTuning {
+pub struct TcpConfig {
     /// Idle time before TCP keepalive probes (`-tcp-keepalive-time`); None = off.
     pub keepalive_time: Option<Duration>,
     /// `TCP_USER_TIMEOUT` (`-tcp-user-timeout`); None = the kernel default.
     pub user_timeout: Option<Duration>,
 }
 
-impl Default for TcpTuning {
+impl Default for TcpConfig {
     fn default() -> Self {
         Self {
             keepalive_time: defaults::TCP_KEEPALIVE_TIME.non_zero(),
@@ -74,12 +74,12 @@ pub struct ServerConfig {
     /// The DERP core's settings.
     pub derp: DerpServerConfig,
     /// Accepted-socket options.
-    pub tcp: TcpTuning,
+    pub tcp: TcpConfig,
 }
 
 /// The embedded STUN responder (`-stun`).
 #[derive(Clone, Debug)]
-pub struct StunSettings {
+pub struct StunListenConfig {
     /// UDP address: the IP of `-a` and `-stun-port` (0 = ephemeral).
     pub addr: SocketAddr,
     /// Strictness and per-IP limit.
@@ -111,7 +111,7 @@ pub struct OpsConfig {
     /// `-rate-config` file, re-read by [`Server::reload`].
     pub rate_config_path: Option<PathBuf>,
     /// The embedded STUN responder.
-    pub stun: Option<StunSettings>,
+    pub stun: Option<StunListenConfig>,
     /// Manual certificate files to watch.
     pub cert_reloader: Option<Arc<CertReloader>>,
     /// How often to look at them.
@@ -160,7 +160,7 @@ impl Default for OpsConfig {
 
 /// What a graceful shutdown does ([`Server::drain`]).
 #[derive(Clone, Copy, Debug)]
-pub struct DrainOptions {
+pub struct DrainConfig {
     /// Restarting's reconnect-in before jitter.
     pub reconnect_in: Duration,
     /// Upper bound of the random per-client extra delay.
@@ -171,7 +171,7 @@ pub struct DrainOptions {
     pub deadline: Duration,
 }
 
-impl Default for DrainOptions {
+impl Default for DrainConfig {
     fn default() -> Self {
         Self {
             reconnect_in: defaults::RESTART_RECONNECT_IN.get(),
@@ -183,6 +183,7 @@ impl Default for DrainOptions {
 }
 
 /// Why the server could not start.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error("listening on {addr}: {source}")]
@@ -258,10 +259,10 @@ impl Server {
         }));
         let recv_rate = SharedRecvRate::new(ops.recv_rate);
         ops_metrics.set_recv_rate(recv_rate.get());
-        let options = CoreOptions {
+        let options = CoreConfig {
             admission: admitter.is_active().then(|| admitter.into_hook()),
             recv_rate: Some(recv_rate.clone()),
-            ..CoreOptions::default()
+            ..CoreConfig::default()
         };
         let derp = DerpServer::with_options(config.derp.clone(), options);
         let status = Status::new(derp.clone(), ops_metrics.clone());
@@ -475,7 +476,7 @@ impl Server {
     /// for every client (and for any that finishes its handshake meanwhile). Each connection's
     /// send loop writes what it has queued, then the Restarting frame, flushes and closes.
     /// Whatever is still open at `deadline` is closed; then every task is awaited.
-    pub async fn drain(self, opts: DrainOptions) -> DrainReport {
+    pub async fn drain(self, opts: DrainConfig) -> DrainReport {
         let deadline = tokio::time::Instant::now() + opts.deadline;
         self.accept_cancel.cancel();
         self.status.draining.store(true, std::sync::atomic::Ordering::Release);
@@ -554,7 +555,7 @@ enum Listener {
 /// What one accept loop needs.
 struct AcceptLoop {
     ctx: Arc<HttpContext>,
-    tcp: TcpTuning,
+    tcp: TcpConfig,
     /// Accept limits (main listener only).
     limiter: Option<Arc<AcceptLimiter>>,
     /// PROXY protocol for trusted peers (read before the limits, which then see the client).
@@ -678,7 +679,7 @@ async fn watch_certificates(
 }
 
 /// TCP keepalive (derper's long idle, to save mobile batteries), `TCP_USER_TIMEOUT` and no Nagle.
-fn tune(stream: &TcpStream, tcp: TcpTuning) -> io::Result<()> {
+fn tune(stream: &TcpStream, tcp: TcpConfig) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let sock = SockRef::from(stream);
     match tcp.keepalive_time {
@@ -705,7 +706,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
-        let tcp = TcpTuning {
+        let tcp = TcpConfig {
             keepalive_time: Some(Duration::from_secs(600)),
             user_timeout: Some(Duration::from_secs(15)),
         };
@@ -715,7 +716,7 @@ mod tests {
         assert!(sock.keepalive().unwrap());
         assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(600));
         assert_eq!(sock.tcp_user_timeout().unwrap(), Some(Duration::from_secs(15)));
-        tune(&accepted, TcpTuning { keepalive_time: None, user_timeout: None }).unwrap();
+        tune(&accepted, TcpConfig { keepalive_time: None, user_timeout: None }).unwrap();
         assert!(!sock.keepalive().unwrap());
     }
 }

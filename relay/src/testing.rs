@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::core::derp_server::{ConnInfo, CoreOptions, DerpServer, DerpServerConfig};
+use crate::core::derp_server::{ConnInfo, CoreConfig, DerpServer, DerpServerConfig};
 
 /// A default timeout for `want_*` calls in tests.
 pub const WANT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,11 +90,11 @@ impl Drop for CoreRelay {
 
 /// A relay with derper's defaults and a random key.
 pub async fn spawn_core_relay() -> CoreRelay {
-    spawn_core_relay_with(DerpServerConfig::new(NodePrivate::generate()), CoreOptions::default()).await
+    spawn_core_relay_with(DerpServerConfig::new(NodePrivate::generate()), CoreConfig::default()).await
 }
 
 /// A relay with the given settings.
-pub async fn spawn_core_relay_with(config: DerpServerConfig, options: CoreOptions) -> CoreRelay {
+pub async fn spawn_core_relay_with(config: DerpServerConfig, options: CoreConfig) -> CoreRelay {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let addr = listener.local_addr().expect("local addr");
     let server = DerpServer::with_options(config, options);

@@ -8,7 +8,7 @@ use derpfleet_proto::consts::MAGIC;
 use derpfleet_proto::frame::FrameType;
 use derpfleet_proto::handshake::{open, seal, server_key_frame, ClientInfo};
 use derpfleet_proto::{MeshKey, NodePrivate};
-use derpfleet_relay::core::derp_server::{CoreOptions, DerpServerConfig};
+use derpfleet_relay::core::derp_server::{CoreConfig, DerpServerConfig};
 use derpfleet_relay::testing::{spawn_core_relay, spawn_core_relay_with, tailscaled_info, TestClient};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -117,8 +117,8 @@ async fn c05_client_info_bad_json_or_bad_mesh_key_closes() -> Result<()> {
 
 #[tokio::test]
 async fn c06_no_client_info_within_handshake_timeout_closes() -> Result<()> {
-    assert_eq!(CoreOptions::default().handshake_timeout, Duration::from_secs(10), "derper's default");
-    let options = CoreOptions { handshake_timeout: Duration::from_millis(400), ..Default::default() };
+    assert_eq!(CoreConfig::default().handshake_timeout, Duration::from_secs(10), "derper's default");
+    let options = CoreConfig { handshake_timeout: Duration::from_millis(400), ..Default::default() };
     let relay = spawn_core_relay_with(DerpServerConfig::new(NodePrivate::generate()), options).await;
     let started = tokio::time::Instant::now();
     let mut c = TestClient::connect_raw(relay.addr).await?;
@@ -153,7 +153,7 @@ async fn c07_server_info_follows_valid_client_info() -> Result<()> {
 #[tokio::test]
 async fn c08_spec_vectors_accepted_and_produced() -> Result<()> {
     let server_priv = NodePrivate::from_bytes([0x11; 32]);
-    let relay = spawn_core_relay_with(DerpServerConfig::new(server_priv), CoreOptions::default()).await;
+    let relay = spawn_core_relay_with(DerpServerConfig::new(server_priv), CoreConfig::default()).await;
     let mut s = TcpStream::connect(relay.addr).await?;
     let mut got = [0u8; 45];
     tokio::time::timeout(T, s.read_exact(&mut got)).await??;
@@ -201,7 +201,7 @@ async fn handshake_bytes_pipelined_after_client_info_are_processed() -> Result<(
 async fn mesh_key_holder_is_flagged_and_wrong_mesh_key_is_a_regular_client() -> Result<()> {
     let mesh = MeshKey::generate();
     let config = DerpServerConfig { mesh_key: Some(mesh), ..DerpServerConfig::new(NodePrivate::generate()) };
-    let relay = spawn_core_relay_with(config, CoreOptions::default()).await;
+    let relay = spawn_core_relay_with(config, CoreConfig::default()).await;
     let mut w = TestClient::connect_with(
         relay.addr,
         NodePrivate::generate(),
@@ -246,7 +246,7 @@ async fn admission_hook_rejects_before_server_info_and_mesh_peers_bypass_it() ->
     use derpfleet_relay::core::derp_server::AdmissionHook;
     let allowed = NodePrivate::generate();
     let mesh = MeshKey::generate();
-    let options = CoreOptions {
+    let options = CoreConfig {
         admission: Some(AdmissionHook(std::sync::Arc::new(OnlyKey(allowed.public())))),
         ..Default::default()
     };

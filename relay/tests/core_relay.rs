@@ -8,7 +8,7 @@ use derpfleet_proto::disco;
 use derpfleet_proto::frame::FrameType;
 use derpfleet_proto::msg::{ClientToServer, PeerGoneReason};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
-use derpfleet_relay::core::derp_server::{jitter, CoreOptions, DerpServerConfig};
+use derpfleet_relay::core::derp_server::{jitter, CoreConfig, DerpServerConfig};
 use derpfleet_relay::core::metrics::{DropReason, PacketKind};
 use derpfleet_relay::testing::{mesh_info, spawn_core_relay, spawn_core_relay_with, CoreRelay, TestClient};
 
@@ -25,7 +25,7 @@ fn disco_packet() -> Vec<u8> {
 async fn mesh_relay() -> (CoreRelay, MeshKey) {
     let mesh = MeshKey::generate();
     let config = DerpServerConfig { mesh_key: Some(mesh), ..DerpServerConfig::new(NodePrivate::generate()) };
-    (spawn_core_relay_with(config, CoreOptions::default()).await, mesh)
+    (spawn_core_relay_with(config, CoreConfig::default()).await, mesh)
 }
 
 #[tokio::test]
@@ -300,14 +300,14 @@ async fn c28_dup_survivor_receives_and_watchers_see_gone_only_after_last() -> Re
 
 #[tokio::test]
 async fn c29_keepalive_sent_periodically_on_idle_connection() -> Result<()> {
-    let defaults = CoreOptions::default();
+    let defaults = CoreConfig::default();
     assert_eq!(defaults.keepalive_interval, Duration::from_secs(60));
     assert_eq!(defaults.keepalive_jitter, Duration::from_secs(5));
     for _ in 0..1000 {
         assert!(jitter(defaults.keepalive_jitter) < Duration::from_secs(5));
     }
     assert!(defaults.keepalive_interval + defaults.keepalive_jitter <= Duration::from_secs(65));
-    let options = CoreOptions {
+    let options = CoreConfig {
         keepalive_interval: Duration::from_millis(200),
         keepalive_jitter: Duration::from_millis(100),
         ..Default::default()

@@ -8,7 +8,7 @@ use anyhow::Result;
 use derpfleet_proto::handshake::seal_client_info;
 use derpfleet_proto::msg::PeerGoneReason;
 use derpfleet_proto::NodePrivate;
-use derpfleet_relay::core::derp_server::{CoreOptions, DerpServerConfig};
+use derpfleet_relay::core::derp_server::{CoreConfig, DerpServerConfig};
 use derpfleet_relay::core::metrics::{DropReason, PacketKind};
 use derpfleet_relay::testing::{
     spawn_core_relay, spawn_core_relay_with, tailscaled_info, CoreRelay, TestClient,
@@ -73,7 +73,7 @@ async fn c30_non_reading_receiver_disconnected_after_write_deadline_sender_never
 async fn slow_receiver_does_not_slow_senders_or_other_pairs_and_drops_are_counted() -> Result<()> {
     // No write deadline: the stalled receiver stays connected the whole time.
     let config = DerpServerConfig { write_timeout: None, ..DerpServerConfig::new(NodePrivate::generate()) };
-    let relay = spawn_core_relay_with(config, CoreOptions::default()).await;
+    let relay = spawn_core_relay_with(config, CoreConfig::default()).await;
     let stalled = stalled_receiver(&relay).await?;
     let mut a = relay.client().await?;
     let mut c = relay.client().await?;

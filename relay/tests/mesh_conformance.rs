@@ -13,7 +13,7 @@ use derpfleet_proto::frame::{FrameDecoder, FrameType, Role};
 use derpfleet_proto::handshake::seal_client_info;
 use derpfleet_proto::msg::{ClientToServer, PeerGoneReason, ServerToClient};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
-use derpfleet_relay::core::derp_server::{CoreOptions, DerpServerConfig};
+use derpfleet_relay::core::derp_server::{CoreConfig, DerpServerConfig};
 use derpfleet_relay::core::registry::PacketForwarder;
 use derpfleet_relay::testing::{mesh_info, spawn_core_relay_with, tailscaled_info, CoreRelay, TestClient};
 use mesh_common::{relay, Client, T};
@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 async fn mesh_core() -> (CoreRelay, MeshKey) {
     let mesh = MeshKey::generate();
     let config = DerpServerConfig { mesh_key: Some(mesh), ..DerpServerConfig::new(NodePrivate::generate()) };
-    (spawn_core_relay_with(config, CoreOptions::default()).await, mesh)
+    (spawn_core_relay_with(config, CoreConfig::default()).await, mesh)
 }
 
 /// A mesh peer that sent WatchConns; its own flood entry is consumed.

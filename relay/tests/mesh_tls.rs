@@ -14,7 +14,7 @@ use derpfleet_proto::{MeshKey, NodePrivate};
 use derpfleet_relay::core::derp_server::DerpServerConfig;
 use derpfleet_relay::http::HomePage;
 use derpfleet_relay::mesh::{Mesh, MeshConfig, MeshPeer};
-use derpfleet_relay::server::{Server, ServerConfig, TcpTuning};
+use derpfleet_relay::server::{Server, ServerConfig, TcpConfig};
 use mesh_common::{eventually, gauge, knows};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::CertificateDer;
@@ -53,7 +53,7 @@ async fn tls_relay(dir: &TempDir, name: &str, ca: &Issuer<'static, KeyPair>, mes
         home: HomePage::Default,
         derp_enabled: true,
         derp: DerpServerConfig { mesh_key: Some(mesh), ..DerpServerConfig::new(private) },
-        tcp: TcpTuning::default(),
+        tcp: TcpConfig::default(),
     };
     Server::spawn(config).await.unwrap()
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::NodePrivate;
-use derpfleet_relay::server::{DrainOptions, Server};
+use derpfleet_relay::server::{DrainConfig, Server};
 use http_common::{config, derp_client, TempDir};
 use ops_common::*;
 
@@ -97,7 +97,7 @@ async fn drain_closes_stragglers_at_the_deadline_and_stops_accepting() {
     let addr = server.local_addr();
     let (c, _) = derp_client(addr).await;
     let reader = tokio::spawn(frames_until_close(c));
-    let opts = DrainOptions {
+    let opts = DrainConfig {
         reconnect_in: Duration::from_millis(100),
         reconnect_jitter: Duration::ZERO,
         try_for: Duration::from_secs(5),
@@ -154,7 +154,7 @@ async fn healthz_reports_draining_while_a_stuck_client_holds_the_drain() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let opts = DrainOptions { deadline: Duration::from_millis(1500), ..DrainOptions::default() };
+    let opts = DrainConfig { deadline: Duration::from_millis(1500), ..DrainConfig::default() };
     let drain = tokio::spawn(server.drain(opts));
     let deadline = Instant::now() + WAIT;
     loop {

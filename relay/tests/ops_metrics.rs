@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::NodePrivate;
-use derpfleet_relay::server::{OpsConfig, Server, StunSettings};
+use derpfleet_relay::server::{OpsConfig, Server, StunListenConfig};
 use derpfleet_stun::{build_request, parse_response, StunConfig, TxId};
 use http_common::{config, derp_client};
 use ops_common::*;
@@ -36,7 +36,7 @@ async fn stun_round_trips(stun: SocketAddr, n: usize) {
 async fn scripted_scenario_shows_the_numbers() {
     let ops = OpsConfig {
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-        stun: Some(StunSettings { addr: "127.0.0.1:0".parse().unwrap(), config: StunConfig::default() }),
+        stun: Some(StunListenConfig { addr: "127.0.0.1:0".parse().unwrap(), config: StunConfig::default() }),
         ..OpsConfig::default()
     };
     let server = Server::spawn_with(config(NodePrivate::generate()), ops).await.unwrap();

@@ -1,6 +1,6 @@
 //! README.md documents every flag and config key. The table between the
 //! `relay-flags` markers is generated from the same clap definitions as `--help`
-//! (`derpfleet_relay::startup::cli::flags_markdown`); run with `UPDATE_README=1` to rewrite it.
+//! (`derpfleet_relay::startup::flags::flags_markdown`); run with `UPDATE_README=1` to rewrite it.
 
 const BEGIN: &str = "<!-- relay-flags:begin (generated: UPDATE_README=1 cargo test -p derpfleet-relay --test ops_readme) -->\n";
 const END: &str = "<!-- relay-flags:end -->";
@@ -9,7 +9,7 @@ const END: &str = "<!-- relay-flags:end -->";
 fn readme_lists_every_flag_and_config_key() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
     let readme = std::fs::read_to_string(path).unwrap();
-    let want = derpfleet_relay::startup::cli::flags_markdown();
+    let want = derpfleet_relay::startup::flags::flags_markdown();
     let (Some(b), Some(e)) = (readme.find(BEGIN), readme.find(END)) else {
         panic!("README.md has no relay-flags markers; add\n{BEGIN}{want}{END}");
     };

@@ -5,15 +5,13 @@
 //! request headers must already be readable from `io`) and a [`ConnInfo`]. Everything after the
 //! HTTP upgrade — ServerKey, handshake, frames — happens here. Keep these signatures stable.
 //!
-//! `accept` runs: ServerKey and ClientInfo under the handshake deadline ([`crate::core::session`]),
-//! the admission hook (skipped for mesh-key holders), registration ([`crate::core::registry`]),
-//! ServerInfo, then the reader loop and the send loop ([`crate::core::writer`]) side by side in the
-//! caller's task until either ends, then unregistration. No read-idle timeout after the handshake.
+//! `accept` runs the handshake ([`crate::core::handshake`]: ServerKey, ClientInfo, admission,
+//! registration, ServerInfo), then the reader loop ([`crate::core::reader`]) and the send loop
+//! ([`crate::core::writer`]) side by side in the caller's task until either ends, then
+//! unregistration. No read-idle timeout after the handshake. The [`Metrics`] are owned here and
+//! handed to each part explicitly.
 
 use std::fmt;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,59 +19,24 @@ use std::time::Duration;
 use bytes::BytesMut;
 use derpfleet_proto::consts::{HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_JITTER, MESH_WRITE_TIMEOUT};
 use derpfleet_proto::frame::{FrameDecoder, Role};
-use derpfleet_proto::handshake::ClientInfo;
-use derpfleet_proto::msg::{peer_present_flags as flags, ServerToClient};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::core::handshake::{Admission, AdmissionCheck, AdmissionHook, ConnInfo};
+use crate::core::handshake::{Handshake, HandshakeFailure};
 use crate::core::metrics::Metrics;
-use crate::core::outbox::{Outbox, SeenSources};
+use crate::core::outbox::SeenSources;
+use crate::core::reader::Reader;
 use crate::core::recv_limit::SharedRecvRate;
-use crate::core::registry::{Conn, Registry};
-use crate::core::session::{self, HandshakeFailure, Reader};
-use crate::core::writer::{self, WriterSettings};
+use crate::core::registry::Registry;
+use crate::core::writer::{self, WriterConfig};
 
-/// Control-queue depth (PeerGone) of a regular connection.
-const CONTROL_QUEUE_DEPTH: usize = 512;
-/// Control-queue depth of a mesh peer: it may be flooded with one PeerPresent per connected key.
-const MESH_CONTROL_QUEUE_DEPTH: usize = 1 << 17;
 /// How long a closing connection may take to shut its write side down.
 const SHUTDOWN_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often buffered histogram samples are folded into buckets.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-
-/// The admission decision for a client (spec §2.7).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Admission {
-    /// Let the client in.
-    Allow,
-    /// Close it after its ClientInfo, without a ServerInfo; the reason is logged.
-    Reject(String),
-}
-
-/// A check run after a non-mesh client's ClientInfo opens and before it is registered
-/// (the `-verify-client-url` and `-allowlist` policy plugs in here). It must bound its own time.
-pub trait AdmissionCheck: Send + Sync + 'static {
-    /// Decides whether `key` (with `info`, arriving as `conn`) may connect.
-    fn check<'a>(
-        &'a self,
-        key: NodePublic,
-        info: &'a ClientInfo,
-        conn: &'a ConnInfo,
-    ) -> Pin<Box<dyn Future<Output = Admission> + Send + 'a>>;
-}
-
-/// A shareable [`AdmissionCheck`] (a newtype so the config stays `Debug`).
-#[derive(Clone)]
-pub struct AdmissionHook(pub Arc<dyn AdmissionCheck>);
-
-impl fmt::Debug for AdmissionHook {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AdmissionHook(..)")
-    }
-}
 
 /// Settings of the server core.
 #[derive(Clone, Debug)]
@@ -103,7 +66,7 @@ impl DerpServerConfig {
 /// Less common settings of the server core, kept apart from [`DerpServerConfig`] so that the
 /// contract struct keeps its fields. `Default` is derper's behaviour.
 #[derive(Clone, Debug)]
-pub struct CoreOptions {
+pub struct CoreConfig {
     /// Write deadline for mesh peers (30 s).
     pub mesh_write_timeout: Duration,
     /// Deadline for the ServerKey write and the ClientInfo read (10 s).
@@ -118,7 +81,7 @@ pub struct CoreOptions {
     pub recv_rate: Option<Arc<SharedRecvRate>>,
 }
 
-impl Default for CoreOptions {
+impl Default for CoreConfig {
     fn default() -> Self {
         Self {
             mesh_write_timeout: MESH_WRITE_TIMEOUT,
@@ -131,19 +94,10 @@ impl Default for CoreOptions {
     }
 }
 
-/// What the HTTP layer knows about a connection.
-#[derive(Clone, Debug)]
-pub struct ConnInfo {
-    /// The client's address as seen by the listener.
-    pub remote: SocketAddr,
-    /// The client sent an `Ideal-Node` header: it is on a non-ideal node (PeerPresent flag 0x08).
-    pub not_ideal: bool,
-}
-
 /// The DERP server core, shared by all connections.
 pub struct DerpServer {
     config: DerpServerConfig,
-    options: CoreOptions,
+    options: CoreConfig,
     public_key: NodePublic,
     registry: Registry,
     metrics: Arc<Metrics>,
@@ -170,11 +124,11 @@ impl Drop for DerpServer {
 impl DerpServer {
     /// Creates the core. Inside a Tokio runtime it also starts a small metrics upkeep task.
     pub fn new(config: DerpServerConfig) -> Arc<Self> {
-        Self::with_options(config, CoreOptions::default())
+        Self::with_options(config, CoreConfig::default())
     }
 
-    /// [`DerpServer::new`] with non-default [`CoreOptions`].
-    pub fn with_options(config: DerpServerConfig, options: CoreOptions) -> Arc<Self> {
+    /// [`DerpServer::new`] with non-default [`CoreConfig`].
+    pub fn with_options(config: DerpServerConfig, options: CoreConfig) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new());
         let public_key = config.private_key.public();
         let upkeep = tokio::runtime::Handle::try_current().ok().map(|rt| {
@@ -214,7 +168,7 @@ impl DerpServer {
     }
 
     /// The less common settings it runs with.
-    pub fn options(&self) -> &CoreOptions {
+    pub fn options(&self) -> &CoreConfig {
         &self.options
     }
 
@@ -251,10 +205,20 @@ impl DerpServer {
         let mut buf = BytesMut::new();
         let mut dec = FrameDecoder::new(Role::Server);
         let deadline = start + self.options.handshake_timeout;
+        let handshake = Handshake {
+            private_key: &self.config.private_key,
+            public_key: self.public_key,
+            mesh_key: self.config.mesh_key.as_ref(),
+            admission: self.options.admission.as_ref(),
+            queue_depth: self.config.queue_depth,
+            registry: &self.registry,
+            metrics: &self.metrics,
+        };
+        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let conn = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => Err(HandshakeFailure::Shutdown),
-            c = self.open(&mut r, &mut w, &mut buf, &mut dec, &info, deadline) => c,
+            c = handshake.run(&mut r, &mut w, &mut buf, &mut dec, &info, id, self.shutdown.child_token(), deadline) => c,
         };
         let conn = match conn {
             Ok(c) => c,
@@ -270,7 +234,7 @@ impl DerpServer {
             self.metrics.current_notideal_connections.increment(1.0);
         }
 
-        let settings = WriterSettings {
+        let settings = WriterConfig {
             write_timeout: if conn.can_mesh {
                 Some(self.options.mesh_write_timeout)
             } else {
@@ -284,12 +248,16 @@ impl DerpServer {
                 Some(rate) if !conn.can_mesh => Some(rate.client()),
                 _ => None,
             };
-            let r = Reader::new(&conn, &self.registry).with_recv_limit(limit).run(&mut r, buf, dec).await;
+            let r = Reader::new(&conn, &self.registry, &self.metrics)
+                .with_recv_limit(limit)
+                .run(&mut r, buf, dec)
+                .await;
             conn.cancel.cancel();
             r
         };
         let sender = async {
-            let r = writer::run_writer(&mut w, &conn, &self.registry, settings, &mut seen).await;
+            let r =
+                writer::run_writer(&mut w, &conn, &self.registry, &self.metrics, settings, &mut seen).await;
             conn.cancel.cancel();
             r
         };
@@ -312,86 +280,6 @@ impl DerpServer {
             }
             _ => tracing::debug!(key = %conn.key.short(), id = conn.id, "DERP client disconnected"),
         }
-    }
-
-    /// Handshake, admission, registration and ServerInfo: a registered connection, or why not.
-    async fn open<R, W>(
-        &self,
-        r: &mut R,
-        w: &mut W,
-        buf: &mut BytesMut,
-        dec: &mut FrameDecoder,
-        info: &ConnInfo,
-        deadline: Instant,
-    ) -> Result<Arc<Conn>, HandshakeFailure>
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        let (key, client, sealed_server_info) =
-            session::handshake(&self.config.private_key, &self.public_key, r, w, buf, dec, deadline).await?;
-        let can_mesh = match (&self.config.mesh_key, &client.mesh_key) {
-            (Some(ours), Some(theirs)) => ours.ct_eq(theirs),
-            _ => false,
-        };
-        if !can_mesh {
-            if let Some(AdmissionHook(check)) = &self.options.admission {
-                if let Admission::Reject(why) = check.check(key, &client, info).await {
-                    return Err(HandshakeFailure::Rejected(why));
-                }
-            }
-        }
-        let present_flags = {
-            let mut f = 0;
-            if can_mesh {
-                f |= flags::IS_MESH_PEER;
-            }
-            if client.is_prober {
-                f |= flags::IS_PROBER;
-            }
-            if info.not_ideal {
-                f |= flags::NOT_IDEAL;
-            }
-            if f == 0 {
-                flags::IS_REGULAR
-            } else {
-                f
-            }
-        };
-        let control_depth = if can_mesh { MESH_CONTROL_QUEUE_DEPTH } else { CONTROL_QUEUE_DEPTH };
-        let conn = Arc::new(Conn::new(
-            self.next_conn_id.fetch_add(1, Ordering::Relaxed),
-            key,
-            info.remote,
-            present_flags,
-            can_mesh,
-            Outbox::new(self.config.queue_depth, control_depth, self.metrics.clone()),
-            self.shutdown.child_token(),
-        ));
-        self.registry.register(&conn);
-        let mut frame = BytesMut::new();
-        ServerToClient::ServerInfo(sealed_server_info).encode(&mut frame);
-        let written = tokio::time::timeout_at(deadline, async {
-            w.write_all(&frame).await?;
-            w.flush().await
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => Ok(conn),
-            Ok(Err(e)) => {
-                self.abandon(&conn);
-                Err(e.into())
-            }
-            Err(_) => {
-                self.abandon(&conn);
-                Err(HandshakeFailure::Timeout)
-            }
-        }
-    }
-
-    fn abandon(&self, conn: &Arc<Conn>) {
-        conn.out.close();
-        self.registry.unregister(conn, &SeenSources::default());
     }
 }
 

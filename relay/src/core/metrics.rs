@@ -14,6 +14,12 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Why a packet was dropped (the `reason` label of `derp_packets_dropped`).
+///
+/// Where each is counted, so every loss has one owner: [`crate::core::registry::Registry::route`]
+/// for packets that cannot be routed (`unknown_dest`, `unknown_dest_on_fwd`, `dup_client`);
+/// [`crate::core::outbox::Outbox`] for packets lost in a destination's queue (`queue_head`, and
+/// `gone_disconnected` for a closed one); the send loop for a failed write (`write_error`); the
+/// mesh forwarder for its link queue (`queue_tail`, `gone_disconnected`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DropReason {
     /// SendPacket to a key with no connection and no forwarder.
@@ -312,10 +318,20 @@ impl Metrics {
     }
 }
 
-/// Parsed Prometheus text: series (name plus sorted labels) to value.
+/// Parsed Prometheus text: series (name plus sorted labels) to value. The one parser of the
+/// exposition format in the crate (tests, the drop log and `/debug/vars` read through it).
 #[derive(Clone, Debug, Default)]
 pub struct MetricsSnapshot {
-    series: BTreeMap<String, f64>,
+    series: BTreeMap<(String, Labels), f64>,
+}
+
+/// A series' labels, sorted by name.
+type Labels = Vec<(String, String)>;
+
+fn sorted_labels(labels: &[(&str, &str)]) -> Labels {
+    let mut pairs: Labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    pairs.sort();
+    pairs
 }
 
 impl MetricsSnapshot {
@@ -331,7 +347,7 @@ impl MetricsSnapshot {
             let (name, labels) = match lhs.split_once('{') {
                 Some((n, rest)) => {
                     let body = rest.trim_end_matches('}');
-                    let mut pairs: Vec<(String, String)> = body
+                    let mut pairs: Labels = body
                         .split(',')
                         .filter(|p| !p.is_empty())
                         .filter_map(|p| p.split_once('='))
@@ -342,17 +358,14 @@ impl MetricsSnapshot {
                 }
                 None => (lhs.to_string(), vec![]),
             };
-            series.insert(series_key(&name, &labels), value);
+            series.insert((name, labels), value);
         }
         Self { series }
     }
 
     /// The value of `name` with exactly these labels (any order); 0 when absent.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut pairs: Vec<(String, String)> =
-            labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        pairs.sort();
-        self.series.get(&series_key(name, &pairs)).copied().unwrap_or(0.0)
+        self.series.get(&(name.to_string(), sorted_labels(labels))).copied().unwrap_or(0.0)
     }
 
     /// `derp_packets_dropped{reason,kind}`.
@@ -362,19 +375,16 @@ impl MetricsSnapshot {
 
     /// True when the series exists at all.
     pub fn has(&self, name: &str, labels: &[(&str, &str)]) -> bool {
-        let mut pairs: Vec<(String, String)> =
-            labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        pairs.sort();
-        self.series.contains_key(&series_key(name, &pairs))
+        self.series.contains_key(&(name.to_string(), sorted_labels(labels)))
     }
-}
 
-fn series_key(name: &str, labels: &[(String, String)]) -> String {
-    let mut s = name.to_string();
-    for (k, v) in labels {
-        s.push_str(&format!("|{k}={v}"));
+    /// Every series named `name`: its labels (sorted) and value.
+    pub fn series_named<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = (&'a [(String, String)], f64)> + 'a {
+        self.series.iter().filter(move |((n, _), _)| n == name).map(|((_, l), v)| (l.as_slice(), *v))
     }
-    s
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //!
 //! - [`derp_server`]: [`derp_server::DerpServer::accept`] takes an upgraded stream and runs one
 //!   connection: handshake, reader loop, send loop.
-//! - [`session`]: one connection's handshake and reader loop.
+//! - [`handshake`]: ServerKey, ClientInfo, admission, registration, ServerInfo, in that order.
+//! - [`reader`]: one connection's reader loop.
 //! - [`registry`]: clients by key, the duplicate-connection policy, watchers, who-saw-whom.
 //! - [`outbox`]: what other tasks hand one connection: packets, Pongs, control frames (never
 //!   blocking), and the sources it has been sent packets from.
@@ -13,10 +14,11 @@
 //! - [`metrics`]: every DERP series with derper's names, and the drop reasons.
 
 pub mod derp_server;
+pub(crate) mod handshake;
 pub mod metrics;
 pub mod outbox;
-pub mod queue;
+pub(crate) mod queue;
+pub(crate) mod reader;
 pub mod recv_limit;
 pub mod registry;
-pub mod session;
-pub mod writer;
+pub(crate) mod writer;

@@ -12,25 +12,26 @@ use parking_lot::Mutex;
 
 /// A bounded, non-blocking multi-producer queue.
 #[derive(Debug)]
-pub struct BoundedQueue<T> {
+pub(crate) struct BoundedQueue<T> {
     items: Mutex<VecDeque<T>>,
     cap: usize,
 }
 
 impl<T> BoundedQueue<T> {
     /// An empty queue holding at most `cap` items (at least 1).
-    pub fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         Self { items: Mutex::new(VecDeque::new()), cap: cap.max(1) }
     }
 
     /// The capacity.
-    pub fn capacity(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
         self.cap
     }
 
     /// Appends `item`; when full, first removes and returns the oldest item.
     #[inline]
-    pub fn push_drop_head(&self, item: T) -> Option<T> {
+    pub(crate) fn push_drop_head(&self, item: T) -> Option<T> {
         let mut q = self.items.lock();
         let evicted = if q.len() >= self.cap { q.pop_front() } else { None };
         q.push_back(item);
@@ -39,7 +40,7 @@ impl<T> BoundedQueue<T> {
 
     /// Appends `item` unless the queue is full, in which case `item` is handed back.
     #[inline]
-    pub fn try_push(&self, item: T) -> Result<(), T> {
+    pub(crate) fn try_push(&self, item: T) -> Result<(), T> {
         let mut q = self.items.lock();
         if q.len() >= self.cap {
             return Err(item);
@@ -49,7 +50,7 @@ impl<T> BoundedQueue<T> {
     }
 
     /// Appends every item of `items` that fits; returns how many did not.
-    pub fn try_push_all(&self, items: impl IntoIterator<Item = T>) -> usize {
+    pub(crate) fn try_push_all(&self, items: impl IntoIterator<Item = T>) -> usize {
         let mut q = self.items.lock();
         let mut refused = 0;
         for item in items {
@@ -64,27 +65,28 @@ impl<T> BoundedQueue<T> {
 
     /// Removes the oldest item.
     #[inline]
-    pub fn pop(&self) -> Option<T> {
+    pub(crate) fn pop(&self) -> Option<T> {
         self.items.lock().pop_front()
     }
 
     /// Number of queued items.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.items.lock().len()
     }
 
     /// True when nothing is queued.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.items.lock().is_empty()
     }
 
     /// Removes everything (used when the connection closes, to count the losses).
-    pub fn take_all(&self) -> VecDeque<T> {
+    pub(crate) fn take_all(&self) -> VecDeque<T> {
         std::mem::take(&mut *self.items.lock())
     }
 
     /// Releases the storage of an empty queue (called from time to time on idle connections).
-    pub fn shrink_if_empty(&self) {
+    pub(crate) fn shrink_if_empty(&self) {
         let mut q = self.items.lock();
         if q.is_empty() && q.capacity() > 0 {
             *q = VecDeque::new();

@@ -129,8 +129,9 @@ pub enum Routed {
     Forwarded,
     /// The key has connections but none is active (counted as `dup_client`).
     NoActiveDup,
-    /// No connection and no forwarder; the data is handed back, not counted.
-    Unknown(Bytes),
+    /// No connection and no forwarder (counted as `unknown_dest`, or `unknown_dest_on_fwd` for a
+    /// packet that may not be forwarded).
+    Unknown,
 }
 
 #[derive(Default)]
@@ -146,8 +147,8 @@ pub struct Registry {
     /// src key → receivers that were sent packets from it (conn id → conn).
     sent_to: Mutex<HashMap<NodePublic, HashMap<u64, Weak<Conn>>>>,
     server_key: NodePublic,
-    /// The server's metrics (shared with every connection).
-    pub metrics: Arc<Metrics>,
+    /// The server's metrics: membership gauges and routing drops are counted here.
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -298,7 +299,8 @@ impl Registry {
     }
 
     /// Delivers a packet from `src` to `dst`: the active local connection first, then (when
-    /// `may_forward`) a mesh forwarder. Drops are counted here except `Unknown`.
+    /// `may_forward`, i.e. it came from a client rather than a mesh peer) a mesh forwarder.
+    /// Every packet that cannot be routed is counted here.
     #[inline]
     pub fn route(
         &self,
@@ -326,7 +328,9 @@ impl Registry {
                 return Routed::Forwarded;
             }
         }
-        Routed::Unknown(data)
+        let reason = if may_forward { DropReason::UnknownDest } else { DropReason::UnknownDestOnFwd };
+        self.metrics.drop_packet(reason, kind, data.len());
+        Routed::Unknown
     }
 
     /// WatchConns: subscribes `watcher` and floods it with a PeerPresent for every key's active
@@ -503,7 +507,7 @@ mod tests {
         r.add_packet_forwarder(k, f2.clone());
         assert_eq!(r.preferred_forwarder(&k), Some(2), "first registered stays; re-adding is a no-op");
         assert!(matches!(r.route(k, k, Bytes::new(), PacketKind::Other, true), Routed::Forwarded));
-        assert!(matches!(r.route(k, k, Bytes::new(), PacketKind::Other, false), Routed::Unknown(_)));
+        assert!(matches!(r.route(k, k, Bytes::new(), PacketKind::Other, false), Routed::Unknown));
         assert_eq!(f2.got.lock().len(), 1);
         r.remove_packet_forwarder(k, 2);
         assert_eq!(r.preferred_forwarder(&k), Some(1), "next by insertion order, not by id");
@@ -533,7 +537,7 @@ mod tests {
         assert_eq!(a.out.queued_packets(), 1);
         assert!(matches!(
             r.route(NodePublic([2; 32]), NodePublic([3; 32]), Bytes::new(), PacketKind::Other, true),
-            Routed::Unknown(_)
+            Routed::Unknown
         ));
     }
 }

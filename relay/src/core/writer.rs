@@ -29,7 +29,7 @@ const QUEUE_DELAY_SAMPLE_MASK: u64 = 15;
 
 /// Why a send loop ended with an error.
 #[derive(Debug, thiserror::Error)]
-pub enum WriteError {
+pub(crate) enum WriteError {
     /// A write did not complete within the write deadline.
     #[error("write timed out after {0:?}")]
     Timeout(Duration),
@@ -40,7 +40,7 @@ pub enum WriteError {
 
 /// Per-connection settings of the send loop.
 #[derive(Clone, Copy, Debug)]
-pub struct WriterSettings {
+pub(crate) struct WriterConfig {
     /// Deadline of each write (None = none).
     pub write_timeout: Option<Duration>,
     /// KeepAlive period for this connection (interval plus this connection's jitter).
@@ -75,18 +75,19 @@ impl InFlight {
 }
 
 /// The send loop of one connection. Returns when the connection is cancelled (Ok) or a write
-/// fails; `seen` collects the source keys this connection was sent packets from.
-pub async fn run_writer<W>(
+/// fails; `seen` collects the source keys this connection was sent packets from (and tells
+/// `registry` the first time).
+pub(crate) async fn run_writer<W>(
     w: &mut W,
     conn: &Arc<Conn>,
     registry: &Registry,
-    settings: WriterSettings,
+    metrics: &Metrics,
+    settings: WriterConfig,
     seen: &mut SeenSources,
 ) -> Result<(), WriteError>
 where
     W: AsyncWrite + Unpin,
 {
-    let metrics = &*registry.metrics;
     let out = &conn.out;
     let mut buf = BytesMut::new();
     let mut in_flight = InFlight::default();
@@ -178,7 +179,7 @@ async fn write_buf<W>(
     w: &mut W,
     buf: &[u8],
     conn: &Conn,
-    settings: WriterSettings,
+    settings: WriterConfig,
     metrics: &Metrics,
     in_flight: &mut InFlight,
     flush: bool,

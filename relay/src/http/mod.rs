@@ -11,7 +11,7 @@
 pub mod forwarded;
 pub mod proxy_protocol;
 pub mod tls;
-pub mod websocket;
+pub(crate) mod websocket;
 
 use std::convert::Infallible;
 use std::io;
@@ -88,6 +88,7 @@ pub struct HttpContext {
 }
 
 /// Why the first request could not be read; the connection is closed.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum HeadError {
     #[error("reading the request: {0}")]

@@ -96,6 +96,7 @@ pub enum ProxiedAddr {
 
 /// Why a trusted connection was closed before anything else was read. The reason names are
 /// the `reason` label of `derp_proxy_protocol_rejected`.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyHeaderError {
     #[error("not a PROXY protocol header: {0}")]

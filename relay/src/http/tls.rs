@@ -39,6 +39,7 @@ use sha2::{Digest, Sha256};
 use time::{Duration as TimeDuration, OffsetDateTime};
 
 /// Why TLS could not be set up.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {path}: {source}")]

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::protocol::Role;
 
 /// Turns an upgraded server-side connection (the 101 already written) into a DERP byte stream.
-pub async fn server_byte_stream<S>(io: S) -> WsBytes<S>
+pub(crate) async fn server_byte_stream<S>(io: S) -> WsBytes<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -28,6 +28,7 @@ pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/d
 const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// Why ACME could not be set up.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
     #[error("-hostname {0:?}: ACME needs a DNS name (use -certmode manual for an IP address)")]

@@ -40,6 +40,7 @@ pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const VERIFY_BODY_LIMIT: usize = 4 << 10;
 
 /// Why an allowlist file could not be loaded. The previous list stays in force.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum AllowlistError {
     #[error("reading {path}: {source}")]
@@ -121,6 +122,7 @@ impl Allowlist {
 }
 
 /// Why a `-verify-client-url` value is unusable.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyUrlError {
     #[error("-verify-client-url {0:?}: not a valid URL")]

@@ -17,53 +17,23 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
+use crate::core::metrics::MetricsSnapshot;
 use crate::ops::bootstrap_dns::BootstrapDns;
 use crate::ops::metrics_http::Status;
 
-/// One parsed Prometheus sample: name, labels, value.
-struct Sample {
-    name: String,
-    labels: Vec<(String, String)>,
-    value: f64,
-}
-
-fn parse(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let Some((lhs, value)) = line.rsplit_once(' ') else { continue };
-        let Ok(value) = value.parse::<f64>() else { continue };
-        let (name, labels) = match lhs.split_once('{') {
-            Some((n, rest)) => {
-                let labels = rest
-                    .trim_end_matches('}')
-                    .split(',')
-                    .filter_map(|p| p.split_once('='))
-                    .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
-                    .collect();
-                (n.to_owned(), labels)
-            }
-            None => (lhs.to_owned(), Vec::new()),
-        };
-        out.push(Sample { name, labels, value });
-    }
-    out
-}
-
-struct Samples(Vec<Sample>);
+/// The parsed metrics text, with the lookups derper's expvar layout needs.
+struct Samples(MetricsSnapshot);
 
 impl Samples {
     fn get(&self, name: &str) -> f64 {
-        self.0.iter().find(|s| s.name == name && s.labels.is_empty()).map_or(0.0, |s| s.value)
+        self.0.get(name, &[])
     }
 
     fn by_label(&self, name: &str, label: &str) -> Map<String, Value> {
         let mut m = Map::new();
-        for s in self.0.iter().filter(|s| s.name == name) {
-            if let Some((_, v)) = s.labels.iter().find(|(k, _)| k == label) {
-                m.insert(v.clone(), int(s.value));
+        for (labels, value) in self.0.series_named(name) {
+            if let Some((_, v)) = labels.iter().find(|(k, _)| k == label) {
+                m.insert(v.clone(), int(value));
             }
         }
         m
@@ -74,9 +44,8 @@ impl Samples {
         let bucket = format!("{name}_bucket");
         let mut cumulative: Vec<(String, f64)> = self
             .0
-            .iter()
-            .filter(|s| s.name == bucket)
-            .filter_map(|s| s.labels.iter().find(|(k, _)| k == "le").map(|(_, le)| (le.clone(), s.value)))
+            .series_named(&bucket)
+            .filter_map(|(labels, v)| labels.iter().find(|(k, _)| k == "le").map(|(_, le)| (le.clone(), v)))
             .collect();
         cumulative.sort_by(|a, b| le_value(&a.0).total_cmp(&le_value(&b.0)));
         let mut m = Map::new();
@@ -103,8 +72,8 @@ fn int(v: f64) -> Value {
 }
 
 /// The `/debug/vars` JSON of one relay.
-pub fn vars(status: &Status, bootstrap: &BootstrapDns, rate_limit_enabled: bool) -> String {
-    let s = Samples(parse(&status.render_metrics()));
+pub(crate) fn vars(status: &Status, bootstrap: &BootstrapDns, rate_limit_enabled: bool) -> String {
+    let s = Samples(MetricsSnapshot::parse(&status.render_metrics()));
     let registry = status.derp.registry();
     let local = registry.key_count();
     let remote = registry.forwarded_key_count();
@@ -194,7 +163,7 @@ pub fn vars(status: &Status, bootstrap: &BootstrapDns, rate_limit_enabled: bool)
 }
 
 /// The `/debug/` index: what there is, and a few facts (derper's `tsweb.Debugger` page).
-pub fn index(status: &Status) -> String {
+pub(crate) fn index(status: &Status) -> String {
     let mesh_key = status.derp.config().mesh_key.is_some();
     format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>derpfleet-relay debug</title></head><body>\n\
@@ -219,9 +188,12 @@ mod tests {
     fn prometheus_histogram_becomes_gos_per_bucket_counts() {
         let text =
             "x_bucket{le=\"1\"} 2\nx_bucket{le=\"2\"} 5\nx_bucket{le=\"+Inf\"} 6\nx_sum 9\nx_count 6\n";
-        let s = Samples(parse(text));
+        let s = Samples(MetricsSnapshot::parse(text));
         assert_eq!(s.histogram("x"), json!({"1": 2, "2": 3, "sum": 9, "count": 6}));
         let t = "k{kind=\"disco\"} 3\nk{kind=\"other\"} 4\n";
-        assert_eq!(Value::Object(Samples(parse(t)).by_label("k", "kind")), json!({"disco": 3, "other": 4}));
+        assert_eq!(
+            Value::Object(Samples(MetricsSnapshot::parse(t)).by_label("k", "kind")),
+            json!({"disco": 3, "other": 4})
+        );
     }
 }

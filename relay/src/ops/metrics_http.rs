@@ -73,7 +73,7 @@ impl Status {
 type Resp = Response<Full<Bytes>>;
 
 /// The `/healthz` response.
-pub fn healthz_response(status: &Status) -> Resp {
+pub(crate) fn healthz_response(status: &Status) -> Resp {
     let (code, body) = status.healthz();
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = code;
@@ -106,7 +106,7 @@ fn route(req: &Request<hyper::body::Incoming>, status: &Status) -> Resp {
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` until `cancel`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     status: Arc<Status>,
     cancel: CancellationToken,
@@ -145,7 +145,7 @@ pub async fn serve(
 
 /// Logs packet drops at most once per `interval`, one line per reason and kind that grew, with
 /// the count since the last line (so a drop storm costs a few log lines, not one per packet).
-pub async fn drop_log(derp: Arc<DerpServer>, interval: Duration, cancel: CancellationToken) {
+pub(crate) async fn drop_log(derp: Arc<DerpServer>, interval: Duration, cancel: CancellationToken) {
     let mut last: HashMap<(DropReason, PacketKind), f64> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

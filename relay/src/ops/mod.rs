@@ -13,9 +13,9 @@
 pub mod acme;
 pub mod admission;
 pub mod bootstrap_dns;
-pub mod debug_vars;
-pub mod metrics_http;
-pub mod ops_metrics;
+pub(crate) mod debug_vars;
+pub(crate) mod metrics_http;
+pub(crate) mod ops_metrics;
 pub mod ratelimit;
-pub mod secrets;
-pub mod verify_localapi;
+pub(crate) mod secrets;
+pub(crate) mod verify_localapi;

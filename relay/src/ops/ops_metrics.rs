@@ -47,7 +47,7 @@ pub struct OpsMetrics {
 }
 
 /// A producer of extra Prometheus text for `/metrics`.
-pub type TextSource = Box<dyn Fn() -> String + Send + Sync>;
+pub(crate) type TextSource = Box<dyn Fn() -> String + Send + Sync>;
 
 impl std::fmt::Debug for OpsMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

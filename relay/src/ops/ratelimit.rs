@@ -18,6 +18,7 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLim
 pub use crate::core::recv_limit::{ClientRecvLimiter, RecvRate, SharedRecvRate, MIN_RECV_BURST};
 
 /// Why a `-rate-config` file could not be used.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum RateConfigError {
     #[error("reading {path}: {source}")]

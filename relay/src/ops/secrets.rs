@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 /// The secret name under the prefix (derper's `setecMeshKeyName`).
-pub const MESH_KEY_NAME: &str = "meshkey";
+pub(crate) const MESH_KEY_NAME: &str = "meshkey";
 /// setec's backoff ceiling between retries.
 const MAX_RETRY_WAIT: Duration = Duration::from_millis(4096);
 /// One request's bound.
@@ -39,7 +39,7 @@ const BODY_LIMIT: usize = 1 << 20;
 
 /// Where and what to fetch.
 #[derive(Clone, Debug)]
-pub struct SecretsSettings {
+pub(crate) struct SecretsConfig {
     /// `-secrets-url`.
     pub url: String,
     /// `-secrets-path-prefix`.
@@ -48,9 +48,9 @@ pub struct SecretsSettings {
     pub cache_path: PathBuf,
 }
 
-impl SecretsSettings {
+impl SecretsConfig {
     /// The mesh key's secret name, `<prefix>/meshkey` (Go's `path.Join`).
-    pub fn mesh_key_name(&self) -> String {
+    pub(crate) fn mesh_key_name(&self) -> String {
         let prefix = self.path_prefix.trim_end_matches('/');
         if prefix.is_empty() {
             MESH_KEY_NAME.to_owned()
@@ -61,7 +61,7 @@ impl SecretsSettings {
 }
 
 /// derper's default cache location, `$HOME/.cache/derper-secrets`.
-pub fn default_cache_path() -> PathBuf {
+pub(crate) fn default_cache_path() -> PathBuf {
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
     home.join(".cache").join("derper-secrets")
 }
@@ -79,7 +79,7 @@ pub enum SecretsError {
 
 /// One failed fetch (retried).
 #[derive(Debug, thiserror::Error)]
-pub enum FetchError {
+pub(crate) enum FetchError {
     #[error("access denied")]
     AccessDenied,
     #[error("secret not found")]
@@ -94,7 +94,7 @@ pub enum FetchError {
 
 /// A secret value and its version.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SecretValue {
+pub(crate) struct SecretValue {
     /// The bytes.
     pub value: Vec<u8>,
     /// setec's version number.
@@ -103,7 +103,7 @@ pub struct SecretValue {
 
 /// Gets the mesh key text from the cache or setec, blocking until it has it (see the module
 /// docs). Runs on its own thread so it can be called from inside the relay's runtime.
-pub fn mesh_key_blocking(settings: &SecretsSettings) -> Result<String, SecretsError> {
+pub(crate) fn mesh_key_blocking(settings: &SecretsConfig) -> Result<String, SecretsError> {
     let settings = settings.clone();
     let worker = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -116,7 +116,7 @@ pub fn mesh_key_blocking(settings: &SecretsSettings) -> Result<String, SecretsEr
 }
 
 /// [`mesh_key_blocking`], async.
-pub async fn mesh_key(settings: &SecretsSettings) -> Result<String, SecretsError> {
+pub(crate) async fn mesh_key(settings: &SecretsConfig) -> Result<String, SecretsError> {
     let uri: Uri = settings.url.parse().map_err(|_| SecretsError::Url(settings.url.clone()))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
         return Err(SecretsError::Url(settings.url.clone()));
@@ -210,7 +210,7 @@ fn write_cache(path: &Path, name: &str, s: &SecretValue) -> std::io::Result<()> 
 }
 
 /// setec's `Client.Get`: the active version of `name`.
-pub async fn get(server: &str, name: &str) -> Result<SecretValue, FetchError> {
+pub(crate) async fn get(server: &str, name: &str) -> Result<SecretValue, FetchError> {
     let url = format!("{}/api/get", server.trim_end_matches('/'));
     let uri: Uri = url.parse().map_err(|e| FetchError::Transport(format!("bad URL {url:?}: {e}")))?;
     let body = serde_json::json!({ "Name": name, "Version": 0, "UpdateIfChanged": false }).to_string();
@@ -296,11 +296,8 @@ mod tests {
 
     #[test]
     fn names_join_like_go_path_join() {
-        let s = |p: &str| SecretsSettings {
-            url: String::new(),
-            path_prefix: p.into(),
-            cache_path: PathBuf::new(),
-        };
+        let s =
+            |p: &str| SecretsConfig { url: String::new(), path_prefix: p.into(), cache_path: PathBuf::new() };
         assert_eq!(s("prod/derp").mesh_key_name(), "prod/derp/meshkey");
         assert_eq!(s("prod/derp/").mesh_key_name(), "prod/derp/meshkey");
         assert_eq!(s("").mesh_key_name(), "meshkey");

@@ -32,21 +32,21 @@ use parking_lot::Mutex;
 use tokio::net::UnixStream;
 
 /// tailscaled's socket on Linux (`paths.DefaultTailscaledSocket`).
-pub const DEFAULT_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
+pub(crate) const DEFAULT_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
 /// The host name tailscale's LocalAPI client puts in every request.
-pub const LOCALAPI_HOST: &str = "local-tailscaled.sock";
+pub(crate) const LOCALAPI_HOST: &str = "local-tailscaled.sock";
 /// How long one whois question may take (connect, request, answer).
-pub const LOCALAPI_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const LOCALAPI_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a definite answer (known / unknown key) is reused.
-pub const CACHE_TTL: Duration = Duration::from_secs(10);
+pub(crate) const CACHE_TTL: Duration = Duration::from_secs(10);
 /// How many keys' last results are remembered (cache and `/metrics` table).
-pub const RESULT_TABLE_CAP: usize = 1024;
+pub(crate) const RESULT_TABLE_CAP: usize = 1024;
 /// The most of an answer body read (a WhoIsResponse is a few KiB).
 const BODY_LIMIT: usize = 256 << 10;
 
 /// What tailscaled said about one key.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum WhoIs {
+pub(crate) enum WhoIs {
     /// 200: a node of the tailnet.
     Known,
     /// 404: not a node tailscaled knows.
@@ -209,12 +209,12 @@ fn decision(outcome: Outcome, key: &NodePublic, why: Option<String>) -> Decision
 }
 
 /// The request target for a node-key whois (the `:` escaped, as Go's `url.QueryEscape`).
-pub fn whois_target(key: &NodePublic) -> String {
+pub(crate) fn whois_target(key: &NodePublic) -> String {
     format!("/localapi/v0/whois?addr=nodekey%3A{}", key.to_hex())
 }
 
 /// Asks tailscaled on `socket` whether it knows `key`, within [`LOCALAPI_TIMEOUT`].
-pub async fn whois_node_key(socket: &Path, key: &NodePublic) -> WhoIs {
+pub(crate) async fn whois_node_key(socket: &Path, key: &NodePublic) -> WhoIs {
     match tokio::time::timeout(LOCALAPI_TIMEOUT, ask(socket, key)).await {
         Ok(answer) => answer,
         Err(_) => WhoIs::Failed(format!("no answer from {} within {LOCALAPI_TIMEOUT:?}", socket.display())),
@@ -255,7 +255,7 @@ async fn ask(socket: &Path, key: &NodePublic) -> WhoIs {
 }
 
 /// Turns a LocalAPI answer into [`WhoIs`], as tailscale's `client/local` reads it.
-pub fn classify(status: StatusCode, body: &[u8]) -> WhoIs {
+pub(crate) fn classify(status: StatusCode, body: &[u8]) -> WhoIs {
     match status {
         StatusCode::OK => match serde_json::from_slice::<serde_json::Value>(body) {
             Ok(v) if v.is_object() => WhoIs::Known,

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use clap::{CommandFactory, Parser};
 use toml::Spanned;
 
-use crate::startup::cli::Flags;
+use crate::startup::flags::Flags;
 
 /// Flags that make no sense in the file.
 const NOT_IN_FILE: &[&str] = &["help", "version", "config"];
@@ -34,6 +34,7 @@ const LIST_FLAGS: &[&str] = &[
 ];
 
 /// Why the configuration file is unusable.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config file {path}: {source}")]

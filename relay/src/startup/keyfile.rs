@@ -12,6 +12,7 @@ use derpfleet_proto::NodePrivate;
 use serde::{Deserialize, Serialize};
 
 /// Failure to load or create a key file. Every variant names the file.
+#[allow(missing_docs)] // each variant is described by its #[error] message
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("key file {path}: cannot read: {source}")]

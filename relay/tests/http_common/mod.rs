@@ -14,7 +14,7 @@ use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::{FrameDecoder, NodePrivate, NodePublic};
 use derpfleet_relay::core::derp_server::DerpServerConfig;
 use derpfleet_relay::http::HomePage;
-use derpfleet_relay::server::{Server, ServerConfig, TcpTuning};
+use derpfleet_relay::server::{Server, ServerConfig, TcpConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -33,7 +33,7 @@ pub fn config(key: NodePrivate) -> ServerConfig {
         home: HomePage::Default,
         derp_enabled: true,
         derp: DerpServerConfig { private_key: key, mesh_key: None, write_timeout: None, queue_depth: 32 },
-        tcp: TcpTuning::default(),
+        tcp: TcpConfig::default(),
     }
 }
 

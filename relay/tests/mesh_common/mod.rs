@@ -12,7 +12,7 @@ use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
 use derpfleet_relay::core::derp_server::DerpServerConfig;
 use derpfleet_relay::http::HomePage;
 use derpfleet_relay::mesh::{Mesh, MeshConfig, MeshPeer};
-use derpfleet_relay::server::{Server, ServerConfig, TcpTuning};
+use derpfleet_relay::server::{Server, ServerConfig, TcpConfig};
 
 /// Every single wait in these tests is bounded by this.
 pub const T: Duration = Duration::from_secs(5);
@@ -26,7 +26,7 @@ pub async fn relay_at(listen: SocketAddr, mesh: MeshKey) -> Server {
         home: HomePage::Default,
         derp_enabled: true,
         derp: DerpServerConfig { mesh_key: Some(mesh), ..DerpServerConfig::new(NodePrivate::generate()) },
-        tcp: TcpTuning::default(),
+        tcp: TcpConfig::default(),
     };
     Server::spawn(config).await.expect("relay starts")
 }

@@ -1,9 +1,8 @@
-//! One connection's handshake and reader loop (derper's `accept` and `run` halves, spec §1.3–§1.7).
+//! One connection's reader loop (derper's `run` half, spec §1.5–§1.7), after
+//! [`crate::core::handshake`].
 //!
-//! The handshake writes ServerKey, then reads exactly one frame under the handshake deadline: it
-//! must be a ClientInfo whose box opens and whose JSON parses, or the connection closes without a
-//! ServerInfo. The reader loop decodes frames from a read buffer and dispatches them to
-//! `handle_*`. Packets leave as `Bytes` slices of the read buffer (no copy here). The buffer is
+//! The loop decodes frames from a read buffer and dispatches them to `handle_*`; packets go to
+//! [`Registry::route`], which counts every packet it cannot deliver. Packets leave as `Bytes` slices of the read buffer (no copy here). The buffer is
 //! sized adaptively: 64 KiB while reads keep filling it, a fresh 2 KiB one when the connection
 //! goes quiet, so idle connections hold little memory and no shared block stays pinned.
 //! Malformed known frames end only this connection (an `Err` from the loop).
@@ -12,17 +11,14 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use derpfleet_proto::frame::{FrameDecoder, FrameError, FrameType, RawFrame};
-use derpfleet_proto::handshake::{
-    open_client_info_and_seal_reply, server_key_frame, ClientInfo, HandshakeError, ServerInfo,
-};
+use derpfleet_proto::frame::{FrameDecoder, FrameError, RawFrame};
 use derpfleet_proto::msg::{ClientToServer, PeerGoneReason};
-use derpfleet_proto::{NodePrivate, NodePublic};
+use derpfleet_proto::NodePublic;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
-use crate::core::metrics::{DropReason, Metrics, PacketKind};
+use crate::core::metrics::{Metrics, PacketKind};
 use crate::core::outbox::Control;
 use crate::core::recv_limit::ClientRecvLimiter;
 use crate::core::registry::{Conn, Registry, Routed};
@@ -34,80 +30,9 @@ const YIELD_EVERY_PACKETS: u32 = 16;
 /// Read buffer of a quiet connection.
 const READ_SMALL: usize = 2 << 10;
 
-/// Why a handshake failed. The connection is closed without a ServerInfo.
-#[derive(Debug, thiserror::Error)]
-pub enum HandshakeFailure {
-    /// ServerKey could not be written, or ClientInfo read, before the deadline.
-    #[error("handshake deadline passed")]
-    Timeout,
-    /// The transport failed or closed.
-    #[error("transport: {0}")]
-    Io(#[from] std::io::Error),
-    /// The peer closed before sending a complete ClientInfo.
-    #[error("closed before ClientInfo")]
-    Eof,
-    /// The first frame has the wrong type or length.
-    #[error("first frame: {0}")]
-    Frame(#[from] FrameError),
-    /// The first frame is not a ClientInfo.
-    #[error("first frame has type {0:#04x}, not ClientInfo")]
-    NotClientInfo(u8),
-    /// The box or the JSON inside is bad.
-    #[error("ClientInfo: {0}")]
-    ClientInfo(#[from] HandshakeError),
-    /// The admission check refused the client.
-    #[error("client rejected: {0}")]
-    Rejected(String),
-    /// The server is shutting down.
-    #[error("server shutting down")]
-    Shutdown,
-}
-
-/// Writes ServerKey and reads the ClientInfo, both before `deadline`. Bytes the client sent after
-/// the ClientInfo stay in `buf` for the reader loop. Returns the client's key, its info, and the
-/// sealed ServerInfo payload to send once the client is admitted (sealed with the same key
-/// agreement that opened the ClientInfo).
-pub async fn handshake<R, W>(
-    private_key: &NodePrivate,
-    server_key: &NodePublic,
-    r: &mut R,
-    w: &mut W,
-    buf: &mut BytesMut,
-    dec: &mut FrameDecoder,
-    deadline: Instant,
-) -> Result<(NodePublic, ClientInfo, Bytes), HandshakeFailure>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let frame = server_key_frame(server_key);
-    tokio::time::timeout_at(deadline, async {
-        w.write_all(&frame).await?;
-        w.flush().await
-    })
-    .await
-    .map_err(|_| HandshakeFailure::Timeout)??;
-    let first = loop {
-        if let Some(f) = dec.decode(buf)? {
-            break f;
-        }
-        buf.reserve(READ_SMALL);
-        let n = tokio::time::timeout_at(deadline, r.read_buf(buf))
-            .await
-            .map_err(|_| HandshakeFailure::Timeout)??;
-        if n == 0 {
-            return Err(HandshakeFailure::Eof);
-        }
-    };
-    if first.ty != FrameType::ClientInfo as u8 {
-        return Err(HandshakeFailure::NotClientInfo(first.ty));
-    }
-    Ok(open_client_info_and_seal_reply(private_key, &first.payload, &ServerInfo::default())?)
-}
-
 /// Why a reader loop ended with an error. Only this connection closes.
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
+pub(crate) enum SessionError {
     /// The transport failed.
     #[error("read failed: {0}")]
     Io(#[from] std::io::Error),
@@ -123,7 +48,7 @@ pub enum SessionError {
 const HOME_MOVE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The reader side of one connection.
-pub struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     conn: &'a Arc<Conn>,
     registry: &'a Registry,
     metrics: &'a Metrics,
@@ -172,12 +97,12 @@ impl RecvTally {
 }
 
 impl<'a> Reader<'a> {
-    /// A reader for `conn`.
-    pub fn new(conn: &'a Arc<Conn>, registry: &'a Registry) -> Self {
+    /// A reader for `conn`, routing through `registry` and counting into `metrics`.
+    pub(crate) fn new(conn: &'a Arc<Conn>, registry: &'a Registry, metrics: &'a Metrics) -> Self {
         Self {
             conn,
             registry,
-            metrics: &registry.metrics,
+            metrics,
             preferred: false,
             started: Instant::now(),
             not_here_limiter: None,
@@ -187,14 +112,14 @@ impl<'a> Reader<'a> {
     }
 
     /// Limits this reader's receive rate (None = unlimited).
-    pub fn with_recv_limit(mut self, limit: Option<ClientRecvLimiter>) -> Self {
+    pub(crate) fn with_recv_limit(mut self, limit: Option<ClientRecvLimiter>) -> Self {
         self.recv_limit = limit;
         self
     }
 
     /// Reads and handles frames until EOF (Ok), cancellation (Ok) or an error. `buf` may hold
     /// bytes already read during the handshake.
-    pub async fn run<R>(
+    pub(crate) async fn run<R>(
         mut self,
         r: &mut R,
         mut buf: BytesMut,
@@ -267,7 +192,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Dispatches one frame.
-    pub fn handle_frame(&mut self, f: RawFrame) -> Result<(), SessionError> {
+    pub(crate) fn handle_frame(&mut self, f: RawFrame) -> Result<(), SessionError> {
         if self.conn.is_dup() {
             self.registry.note_activity(self.conn);
         }
@@ -307,8 +232,7 @@ impl<'a> Reader<'a> {
     fn handle_send_packet(&mut self, dst: NodePublic, data: Bytes) {
         let kind = PacketKind::of(&data);
         self.tally.add(kind, data.len());
-        if let Routed::Unknown(data) = self.registry.route(self.conn.key, dst, data, kind, true) {
-            self.metrics.drop_packet(DropReason::UnknownDest, kind, data.len());
+        if let Routed::Unknown = self.registry.route(self.conn.key, dst, data, kind, true) {
             if kind == PacketKind::Disco && self.allow_not_here() {
                 self.conn.out.send_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
             }
@@ -326,9 +250,7 @@ impl<'a> Reader<'a> {
         let kind = PacketKind::of(&data);
         self.tally.add(kind, data.len());
         self.metrics.packets_forwarded_in.increment(1);
-        if let Routed::Unknown(data) = self.registry.route(src, dst, data, kind, false) {
-            self.metrics.drop_packet(DropReason::UnknownDestOnFwd, kind, data.len());
-        }
+        self.registry.route(src, dst, data, kind, false);
         Ok(())
     }
 
