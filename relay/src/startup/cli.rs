@@ -16,10 +16,9 @@
 //!   (derper's protocol) and `-allowlist FILE`.
 //! - Every other derper v1.102.3 flag is accepted: `-bootstrap-dns-names` and
 //!   `-unpublished-bootstrap-dns-names` ([`crate::ops::bootstrap_dns`]), `-secrets-*` (the mesh key
-//!   from setec, [`crate::ops::secrets`]), `-acme-email`. `-ace=true` stops the start, and so do
-//!   `-acme-eab-kid`/`-acme-eab-key`, `-certmode gcp` and `-acme-ip-certs` when an ACME certificate
-//!   would be requested (the ACME client has no EAB or IP identifiers yet); unused, they are ignored,
-//!   as derper ignores them without TLS.
+//!   from setec, [`crate::ops::secrets`]), the ACME ones (`-certmode gcp`, `-acme-email`,
+//!   `-acme-eab-kid`/`-acme-eab-key`, `-acme-ip-certs`, checked as derper does by
+//!   [`crate::ops::acme`]; read only when TLS is served, as derper). `-ace=true` stops the start.
 //! - `-accept-connection-limit-per-ip`/`-burst-per-ip` add a per-source-IP accept limit next to
 //!   derper's global one; both apply to the main listener, TLS or not.
 //! - Graceful restart: `-drain-timeout`, `-restart-reconnect-in` (+ `-restart-reconnect-jitter`),
@@ -101,23 +100,23 @@ pub struct Flags {
     #[arg(long = "derp", default_value_t = true, value_name = "bool")]
     pub derp: bool,
 
-    /// mode for getting a cert. possible options: manual, letsencrypt, gcp (letsencrypt: ACME with
-    /// TLS-ALPN-01 on the main port; gcp needs External Account Binding, not supported yet: refused
-    /// when TLS is served)
+    /// mode for getting a cert. possible options: manual, letsencrypt, gcp (letsencrypt and gcp: ACME
+    /// with TLS-ALPN-01 on the main port and HTTP-01 on -http-port; gcp: Google's public CA, needs
+    /// -acme-eab-kid, -acme-eab-key and -acme-email)
     #[arg(long = "certmode", default_value = defaults::CERTMODE, value_parser = check_certmode,
           value_name = "string")]
     pub certmode: String,
 
-    /// -certmode letsencrypt: contact e-mail for the ACME account (optional)
+    /// ACME account contact email address (required for -certmode gcp, optional for letsencrypt)
     #[arg(long = "acme-email", default_value = "", value_name = "string")]
     pub acme_email: String,
 
-    /// -certmode letsencrypt: the ACME directory URL (another CA, e.g. a test CA)
-    #[arg(long = "acme-directory-url", default_value = crate::ops::acme::LETS_ENCRYPT_DIRECTORY,
-          value_name = "url")]
+    /// ACME directory URL of another CA (e.g. a test CA); empty = Let's Encrypt, or Google's public CA
+    /// with -certmode gcp
+    #[arg(long = "acme-directory-url", default_value = "", value_name = "url")]
     pub acme_directory_url: String,
 
-    /// -certmode letsencrypt: extra PEM CA certificates trusted for the ACME server's API
+    /// -certmode letsencrypt/gcp: extra PEM CA certificates trusted for the ACME server's API
     #[arg(long = "acme-ca-file", value_name = "path")]
     pub acme_ca_file: Option<PathBuf>,
 
@@ -126,8 +125,9 @@ pub struct Flags {
     #[arg(long = "certdir", value_name = "dir")]
     pub certdir: Option<PathBuf>,
 
-    /// TLS host name for certs, if addr's port is :443. When -certmode manual, it can be an IP address
-    /// (a self-signed certificate is generated if <certdir>/<ip>.crt is missing).
+    /// TLS host name for certs, if addr's port is :443. It can be an IP address with -certmode manual
+    /// (a self-signed certificate is generated if <certdir>/<ip>.crt is missing) or with -acme-ip-certs
+    /// (an IP-only server).
     #[arg(long = "hostname", default_value = defaults::HOSTNAME, value_name = "string")]
     pub hostname: String,
 
@@ -277,16 +277,19 @@ pub struct Flags {
     #[arg(long = "unpublished-bootstrap-dns-names", default_value = "", value_name = "string")]
     pub unpublished_bootstrap_dns_names: String,
 
-    /// ACME External Account Binding (EAB) Key ID (required for -certmode gcp)
+    /// ACME External Account Binding (EAB) Key ID (required for -certmode gcp; with letsencrypt used
+    /// when set, for a CA at -acme-directory-url that requires EAB)
     #[arg(long = "acme-eab-kid", default_value = "", value_name = "string")]
     pub acme_eab_kid: String,
 
-    /// ACME External Account Binding (EAB) HMAC key, base64-encoded (required for -certmode gcp)
+    /// ACME External Account Binding (EAB) HMAC key, base64url (or standard base64) encoded (required
+    /// for -certmode gcp)
     #[arg(long = "acme-eab-key", default_value = "", value_name = "string")]
     pub acme_eab_key: String,
 
-    /// whether to get certificates for the server's IP addresses (clients connecting by IP, short-lived
-    /// profile, HTTP-01 on -http-port); requires -certmode letsencrypt
+    /// whether to get ACME certificates for the server's IP addresses: a client connecting by IP (no SNI)
+    /// gets one for the connection's local IP (short-lived profile when the CA offers it, HTTP-01 on
+    /// -http-port); requires -certmode letsencrypt
     #[arg(long = "acme-ip-certs", default_value_t = false, value_name = "bool")]
     pub acme_ip_certs: bool,
 
@@ -492,16 +495,6 @@ pub enum StartupError {
     Addr(ListenAddrError),
     #[error("-home: {0}")]
     Home(String),
-    #[error(
-        "-certmode {0:?} is not supported; use -certmode letsencrypt, or manual with a certificate in \
-         -certdir (an IP -hostname gets a self-signed one), or a port other than 443 for plain HTTP"
-    )]
-    UnsupportedCertMode(String),
-    #[error(
-        "{0} is not supported yet by this relay's ACME client (no External Account Binding or IP \
-         certificates); use -certmode letsencrypt without it, or -certmode manual"
-    )]
-    AcmeExtraUnsupported(&'static str),
     #[error("-certmode {0:?}: unknown mode (use manual, letsencrypt or gcp)")]
     UnknownCertMode(String),
     #[error("no -c given and neither $HOME nor $XDG_CONFIG_HOME is set")]
@@ -597,27 +590,26 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
     let mut acme_task = None;
     let tls = if !serve_tls {
         None
-    } else if flags.certmode == "letsencrypt" {
+    } else if !manual {
         // Only when ACME really runs (TLS served), as derper reads these flags only then.
-        if flags.acme_ip_certs {
-            return Err(StartupError::AcmeExtraUnsupported("-acme-ip-certs"));
-        }
-        if !flags.acme_eab_kid.is_empty() || !flags.acme_eab_key.is_empty() {
-            return Err(StartupError::AcmeExtraUnsupported("-acme-eab-kid/-acme-eab-key"));
-        }
-        let settings = crate::ops::acme::AcmeSettings {
+        use crate::ops::acme::{AcmeMode, AcmeSettings};
+        let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
+        let settings = AcmeSettings {
+            mode: if flags.certmode == "gcp" { AcmeMode::Gcp } else { AcmeMode::LetsEncrypt },
             hostname: flags.hostname.clone(),
             certdir: flags.certdir.clone().unwrap_or_else(default_certdir),
-            directory_url: flags.acme_directory_url.clone(),
-            email: (!flags.acme_email.is_empty()).then(|| flags.acme_email.clone()),
+            directory_url: nonempty(&flags.acme_directory_url),
+            email: nonempty(&flags.acme_email),
             extra_roots: flags.acme_ca_file.clone(),
+            eab_kid: flags.acme_eab_kid.clone(),
+            eab_key: flags.acme_eab_key.clone(),
+            ip_certs: flags.acme_ip_certs,
+            http01: flags.http_port >= 0,
         };
         let (config, task) = crate::ops::acme::setup(&settings, &server_public)?;
-        notes.push(format!("ACME certificate for {} from {}", flags.hostname, flags.acme_directory_url));
+        notes.push(format!("ACME certificate for {} from {}", flags.hostname, settings.directory()));
         acme_task = Some(task);
         Some(config)
-    } else if !manual {
-        return Err(StartupError::UnsupportedCertMode(flags.certmode.clone()));
     } else {
         let certdir = flags.certdir.clone().unwrap_or_else(default_certdir);
         let setup = tls::manual(&certdir, &flags.hostname, &server_public)?;
@@ -828,20 +820,20 @@ mod tests {
     }
 
     #[test]
-    fn letsencrypt_on_443_is_refused_clearly() {
+    fn acme_flags_are_checked_when_acme_runs() {
         let dir = std::env::temp_dir().join(format!("derpfleet-cli-le-{}", std::process::id()));
         let key = dir.join("k.key");
         let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap(), "-certmode", "gcp"];
         let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
-        assert!(e.contains("gcp") && e.contains("not supported"), "{e}");
-        // letsencrypt needs a DNS name.
+        assert_eq!(e, "ACME: -certmode gcp requires -acme-eab-kid and -acme-eab-key");
+        // An IP hostname needs -acme-ip-certs.
         let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap(), "-hostname", "192.0.2.1"];
         let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
-        assert!(e.contains("ACME needs a DNS name"), "{e}");
-        // EAB and IP certificates are refused when ACME would run, and only then.
+        assert!(e.contains("-acme-ip-certs"), "{e}");
+        // Half an EAB is refused when ACME would run, and only then.
         let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap(), "-acme-eab-kid", "k"];
         let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
-        assert!(e.starts_with("-acme-eab-kid/-acme-eab-key is not supported yet"), "{e}");
+        assert_eq!(e, "ACME: -acme-eab-kid and -acme-eab-key must be set together");
         let args =
             ["x", "-a", "127.0.0.1:8080", "-c", key.to_str().unwrap(), "-acme-ip-certs", "-acme-eab-kid=k"];
         assert!(build(&Flags::parse_go(args).unwrap()).is_ok());
