@@ -36,8 +36,8 @@ impl CertBundle {
             .collect::<Result<_, _>>()
             .map_err(|e| format!("reading the chain: {e}"))?;
         let leaf = chain.first().ok_or("no certificate")?;
-        let (_, cert) =
-            x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| format!("parsing the leaf: {e}"))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map_err(|e| format!("parsing the leaf: {e}"))?;
         if !covers(&cert, identity) {
             return Err(format!("the certificate does not name {identity}"));
         }
@@ -90,7 +90,10 @@ pub fn load(certdir: &Path, identity: &Identity) -> Option<CertBundle> {
     match CertBundle::from_pem(identity, &key_pem, &chain_pem) {
         Ok(b) => Some(b),
         Err(e) => {
-            tracing::warn!("ACME: ignoring the cached certificate for {identity} in {}: {e}", certdir.display());
+            tracing::warn!(
+                "ACME: ignoring the cached certificate for {identity} in {}: {e}",
+                certdir.display()
+            );
             None
         }
     }
@@ -100,7 +103,9 @@ pub fn load(certdir: &Path, identity: &Identity) -> Option<CertBundle> {
 pub fn store(certdir: &Path, identity: &Identity, key_pem: &str, chain_pem: &str) -> std::io::Result<()> {
     std::fs::create_dir_all(certdir)?;
     match identity {
-        Identity::Dns(name) => write_atomic(&certdir.join(name), format!("{key_pem}{chain_pem}").as_bytes(), 0o600),
+        Identity::Dns(name) => {
+            write_atomic(&certdir.join(name), format!("{key_pem}{chain_pem}").as_bytes(), 0o600)
+        }
         Identity::Ip(ip) => {
             let (crt, key) = ip_paths(certdir, *ip);
             write_atomic(&key, key_pem.as_bytes(), 0o600)?;

@@ -50,8 +50,8 @@ impl Challenges {
     /// critical `acmeIdentifier` extension holding SHA-256 of the key authorization.
     pub(super) fn set_tls_alpn01(&self, name: &str, key_auth_digest: &[u8]) -> Result<(), String> {
         let key = KeyPair::generate().map_err(|e| format!("challenge key: {e}"))?;
-        let mut params =
-            CertificateParams::new(vec![name.to_owned()]).map_err(|e| format!("challenge certificate: {e}"))?;
+        let mut params = CertificateParams::new(vec![name.to_owned()])
+            .map_err(|e| format!("challenge certificate: {e}"))?;
         params.custom_extensions = vec![CustomExtension::new_acme_identifier(key_auth_digest)];
         let cert = params.self_signed(&key).map_err(|e| format!("challenge certificate: {e}"))?;
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));

@@ -68,22 +68,29 @@ impl HttpClient for CaClient {
             let uri = req.uri().to_string();
             match tokio::time::timeout(REQUEST_TIMEOUT, send(tls, req)).await {
                 Ok(r) => r.map_err(|e| instant_acme::Error::Other(format!("{uri}: {e}").into())),
-                Err(_) => Err(instant_acme::Error::Other(format!("{uri}: no answer within {REQUEST_TIMEOUT:?}").into())),
+                Err(_) => Err(instant_acme::Error::Other(
+                    format!("{uri}: no answer within {REQUEST_TIMEOUT:?}").into(),
+                )),
             }
         })
     }
 }
 
-async fn send(tls: Arc<rustls::ClientConfig>, mut req: Request<BodyWrapper<Bytes>>) -> Result<BytesResponse, String> {
+async fn send(
+    tls: Arc<rustls::ClientConfig>,
+    mut req: Request<BodyWrapper<Bytes>>,
+) -> Result<BytesResponse, String> {
     let uri = req.uri().clone();
     if uri.scheme_str() != Some("https") {
         return Err("the ACME directory must be an https:// URL".to_owned());
     }
-    let host = uri.host().ok_or("no host in the URL")?.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host =
+        uri.host().ok_or("no host in the URL")?.trim_start_matches('[').trim_end_matches(']').to_owned();
     let port = uri.port_u16().unwrap_or(443);
     let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("connecting: {e}"))?;
     let name = ServerName::try_from(host.clone()).map_err(|e| format!("bad TLS name {host:?}: {e}"))?;
-    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+    let stream =
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
     // A connection-level hyper client sends the request target as given: make it origin-form
     // and name the host, as HTTP/1.1 requires.
     let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or(host);
@@ -91,8 +98,9 @@ async fn send(tls: Arc<rustls::ClientConfig>, mut req: Request<BodyWrapper<Bytes
     req.headers_mut().insert(header::HOST, host_value);
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     *req.uri_mut() = path.parse::<Uri>().map_err(|e| format!("bad path: {e}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("HTTP: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });

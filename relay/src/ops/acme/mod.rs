@@ -76,7 +76,9 @@ pub enum AcmeError {
     GcpNeedsEmail,
     #[error("-acme-eab-kid and -acme-eab-key must be set together")]
     EabHalf,
-    #[error("-acme-eab-key: invalid base64 encoding for EAB key (base64url without padding, or standard base64)")]
+    #[error(
+        "-acme-eab-key: invalid base64 encoding for EAB key (base64url without padding, or standard base64)"
+    )]
     EabKey,
     #[error("-acme-ca-file {path}: {reason}")]
     CaFile { path: PathBuf, reason: String },
@@ -173,7 +175,10 @@ pub struct AcmeTask {
 
 impl fmt::Debug for AcmeTask {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AcmeTask").field("directory_url", &self.directory_url).field("initial", &self.initial).finish()
+        f.debug_struct("AcmeTask")
+            .field("directory_url", &self.directory_url)
+            .field("initial", &self.initial)
+            .finish()
     }
 }
 
@@ -314,7 +319,10 @@ async fn obtain(
             if cached.is_current(SystemTime::now()) {
                 task.store.install(id, &cached)?;
                 if SystemTime::now() < cached.renew_at() {
-                    tracing::info!("ACME: using the cached certificate for {id} (expires {})", utc(cached.not_after));
+                    tracing::info!(
+                        "ACME: using the cached certificate for {id} (expires {})",
+                        utc(cached.not_after)
+                    );
                     return Ok(cached.renew_at());
                 }
             }
@@ -403,21 +411,34 @@ mod tests {
 
     #[test]
     fn derpers_rules_for_the_flags() {
-        let gcp = AcmeSettings { mode: AcmeMode::Gcp, email: Some("ops@example.test".to_owned()), ..settings() };
+        let gcp =
+            AcmeSettings { mode: AcmeMode::Gcp, email: Some("ops@example.test".to_owned()), ..settings() };
         assert_eq!(err(gcp.clone()), "-certmode gcp requires -acme-eab-kid and -acme-eab-key");
         let half = AcmeSettings { eab_kid: "kid".to_owned(), ..gcp.clone() };
         assert_eq!(err(half), "-certmode gcp requires -acme-eab-kid and -acme-eab-key");
         let with_eab = AcmeSettings { eab_kid: "kid".to_owned(), eab_key: "AAEC".to_owned(), ..gcp.clone() };
         assert!(setup(&with_eab, &derpfleet_proto::NodePrivate::generate().public()).is_ok());
-        assert_eq!(err(AcmeSettings { email: None, ..with_eab.clone() }), "-certmode gcp requires -acme-email");
-        assert!(err(AcmeSettings { eab_key: "!!".to_owned(), ..with_eab.clone() }).starts_with("-acme-eab-key"));
-        assert!(err(AcmeSettings { hostname: "192.0.2.1".to_owned(), ..with_eab.clone() }).contains("DNS name"));
-        assert_eq!(err(AcmeSettings { ip_certs: true, ..with_eab }), "-acme-ip-certs requires -certmode letsencrypt");
+        assert_eq!(
+            err(AcmeSettings { email: None, ..with_eab.clone() }),
+            "-certmode gcp requires -acme-email"
+        );
+        assert!(
+            err(AcmeSettings { eab_key: "!!".to_owned(), ..with_eab.clone() }).starts_with("-acme-eab-key")
+        );
+        assert!(
+            err(AcmeSettings { hostname: "192.0.2.1".to_owned(), ..with_eab.clone() }).contains("DNS name")
+        );
+        assert_eq!(
+            err(AcmeSettings { ip_certs: true, ..with_eab }),
+            "-acme-ip-certs requires -certmode letsencrypt"
+        );
         assert_eq!(
             err(AcmeSettings { eab_key: "AAEC".to_owned(), ..settings() }),
             "-acme-eab-kid and -acme-eab-key must be set together"
         );
-        assert!(err(AcmeSettings { hostname: "192.0.2.1".to_owned(), ..settings() }).contains("-acme-ip-certs"));
+        assert!(
+            err(AcmeSettings { hostname: "192.0.2.1".to_owned(), ..settings() }).contains("-acme-ip-certs")
+        );
         let ip = AcmeSettings { hostname: "192.0.2.1".to_owned(), ip_certs: true, ..settings() };
         assert!(setup(&ip, &derpfleet_proto::NodePrivate::generate().public()).is_ok());
         assert!(err(AcmeSettings { http01: false, ..ip }).contains("-http-port"));

@@ -9,8 +9,8 @@
 use std::path::Path;
 
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeType, ExternalAccountKey, Identifier, NewAccount,
-    NewOrder, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, ExternalAccountKey, Identifier,
+    NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 
@@ -176,7 +176,9 @@ async fn order_once(
                 }
                 _ => {
                     let name = challenge.identifier().to_string();
-                    challenges.set_tls_alpn01(&name, key_auth.digest().as_ref()).map_err(OrderError::Other)?;
+                    challenges
+                        .set_tls_alpn01(&name, key_auth.digest().as_ref())
+                        .map_err(OrderError::Other)?;
                     opened.push(Opened::TlsAlpn01(name));
                 }
             }
@@ -185,7 +187,9 @@ async fn order_once(
         let retry = RetryPolicy::new().timeout(std::time::Duration::from_secs(90));
         match order.poll_ready(&retry).await {
             Ok(OrderStatus::Ready) => Ok(()),
-            Ok(status) => Err(OrderError::Validation(format!("order {status:?}{}", challenge_errors(&mut order).await))),
+            Ok(status) => {
+                Err(OrderError::Validation(format!("order {status:?}{}", challenge_errors(&mut order).await)))
+            }
             Err(instant_acme::Error::Api(p)) => Err(OrderError::Validation(p.to_string())),
             Err(e) => Err(other("waiting for validation", &e)),
         }
@@ -204,7 +208,8 @@ async fn order_once(
     params.distinguished_name = DistinguishedName::new();
     let csr = params.serialize_request(&key).map_err(|e| other("CSR", &e))?;
     order.finalize_csr(csr.der()).await.map_err(|e| other("finalizing", &e))?;
-    let chain_pem = order.poll_certificate(&RetryPolicy::new()).await.map_err(|e| other("downloading", &e))?;
+    let chain_pem =
+        order.poll_certificate(&RetryPolicy::new()).await.map_err(|e| other("downloading", &e))?;
     let key_pem = key.serialize_pem();
     let bundle = CertBundle::from_pem(identity, key_pem.as_bytes(), chain_pem.as_bytes())
         .map_err(|e| other("the issued certificate", &e))?;

@@ -66,7 +66,8 @@ impl Store {
 
     /// Serves `bundle` for `identity` from now on, with the meta-certificate appended.
     pub fn install(&self, identity: &Identity, bundle: &CertBundle) -> Result<(), String> {
-        let signing = provider().key_provider.load_private_key(bundle.key.clone_key()).map_err(|e| e.to_string())?;
+        let signing =
+            provider().key_provider.load_private_key(bundle.key.clone_key()).map_err(|e| e.to_string())?;
         let mut chain = bundle.chain.clone();
         chain.push(self.meta.clone());
         let served = Served { key: Arc::new(CertifiedKey::new(chain, signing)), not_after: bundle.not_after };
@@ -92,7 +93,10 @@ pub struct AcmeResolver {
 
 impl fmt::Debug for AcmeResolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AcmeResolver").field("hostname", &self.hostname).field("ip_certs", &self.ip_certs).finish()
+        f.debug_struct("AcmeResolver")
+            .field("hostname", &self.hostname)
+            .field("ip_certs", &self.ip_certs)
+            .finish()
     }
 }
 
