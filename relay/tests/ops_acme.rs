@@ -79,8 +79,16 @@ struct Pebble {
 
 impl Pebble {
     /// Starts pebble validating HTTP-01 on `relay_ip:http_port` and TLS-ALPN-01 on
-    /// `relay_ip:tls_port`; with `eab`, accounts need External Account Binding with that key.
-    async fn start(tag: &str, relay_ip: &str, http_port: u16, tls_port: u16, eab: bool) -> Pebble {
+    /// `relay_ip:tls_port`; with `eab`, accounts need External Account Binding with that key;
+    /// `validity` (seconds) shortens the certificates' lifetime.
+    async fn start(
+        tag: &str,
+        relay_ip: &str,
+        http_port: u16,
+        tls_port: u16,
+        eab: bool,
+        validity: Option<u64>,
+    ) -> Pebble {
         let dir = TempDir::new(tag);
         let (ca_pem, cert_pem, key_pem) = api_certificates();
         let api_ca = dir.0.join("api-ca.pem");
@@ -99,6 +107,9 @@ impl Pebble {
             "ocspResponderURL": "",
             "externalAccountBindingRequired": eab,
         });
+        if let Some(secs) = validity {
+            pebble["certificateValidityPeriod"] = secs.into();
+        }
         if eab {
             pebble["externalAccountMACKeys"] = serde_json::json!({ EAB_KID: EAB_KEY });
         }
@@ -283,7 +294,7 @@ fn assert_from_pebble_with_meta(chain: &[CertificateDer<'static>]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn letsencrypt_mode_gets_a_certificate_with_tls_alpn_01() {
     const IP: &str = "127.0.0.44";
-    let pebble = Pebble::start("ops-acme-alpn", IP, free_tcp_port(), 443, false).await;
+    let pebble = Pebble::start("ops-acme-alpn", IP, free_tcp_port(), 443, false, None).await;
     let mut args = pebble.relay_args(IP, "alpn");
     args.extend(["-hostname", NAME, "-certmode", "letsencrypt", "-http-port", "-1"].map(String::from));
     let p = start_relay(&args);
@@ -296,6 +307,14 @@ async fn letsencrypt_mode_gets_a_certificate_with_tls_alpn_01() {
     let cached = std::fs::read_to_string(pebble.dir.0.join("certs-alpn").join(NAME)).unwrap();
     assert!(cached.contains("PRIVATE KEY") && cached.contains("BEGIN CERTIFICATE"), "{cached}");
     assert!(!p.log().contains("panicked"), "{}", p.log());
+    // A restart serves the cached certificate without a new order.
+    drop(p);
+    let p = start_relay(&args);
+    p.wait_for_line("ACME: using the cached certificate for derp.acme.test");
+    let again =
+        verified_derp_handshake(format!("{IP}:443").parse().unwrap(), NAME, pebble.root().await).await;
+    assert_eq!(again[0], chain[0], "the cached leaf is served");
+    assert!(!p.log().contains("ACME: new certificate"), "{}", p.log());
 }
 
 /// HTTP-01 on -http-port: pebble's TLS-ALPN-01 port is closed, so TLS-ALPN-01 fails and the
@@ -304,7 +323,7 @@ async fn letsencrypt_mode_gets_a_certificate_with_tls_alpn_01() {
 async fn letsencrypt_mode_falls_back_to_http_01_on_the_http_port() {
     const IP: &str = "127.0.0.45";
     let closed_port = free_tcp_port();
-    let pebble = Pebble::start("ops-acme-http01", IP, 80, closed_port, false).await;
+    let pebble = Pebble::start("ops-acme-http01", IP, 80, closed_port, false, None).await;
     let mut args = pebble.relay_args(IP, "http01");
     args.extend(["-hostname", NAME, "-http-port", "80"].map(String::from));
     let p = start_relay(&args);
@@ -325,7 +344,7 @@ async fn letsencrypt_mode_falls_back_to_http_01_on_the_http_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eab_required_ca_needs_the_eab_flags_and_gcp_mode_uses_them() {
     const IP: &str = "127.0.0.46";
-    let pebble = Pebble::start("ops-acme-eab", IP, 80, 443, true).await;
+    let pebble = Pebble::start("ops-acme-eab", IP, 80, 443, true, None).await;
     let root = pebble.root().await;
     let addr: SocketAddr = format!("{IP}:443").parse().unwrap();
 
@@ -379,7 +398,8 @@ async fn eab_required_ca_needs_the_eab_flags_and_gcp_mode_uses_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acme_ip_certs_gets_an_ip_certificate_via_http_01() {
     const IP: &str = "127.0.0.47";
-    let pebble = Pebble::start("ops-acme-ip", IP, 80, free_tcp_port(), false).await;
+    // Short-lived, like Let's Encrypt's IP certificates: 12 s, so renewal (at two thirds) is seen.
+    let pebble = Pebble::start("ops-acme-ip", IP, 80, free_tcp_port(), false, Some(12)).await;
     let mut args = pebble.relay_args(IP, "ip");
     args.extend(["-hostname", IP, "-acme-ip-certs", "-http-port", "80"].map(String::from));
     let p = start_relay(&args);
@@ -402,4 +422,13 @@ async fn acme_ip_certs_gets_an_ip_certificate_via_http_01() {
     // Cached as derper's ipCertManager does: <certdir>/<ip>.crt and .key.
     assert!(pebble.dir.0.join("certs-ip").join(format!("{IP}.crt")).exists());
     assert!(pebble.dir.0.join("certs-ip").join(format!("{IP}.key")).exists());
+    // Renewed in the background at two thirds of the lifetime; new handshakes get the new one.
+    let deadline = Instant::now() + ISSUE_WAIT;
+    while p.log().matches("ACME: new certificate for").count() < 2 {
+        assert!(Instant::now() < deadline, "no renewal; relay log:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let renewed =
+        verified_derp_handshake(format!("{IP}:443").parse().unwrap(), IP, pebble.root().await).await;
+    assert_ne!(renewed[0], chain[0], "the renewed leaf is served");
 }
