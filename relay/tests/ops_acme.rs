@@ -432,3 +432,41 @@ async fn acme_ip_certs_gets_an_ip_certificate_via_http_01() {
         verified_derp_handshake(format!("{IP}:443").parse().unwrap(), IP, pebble.root().await).await;
     assert_ne!(renewed[0], chain[0], "the renewed leaf is served");
 }
+
+/// `-acme-ip-certs` next to a DNS `-hostname` (derper's usual setup): SNI = hostname gets the DNS
+/// certificate; a client connecting by IP (no SNI) makes the relay order one for the
+/// connection's local address: that first handshake fails, later ones get the IP certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_ip_certs_orders_on_demand_for_the_local_address_next_to_the_hostname() {
+    const IP: &str = "127.0.0.48";
+    let pebble = Pebble::start("ops-acme-ip-dns", IP, 80, 443, false, None).await;
+    let root = pebble.root().await;
+    let addr: SocketAddr = format!("{IP}:443").parse().unwrap();
+    let mut args = pebble.relay_args(IP, "ip-dns");
+    args.extend(["-hostname", NAME, "-acme-ip-certs", "-http-port", "80"].map(String::from));
+    let p = start_relay(&args);
+    let line = wait_issued(&p).await;
+    assert!(line.contains(&format!("new certificate for {NAME}")), "{line}");
+    assert_chain(&verified_derp_handshake(addr, NAME, root.clone()).await, NAME);
+
+    // By IP: no certificate yet, so this handshake is refused and the order starts.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(ring())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let first = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(IP).unwrap(), tcp)
+        .await;
+    assert!(first.is_err(), "no IP certificate can exist before the first IP connection");
+    let deadline = Instant::now() + ISSUE_WAIT;
+    while !p.log().contains(&format!("ACME: new certificate for {IP} (validated with http-01")) {
+        assert!(Instant::now() < deadline, "no IP certificate; relay log:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let chain = verified_derp_handshake(addr, IP, root).await;
+    assert_from_pebble_with_meta(&chain);
+}
