@@ -53,6 +53,8 @@ pub const SHORTLIVED_PROFILE: &str = "shortlived";
 /// First retry delay after a failed issuance, and its cap (doubling in between), as derper.
 const RETRY_FIRST: Duration = Duration::from_secs(60);
 const RETRY_MAX: Duration = Duration::from_secs(30 * 60);
+/// The RFC 8555 problem type for an account the CA does not know.
+const ACCOUNT_DOES_NOT_EXIST: &str = "urn:ietf:params:acme:error:accountDoesNotExist";
 /// Longest sleep between looks at the certificates.
 const CHECK_EVERY: Duration = Duration::from_secs(60 * 60);
 
@@ -271,12 +273,12 @@ pub async fn run(task: Arc<AcmeTask>, cancel: CancellationToken) {
     let mut schedule: HashMap<Identity, Schedule> =
         task.initial.iter().map(|id| (id.clone(), Schedule { due: now, retry: RETRY_FIRST })).collect();
     let mut account: Option<Account> = None;
-    let mut from_cache_done = std::collections::HashSet::new();
+    let mut looked_at = std::collections::HashSet::new();
     loop {
         let now = Instant::now();
         let due = schedule.iter().find(|(_, s)| s.due <= now).map(|(id, _)| id.clone());
         if let Some(id) = due {
-            let first = from_cache_done.insert(id.clone());
+            let first = looked_at.insert(id.clone());
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = obtain(&task, &id, first, &mut account) => r,
@@ -348,7 +350,17 @@ async fn obtain(
         (Identity::Dns(_), true) => vec![ChallengeType::TlsAlpn01, ChallengeType::Http01],
         (Identity::Dns(_), false) => vec![ChallengeType::TlsAlpn01],
     };
-    let issued = order::issue(&acct, id, &kinds, &task.store.challenges).await?;
+    let issued = match order::issue(&acct, id, &kinds, &task.store.challenges).await {
+        Ok(issued) => issued,
+        Err(e) => {
+            if e.contains(ACCOUNT_DOES_NOT_EXIST) {
+                // The CA forgot the cached account (e.g. a reset test CA): register anew next time.
+                let _ = std::fs::remove_file(cache::account_path(&task.certdir, &task.directory_url));
+                *account = None;
+            }
+            return Err(e);
+        }
+    };
     if let Err(e) = cache::store(&task.certdir, id, &issued.key_pem, &issued.chain_pem) {
         tracing::warn!("ACME: caching the certificate for {id} in {}: {e}", task.certdir.display());
     }
