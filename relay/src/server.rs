@@ -116,7 +116,8 @@ pub struct OpsConfig {
     pub cert_reloader: Option<Arc<CertReloader>>,
     /// How often to look at them.
     pub cert_reload_interval: Option<Duration>,
-    /// `-certmode letsencrypt`: the ACME task to run (obtains and renews the certificate).
+    /// `-certmode letsencrypt`/`gcp`: the ACME task to run (obtains and renews the certificates,
+    /// answers HTTP-01 on the `-http-port` listener).
     pub acme: Option<Arc<crate::ops::acme::AcmeTask>>,
     /// At most one drop-log line per reason per this interval.
     pub drop_log_interval: Duration,
@@ -331,6 +332,7 @@ impl Server {
             cancel: cancel.clone(),
             status: status.clone(),
             forwarded: ops.forwarded.clone(),
+            acme: ops.acme.clone(),
         });
         let proxy = ProxyProtocol::new(
             ops.proxy_protocol_trusted.clone(),
@@ -639,7 +641,10 @@ async fn serve(stream: TcpStream, remote: SocketAddr, kind: &Listener, ctx: Arc<
         Listener::Http80 => http::serve_port80_connection(stream, remote, ctx).await,
         Listener::Main(None) => http::serve_connection(stream, remote, ctx).await,
         Listener::Main(Some(acceptor)) => {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            // The ACME resolver picks an IP certificate by the connection's local address.
+            let local_ip = stream.local_addr().ok().map(|a| a.ip());
+            let accept = crate::ops::acme::with_local_ip(local_ip, acceptor.accept(stream));
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
                 Ok(Ok(tls)) => http::serve_connection(tls, remote, ctx).await,
                 Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake: {e}"),
                 Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),

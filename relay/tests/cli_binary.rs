@@ -192,14 +192,16 @@ fn bad_flag_values_exit_2_naming_the_flag_as_typed() {
 fn startup_errors_are_clear() {
     let dir = TempDir::new("cli-errors");
     let keyfile = dir.0.join("k.key");
-    // gcp (ACME with EAB) on 443 is refused before binding anything.
+    // gcp (ACME with EAB) on 443 without the EAB flags is refused before binding anything, saying
+    // once what is missing.
     let out = Command::new(BIN)
         .args(["-a", "127.0.0.1:443", "-c", keyfile.to_str().unwrap(), "-certmode", "gcp"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("gcp") && err.contains("not supported"), "{err}");
+    assert!(err.contains("ACME: -certmode gcp requires -acme-eab-kid and -acme-eab-key\n"), "{err}");
+    assert_eq!(err.matches("requires").count(), 1, "{err}");
     // A broken key file is named, with the field.
     std::fs::write(&keyfile, r#"{"PrivateKey":"nope"}"#).unwrap();
     let port = free_tcp_port().to_string();

@@ -85,6 +85,8 @@ pub struct HttpContext {
     pub bootstrap_dns: Arc<crate::ops::bootstrap_dns::BootstrapDns>,
     /// L7 proxies whose forwarding header is believed (`-forwarded-trusted`, `-forwarded-header`).
     pub forwarded: forwarded::ForwardedTrust,
+    /// ACME: HTTP-01 challenge answers on the plain-HTTP port.
+    pub acme: Option<Arc<crate::ops::acme::AcmeTask>>,
 }
 
 /// Why the first request could not be read; the connection is closed.
@@ -370,6 +372,12 @@ fn route_request(req: Request<Incoming>, remote: SocketAddr, ctx: &Arc<HttpConte
         return with_browser_headers(ctx.bootstrap_dns.response(req.uri().query(), remote));
     }
     if port == Port::Http80 {
+        if let (Some(acme), true) = (&ctx.acme, path.starts_with(crate::ops::acme::HTTP01_PREFIX)) {
+            return match acme.http01_response(&path) {
+                Some(body) => text_owned("text/plain", body),
+                None => plain_error(StatusCode::NOT_FOUND, "404 page not found"),
+            };
+        }
         return port80(&req);
     }
     match path.as_str() {

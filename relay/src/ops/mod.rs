@@ -3,7 +3,7 @@
 //!
 //! - [`admission`]: the allowlist file and `-verify-client-url`, plugged into the core as a check.
 //! - [`ratelimit`]: accept limits (global, per source IP) and the per-client receive rate.
-//! - [`acme`]: `-certmode letsencrypt`.
+//! - [`acme`]: `-certmode letsencrypt`/`gcp` (ACME: TLS-ALPN-01, HTTP-01, EAB, IP certificates).
 //! - [`bootstrap_dns`]: `/bootstrap-dns` (derper's DNS answers for clients without DNS).
 //! - [`debug_vars`]: derper's `/debug/` index and `/debug/vars`.
 //! - [`secrets`]: `-secrets-url` (the mesh key from setec).

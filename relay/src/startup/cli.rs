@@ -31,16 +31,6 @@ pub enum StartupError {
     Addr(ListenAddrError),
     #[error("-home: {0}")]
     Home(String),
-    #[error(
-        "-certmode {0:?} is not supported; use -certmode letsencrypt, or manual with a certificate in \
-         -certdir (an IP -hostname gets a self-signed one), or a port other than 443 for plain HTTP"
-    )]
-    UnsupportedCertMode(String),
-    #[error(
-        "{0} is not supported yet by this relay's ACME client (no External Account Binding or IP \
-         certificates); use -certmode letsencrypt without it, or -certmode manual"
-    )]
-    AcmeExtraUnsupported(&'static str),
     #[error("-certmode {0:?}: unknown mode (use manual, letsencrypt or gcp)")]
     UnknownCertMode(String),
     #[error("no -c given and neither $HOME nor $XDG_CONFIG_HOME is set")]
@@ -136,27 +126,26 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
     let mut acme_task = None;
     let tls = if !serve_tls {
         None
-    } else if flags.certmode == "letsencrypt" {
+    } else if !manual {
         // Only when ACME really runs (TLS served), as derper reads these flags only then.
-        if flags.acme_ip_certs {
-            return Err(StartupError::AcmeExtraUnsupported("-acme-ip-certs"));
-        }
-        if !flags.acme_eab_kid.is_empty() || !flags.acme_eab_key.is_empty() {
-            return Err(StartupError::AcmeExtraUnsupported("-acme-eab-kid/-acme-eab-key"));
-        }
-        let settings = crate::ops::acme::AcmeSettings {
+        use crate::ops::acme::{AcmeMode, AcmeSettings};
+        let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
+        let settings = AcmeSettings {
+            mode: if flags.certmode == "gcp" { AcmeMode::Gcp } else { AcmeMode::LetsEncrypt },
             hostname: flags.hostname.clone(),
             certdir: flags.certdir.clone().unwrap_or_else(default_certdir),
-            directory_url: flags.acme_directory_url.clone(),
-            email: (!flags.acme_email.is_empty()).then(|| flags.acme_email.clone()),
+            directory_url: nonempty(&flags.acme_directory_url),
+            email: nonempty(&flags.acme_email),
             extra_roots: flags.acme_ca_file.clone(),
+            eab_kid: flags.acme_eab_kid.clone(),
+            eab_key: flags.acme_eab_key.clone(),
+            ip_certs: flags.acme_ip_certs,
+            http01: flags.http_port >= 0,
         };
         let (config, task) = crate::ops::acme::setup(&settings, &server_public)?;
-        notes.push(format!("ACME certificate for {} from {}", flags.hostname, flags.acme_directory_url));
+        notes.push(format!("ACME certificate for {} from {}", flags.hostname, settings.directory()));
         acme_task = Some(task);
         Some(config)
-    } else if !manual {
-        return Err(StartupError::UnsupportedCertMode(flags.certmode.clone()));
     } else {
         let certdir = flags.certdir.clone().unwrap_or_else(default_certdir);
         let setup = tls::manual(&certdir, &flags.hostname, &server_public)?;
@@ -349,20 +338,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn letsencrypt_on_443_is_refused_clearly() {
+    fn acme_flags_are_checked_when_acme_runs() {
         let dir = std::env::temp_dir().join(format!("derpfleet-cli-le-{}", std::process::id()));
         let key = dir.join("k.key");
         let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap(), "-certmode", "gcp"];
         let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
-        assert!(e.contains("gcp") && e.contains("not supported"), "{e}");
-        // letsencrypt needs a DNS name.
+        assert_eq!(e, "ACME: -certmode gcp requires -acme-eab-kid and -acme-eab-key");
+        // An IP hostname needs -acme-ip-certs.
         let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap(), "-hostname", "192.0.2.1"];
         let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
-        assert!(e.contains("ACME needs a DNS name"), "{e}");
-        // EAB and IP certificates are refused when ACME would run, and only then.
+        assert!(e.contains("-acme-ip-certs"), "{e}");
+        // Half an EAB is refused when ACME would run, and only then.
         let args = ["x", "-a", "127.0.0.1:443", "-c", key.to_str().unwrap(), "-acme-eab-kid", "k"];
         let e = build(&Flags::parse_go(args).unwrap()).unwrap_err().to_string();
-        assert!(e.starts_with("-acme-eab-kid/-acme-eab-key is not supported yet"), "{e}");
+        assert_eq!(e, "ACME: -acme-eab-kid and -acme-eab-key must be set together");
         let args =
             ["x", "-a", "127.0.0.1:8080", "-c", key.to_str().unwrap(), "-acme-ip-certs", "-acme-eab-kid=k"];
         assert!(build(&Flags::parse_go(args).unwrap()).is_ok());

@@ -18,10 +18,9 @@
 //!   (derper's protocol) and `-allowlist FILE`.
 //! - Every other derper v1.102.3 flag is accepted: `-bootstrap-dns-names` and
 //!   `-unpublished-bootstrap-dns-names` ([`crate::ops::bootstrap_dns`]), `-secrets-*` (the mesh key
-//!   from setec, [`crate::ops::secrets`]), `-acme-email`. `-ace=true` stops the start, and so do
-//!   `-acme-eab-kid`/`-acme-eab-key`, `-certmode gcp` and `-acme-ip-certs` when an ACME certificate
-//!   would be requested (the ACME client has no EAB or IP identifiers yet); unused, they are ignored,
-//!   as derper ignores them without TLS.
+//!   from setec, [`crate::ops::secrets`]), the ACME ones (`-certmode gcp`, `-acme-email`,
+//!   `-acme-eab-kid`/`-acme-eab-key`, `-acme-ip-certs`, checked as derper does by
+//!   [`crate::ops::acme`]; read only when TLS is served, as derper). `-ace=true` stops the start.
 //! - `-accept-connection-limit-per-ip`/`-burst-per-ip` add a per-source-IP accept limit next to
 //!   derper's global one; both apply to the main listener, TLS or not.
 //! - Graceful restart: `-drain-timeout`, `-restart-reconnect-in` (+ `-restart-reconnect-jitter`),
@@ -93,23 +92,23 @@ pub struct Flags {
     #[arg(long = "derp", default_value_t = true, value_name = "bool")]
     pub derp: bool,
 
-    /// mode for getting a cert. possible options: manual, letsencrypt, gcp (letsencrypt: ACME with
-    /// TLS-ALPN-01 on the main port; gcp needs External Account Binding, not supported yet: refused
-    /// when TLS is served)
+    /// mode for getting a cert. possible options: manual, letsencrypt, gcp (letsencrypt and gcp: ACME
+    /// with TLS-ALPN-01 on the main port and HTTP-01 on -http-port; gcp: Google's public CA, needs
+    /// -acme-eab-kid, -acme-eab-key and -acme-email)
     #[arg(long = "certmode", default_value = defaults::CERTMODE, value_parser = check_certmode,
           value_name = "string")]
     pub certmode: String,
 
-    /// -certmode letsencrypt: contact e-mail for the ACME account (optional)
+    /// ACME account contact email address (required for -certmode gcp, optional for letsencrypt)
     #[arg(long = "acme-email", default_value = "", value_name = "string")]
     pub acme_email: String,
 
-    /// -certmode letsencrypt: the ACME directory URL (another CA, e.g. a test CA)
-    #[arg(long = "acme-directory-url", default_value = crate::ops::acme::LETS_ENCRYPT_DIRECTORY,
-          value_name = "url")]
+    /// ACME directory URL of another CA (e.g. a test CA); empty = Let's Encrypt, or Google's public CA
+    /// with -certmode gcp
+    #[arg(long = "acme-directory-url", default_value = "", value_name = "url")]
     pub acme_directory_url: String,
 
-    /// -certmode letsencrypt: extra PEM CA certificates trusted for the ACME server's API
+    /// -certmode letsencrypt/gcp: extra PEM CA certificates trusted for the ACME server's API
     #[arg(long = "acme-ca-file", value_name = "path")]
     pub acme_ca_file: Option<PathBuf>,
 
@@ -118,8 +117,9 @@ pub struct Flags {
     #[arg(long = "certdir", value_name = "dir")]
     pub certdir: Option<PathBuf>,
 
-    /// TLS host name for certs, if addr's port is :443. When -certmode manual, it can be an IP address
-    /// (a self-signed certificate is generated if <certdir>/<ip>.crt is missing).
+    /// TLS host name for certs, if addr's port is :443. It can be an IP address with -certmode manual
+    /// (a self-signed certificate is generated if <certdir>/<ip>.crt is missing) or with -acme-ip-certs
+    /// (an IP-only server).
     #[arg(long = "hostname", default_value = defaults::HOSTNAME, value_name = "string")]
     pub hostname: String,
 
@@ -269,16 +269,19 @@ pub struct Flags {
     #[arg(long = "unpublished-bootstrap-dns-names", default_value = "", value_name = "string")]
     pub unpublished_bootstrap_dns_names: String,
 
-    /// ACME External Account Binding (EAB) Key ID (required for -certmode gcp)
+    /// ACME External Account Binding (EAB) Key ID (required for -certmode gcp; with letsencrypt used
+    /// when set, for a CA at -acme-directory-url that requires EAB)
     #[arg(long = "acme-eab-kid", default_value = "", value_name = "string")]
     pub acme_eab_kid: String,
 
-    /// ACME External Account Binding (EAB) HMAC key, base64-encoded (required for -certmode gcp)
+    /// ACME External Account Binding (EAB) HMAC key, base64url (or standard base64) encoded (required
+    /// for -certmode gcp)
     #[arg(long = "acme-eab-key", default_value = "", value_name = "string")]
     pub acme_eab_key: String,
 
-    /// whether to get certificates for the server's IP addresses (clients connecting by IP, short-lived
-    /// profile, HTTP-01 on -http-port); requires -certmode letsencrypt
+    /// whether to get ACME certificates for the server's IP addresses: a client connecting by IP (no SNI)
+    /// gets one for the connection's local IP (short-lived profile when the CA offers it, HTTP-01 on
+    /// -http-port); requires -certmode letsencrypt
     #[arg(long = "acme-ip-certs", default_value_t = false, value_name = "bool")]
     pub acme_ip_certs: bool,
 
