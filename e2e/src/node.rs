@@ -58,6 +58,25 @@ pub fn pair_configs(dir: &Path, home_region: i64, extra: &str) -> Result<[String
     Ok([config(0), config(1)])
 }
 
+/// Starts nodes 0 and 1 ([`pair_configs`] with `home_region` and `extra`) in `homes` and waits until
+/// both are connected to their home relay.
+pub fn start_connected_pair(
+    homes: [&Netns; 2],
+    dir: &Path,
+    home_region: i64,
+    extra: &str,
+) -> Result<Vec<LabNode>> {
+    let configs = pair_configs(dir, home_region, extra)?;
+    let mut nodes = Vec::new();
+    for (i, config) in configs.iter().enumerate() {
+        nodes.push(LabNode::start(homes[i], dir, i, config)?);
+    }
+    for node in &nodes {
+        node.wait_status(Duration::from_secs(15), "home connected", |s| s["home_connected"] == true)?;
+    }
+    Ok(nodes)
+}
+
 /// A running node, killed on drop.
 pub struct LabNode {
     index: usize,

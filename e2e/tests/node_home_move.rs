@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use derpfleet_e2e::delay::{spawn_delayers, Delay, DelayedRoute};
 use derpfleet_e2e::natlab::{router_rules, Nat, NatHome};
 use derpfleet_e2e::netns::{unique_tag, Netns};
-use derpfleet_e2e::node::{pair_configs, LabNode, TUN_IPS};
+use derpfleet_e2e::node::{start_connected_pair, LabNode, TUN_IPS};
 use derpfleet_e2e::nsthread::NsThread;
 use derpfleet_e2e::relay::{wait_listening, RelayCmd};
 use derpfleet_e2e::scratch::ScratchDir;
@@ -101,26 +101,9 @@ impl Lab {
     /// Starts both nodes with `home_region = 1` (a preference) and each other as peer on region 1;
     /// `extra` is appended to both configs' top level. Waits until both are on DERP.
     fn up(&mut self, extra: &str) -> Result<()> {
-        let configs = pair_configs(self.dir.path(), 1, extra)?;
-        for (i, config) in configs.iter().enumerate() {
-            self.nodes.push(LabNode::start(&self.sites[i].home, self.dir.path(), i, config)?);
-        }
-        for i in 0..2 {
-            self.wait_status(i, Duration::from_secs(15), "home_connected", |s| s["home_connected"] == true)?;
-        }
+        let homes = [&self.sites[0].home, &self.sites[1].home];
+        self.nodes = start_connected_pair(homes, self.dir.path(), 1, extra)?;
         Ok(())
-    }
-
-    fn log(&self, i: usize) -> String {
-        self.nodes[i].log()
-    }
-
-    fn status(&self, i: usize) -> Result<Value> {
-        self.nodes[i].status()
-    }
-
-    fn text_status(&self, i: usize) -> Result<String> {
-        self.nodes[i].status_text()
     }
 
     /// Waits until `pred(status of node i)` holds.
@@ -140,7 +123,7 @@ impl Lab {
     }
 
     fn reports(&self, i: usize) -> Result<u64> {
-        Ok(self.status(i)?["netcheck"]["reports"].as_u64().unwrap_or(0))
+        Ok(self.nodes[i].status()?["netcheck"]["reports"].as_u64().unwrap_or(0))
     }
 }
 
@@ -156,10 +139,10 @@ fn killed_home_relay_moves_home_and_traffic_resumes() -> Result<()> {
     let mut lab = Lab::new("k", false)?;
     lab.up("")?;
     for i in 0..2 {
-        assert_eq!(home(&lab.status(i)?), 1, "home_region = 1 is the starting home");
+        assert_eq!(home(&lab.nodes[i].status()?), 1, "home_region = 1 is the starting home");
     }
-    assert_eq!(lab.ping(0, 3)?, 3, "log0:\n{}", lab.log(0));
-    let s = lab.status(0)?;
+    assert_eq!(lab.ping(0, 3)?, 3, "log0:\n{}", lab.nodes[0].log());
+    let s = lab.nodes[0].status()?;
     assert_eq!(s["peers"][0]["path"], "derp-1", "{s:#}");
     let killed_at = Instant::now();
     lab.relays.get_mut(&1).unwrap().signal("KILL");
@@ -172,10 +155,10 @@ fn killed_home_relay_moves_home_and_traffic_resumes() -> Result<()> {
     assert!(killed_at.elapsed() < Duration::from_secs(30));
     // B speaks first after the move: it still has region 1 for A, which is dead, so it goes
     // through its own home, where A now is.
-    assert!(lab.ping(1, 5)? >= 4, "B -> A after the move\nlog1:\n{}", lab.log(1));
-    assert!(lab.ping(0, 5)? >= 4, "A -> B after the move\nlog0:\n{}", lab.log(0));
-    let s = lab.status(0)?;
-    eprintln!("{}", lab.text_status(0)?);
+    assert!(lab.ping(1, 5)? >= 4, "B -> A after the move\nlog1:\n{}", lab.nodes[1].log());
+    assert!(lab.ping(0, 5)? >= 4, "A -> B after the move\nlog0:\n{}", lab.nodes[0].log());
+    let s = lab.nodes[0].status()?;
+    eprintln!("{}", lab.nodes[0].status_text()?);
     assert_eq!(s["peers"][0]["path"], "derp-2", "{s:#}");
     assert_eq!(s["peers"][0]["derp_region"], 2, "{s:#}");
     let moves = s["home_history"].as_array().context("home_history")?;
@@ -208,14 +191,14 @@ fn slower_home_loses_to_a_faster_region_without_flapping() -> Result<()> {
         s["netcheck"]["reports"].as_u64().unwrap_or(0) >= r0 + 5
     })?;
     for i in 0..2 {
-        let s = lab.status(i)?;
+        let s = lab.nodes[i].status()?;
         assert_eq!(home(&s), 1, "within the margin the home must stay: {s:#}");
         assert!(s["home_history"].as_array().is_some_and(|h| h.is_empty()), "{s:#}");
         let lat = &s["netcheck"]["region_latency_ms"];
         let (l1, l2) = (lat["1"].as_f64().unwrap_or(0.0), lat["2"].as_f64().unwrap_or(0.0));
         assert!(l2 < l1 && l1 >= 15.0, "region 2 measured faster but within the margin: {s:#}");
     }
-    assert!(lab.ping(0, 2)? >= 1, "log0:\n{}", lab.log(0));
+    assert!(lab.ping(0, 2)? >= 1, "log0:\n{}", lab.nodes[0].log());
     // Region 1 becomes slow (60 ms): once its old samples age out, region 2 wins by the margin.
     let slowed = Instant::now();
     lab.set_rtt(1, 60);
@@ -225,18 +208,18 @@ fn slower_home_loses_to_a_faster_region_without_flapping() -> Result<()> {
         })?;
         eprintln!("node {i}: home moved to derp-2 {:?} after region 1 was slowed", slowed.elapsed());
     }
-    let s = lab.status(0)?;
-    eprintln!("{}", lab.text_status(0)?);
+    let s = lab.nodes[0].status()?;
+    eprintln!("{}", lab.nodes[0].status_text()?);
     let why = s["home_history"][0]["reason"].as_str().unwrap_or_default().to_string();
     assert!(why.contains("faster than derp-1"), "{s:#}");
-    assert!(lab.ping(0, 5)? >= 4, "A -> B via the new home\nlog0:\n{}", lab.log(0));
-    assert!(lab.ping(1, 5)? >= 4, "B -> A via the new home\nlog1:\n{}", lab.log(1));
+    assert!(lab.ping(0, 5)? >= 4, "A -> B via the new home\nlog0:\n{}", lab.nodes[0].log());
+    assert!(lab.ping(1, 5)? >= 4, "B -> A via the new home\nlog1:\n{}", lab.nodes[1].log());
     // Stays: several more reports, still one move.
     let r = lab.reports(0)?;
     lab.wait_status(0, Duration::from_secs(30), "4 more reports", |s| {
         s["netcheck"]["reports"].as_u64().unwrap_or(0) >= r + 4
     })?;
-    let s = lab.status(0)?;
+    let s = lab.nodes[0].status()?;
     assert_eq!(home(&s), 2, "{s:#}");
     assert_eq!(s["home_history"].as_array().map(|h| h.len()), Some(1), "no flapping: {s:#}");
     Ok(())
@@ -252,12 +235,12 @@ fn pinned_home_stays_on_a_slow_region() -> Result<()> {
     lab.wait_status(0, Duration::from_secs(30), "4 more reports", |s| {
         s["netcheck"]["reports"].as_u64().unwrap_or(0) >= r0 + 4
     })?;
-    let s = lab.status(0)?;
+    let s = lab.nodes[0].status()?;
     assert_eq!(home(&s), 1, "{s:#}");
     assert_eq!(s["pin_home"], true);
     assert_eq!(s["netcheck"]["preferred_derp"], 2, "netcheck would move (so the pin did the work): {s:#}");
     assert!(s["home_history"].as_array().is_some_and(|h| h.is_empty()), "{s:#}");
     assert!(s["netcheck"]["region_latency_ms"]["1"].as_f64().unwrap_or(0.0) >= 60.0, "{s:#}");
-    assert!(lab.ping(0, 3)? >= 2, "log0:\n{}", lab.log(0));
+    assert!(lab.ping(0, 3)? >= 2, "log0:\n{}", lab.nodes[0].log());
     Ok(())
 }

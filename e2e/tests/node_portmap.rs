@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use derpfleet_e2e::natlab::{router_rules, Nat, NatHome};
 use derpfleet_e2e::netns::{unique_tag, Netns};
-use derpfleet_e2e::node::{pair_configs, LabNode, TUN_IPS};
+use derpfleet_e2e::node::{start_connected_pair, LabNode, TUN_IPS};
 use derpfleet_e2e::relay::{wait_listening, RelayCmd};
 use derpfleet_e2e::scratch::ScratchDir;
 use derpfleet_e2e::{lab_bin, read_text, traffic, Child};
@@ -107,22 +107,9 @@ impl Lab {
     /// Starts both nodes (`extra` goes into both configs' top level) and waits until both are
     /// on DERP.
     fn up(&mut self, extra: &str) -> Result<()> {
-        let configs = pair_configs(self.dir.path(), 900, extra)?;
-        for (i, config) in configs.iter().enumerate() {
-            self.nodes.push(LabNode::start(&self.sites[i].home, self.dir.path(), i, config)?);
-        }
-        for i in 0..2 {
-            self.wait(i, Duration::from_secs(15), "home connected", |s| s["home_connected"] == true)?;
-        }
+        let homes = [&self.sites[0].home, &self.sites[1].home];
+        self.nodes = start_connected_pair(homes, self.dir.path(), 900, extra)?;
         Ok(())
-    }
-
-    fn log(&self, i: usize) -> String {
-        self.nodes[i].log()
-    }
-
-    fn status(&self, i: usize) -> Result<Value> {
-        self.nodes[i].status()
     }
 
     /// Waits for node `i`'s status to satisfy `pred`; a failure also shows its gateway's log.
@@ -156,7 +143,7 @@ fn mapped_and_direct(suffix: &str, extra: &str, protocol: &str) -> Result<()> {
         assert!(s["endpoints"].as_array().unwrap().iter().any(|e| e == ext.as_str()), "advertised: {s:#}");
         mapped.push(ext);
     }
-    assert!(lab.ping(0, 3)? >= 2, "log0:\n{}", lab.log(0));
+    assert!(lab.ping(0, 3)? >= 2, "log0:\n{}", lab.nodes[0].log());
     // Between symmetric NATs that drop unsolicited input only a mapped port can take the first
     // packet (without miniupnpd the path stays relayed, see below); its answer opens the sender's
     // NAT for the way back, so each side ends up on the other's mapped address or on its NATed
@@ -170,8 +157,8 @@ fn mapped_and_direct(suffix: &str, extra: &str, protocol: &str) -> Result<()> {
         paths.push(s["peers"][0]["path"].as_str().unwrap_or_default().to_string());
     }
     eprintln!("mapped {mapped:?}, paths {paths:?}");
-    assert!(lab.ping(0, 10)? >= 9, "direct ping\nlog0:\n{}", lab.log(0));
-    let s = lab.status(0)?;
+    assert!(lab.ping(0, 10)? >= 9, "direct ping\nlog0:\n{}", lab.nodes[0].log());
+    let s = lab.nodes[0].status()?;
     assert!(s["peers"][0]["path"].as_str().is_some_and(|p| p.starts_with("direct ")), "{s:#}");
     // Stopping a node deletes its mapping on the gateway (miniupnpd drops the DNAT rule).
     let rules = |lab: &Lab| {
@@ -215,9 +202,9 @@ fn symmetric_nats_without_port_mapping_stay_relayed() -> Result<()> {
         s["port_mapping"]["error"].as_str().is_some()
     })?;
     assert!(s["port_mapping"]["external"].is_null(), "{s:#}");
-    assert_eq!(lab.ping(0, 30)?, 30, "log0:\n{}", lab.log(0));
+    assert_eq!(lab.ping(0, 30)?, 30, "log0:\n{}", lab.nodes[0].log());
     for i in 0..2 {
-        let s = lab.status(i)?;
+        let s = lab.nodes[i].status()?;
         assert_eq!(s["peers"][0]["path"], "derp-900", "{s:#}");
     }
     Ok(())
