@@ -1,7 +1,7 @@
-//! A NAT lab for the reference node's path tests (direct-path speed, roaming, IPv6 underlay):
-//! two homes, each behind its own NAT router, a "public" namespace with a `derpfleet-relay` (TLS,
-//! self-signed, `InsecureForTests` in the DERP map) and a `derpfleet-stun`, and optionally a third
-//! NAT router that home 0 can move behind (roaming).
+//! A NAT lab for the reference node's path tests (the node lab, direct-path speed, roaming, IPv6
+//! underlay): two homes, each behind its own NAT router, a "public" namespace with a
+//! `derpfleet-relay` (TLS, self-signed, `InsecureForTests` in the DERP map) and a `derpfleet-stun`,
+//! and optionally a third NAT router that home 0 can move behind (roaming).
 //!
 //! ```text
 //! home0 ─h1─ nat1 ─┐                    IPv4: home i 192.168.i.2/24 behind NAT i (WAN 172.30.i.2),
@@ -12,8 +12,9 @@
 //! ```
 //! The routers drop unsolicited WAN input in both families, as home routers do, so a direct path
 //! needs both sides to punch. IPv4 NAT is endpoint-independent (`masquerade`) or symmetric
-//! (`masquerade fully-random`). Namespaces are named `dfp<pid><suffix>…` and removed on drop with
-//! every process inside (test-lab.md §3 is the recipe this follows).
+//! (`masquerade fully-random`; [`crate::natlab::router_rules`]). Namespaces are named
+//! `dfp<pid><suffix>…` and removed on drop with every process inside (test-lab.md §3 is the recipe
+//! this follows).
 
 use std::time::Duration;
 

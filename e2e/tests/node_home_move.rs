@@ -2,10 +2,11 @@
 //! processes behind symmetric NATs (so their traffic is relayed and depends on the home), two
 //! DERP regions (real `derpfleet-relay` processes, each also answering STUN, as derper does).
 //!
-//! Topology: `homeA` 192.168.1.2 ↔ `natA` ↔ `pub` ↔ `natB` ↔ `homeB` 192.168.2.2 ([`derpfleet_e2e::natlab`]
-//! routers, symmetric); region `n` is at 172.30.0.n in `pub`. In the delay lab, each region's address is a
-//! delaying UDP + TCP forwarder ([`derpfleet_e2e::delay`]: `tc netem` is missing in this kernel) in
-//! front of a relay on loopback, so a region can be made slower while the nodes run.
+//! Topology: `homeA` 192.168.1.2 ↔ `natA` ↔ `pub` ↔ `natB` ↔ `homeB` 192.168.2.2
+//! ([`derpfleet_e2e::natlab`] routers, symmetric); region `n` is at 172.30.0.n in `pub`. In the delay
+//! lab, each region's address is a delaying UDP + TCP forwarder ([`derpfleet_e2e::delay`]: `tc netem`
+//! is missing in this kernel) in front of a relay on loopback, so a region can be made slower while the
+//! nodes run.
 //!
 //! Namespaces are named `dfh<pid><suffix>...` and removed on drop with every process inside.
 
