@@ -122,34 +122,30 @@ fn start_wg_go(
 fn throughput_wireguard_go_baseline() -> Result<()> {
     let tag = unique_tag();
     let mut dir = ScratchDir::new(&format!("derpfleet-wgb-{tag}"))?;
-    let (if_a, if_b) = (format!("wga{tag}"), format!("wgb{tag}"));
-    dir.also_remove(uapi_socket(&if_a));
-    dir.also_remove(uapi_socket(&if_b));
     let a = Netns::new(&format!("wb{tag}a"))?;
     let b = Netns::new(&format!("wb{tag}b"))?;
     veth(&a, "va", "10.201.0.1/24", &b, "vb", "10.201.0.2/24")?;
-    let (ka, kb) = (wg(&["genkey"], None)?, wg(&["genkey"], None)?);
-    let (pa, pb) = (wg(&["pubkey"], Some(&ka))?, wg(&["pubkey"], Some(&kb))?);
-    std::fs::write(dir.join("a.key"), &ka)?;
-    std::fs::write(dir.join("b.key"), &kb)?;
-    let _wa = start_wg_go(
-        &a,
-        &if_a,
-        &dir.join("a.key"),
-        "51820",
-        (&pb, "100.64.0.2/32", "10.201.0.2:51820"),
-        "100.64.0.1/24",
-        &dir.join("a.log"),
-    )?;
-    let _wb = start_wg_go(
-        &b,
-        &if_b,
-        &dir.join("b.key"),
-        "51820",
-        (&pa, "100.64.0.1/32", "10.201.0.1:51820"),
-        "100.64.0.2/24",
-        &dir.join("b.log"),
-    )?;
+    let keys = [wg(&["genkey"], None)?, wg(&["genkey"], None)?];
+    let pubs = [wg(&["pubkey"], Some(&keys[0]))?, wg(&["pubkey"], Some(&keys[1]))?];
+    // Peer `a` is 10.201.0.1 / 100.64.0.1, `b` .2; each points at the other.
+    let mut _wg_go = Vec::new();
+    for (i, (ns, side)) in [(&a, "a"), (&b, "b")].into_iter().enumerate() {
+        let (me, other) = (i + 1, 2 - i);
+        let ifname = format!("wg{side}{tag}");
+        dir.also_remove(uapi_socket(&ifname));
+        let key = dir.join(format!("{side}.key"));
+        std::fs::write(&key, &keys[i])?;
+        let (allowed, endpoint) = (format!("100.64.0.{other}/32"), format!("10.201.0.{other}:51820"));
+        _wg_go.push(start_wg_go(
+            ns,
+            &ifname,
+            &key,
+            "51820",
+            (&pubs[1 - i], &allowed, &endpoint),
+            &format!("100.64.0.{me}/24"),
+            &dir.join(format!("{side}.log")),
+        )?);
+    }
     assert_eq!(ping(&a, "100.64.0.2", 2, "0.2")?, 2);
     let mut runs = Vec::new();
     for _ in 0..3 {
