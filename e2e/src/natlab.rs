@@ -78,8 +78,15 @@ impl NatHome {
         Ok(Self { home, router })
     }
 
-    /// Two homes (`a` behind router 1, `b` behind router 2) with the same rules, as most labs have.
-    pub fn pair(prefix: &str, wan: &str, public: &Netns, rules: &str) -> Result<[Self; 2]> {
-        Ok([Self::new(prefix, "a", 1, wan, public, rules)?, Self::new(prefix, "b", 2, wan, public, rules)?])
+    /// The usual two-home lab: a forwarding "public" namespace `<prefix>p` and homes `a` (behind router 1)
+    /// and `b` (behind router 2) with the same router `rules`.
+    pub fn pair(prefix: &str, wan: &str, rules: &str) -> Result<(Netns, [Self; 2])> {
+        let public = Netns::new(&format!("{prefix}p"))?;
+        public.enable_forwarding()?;
+        let homes = [
+            Self::new(prefix, "a", 1, wan, &public, rules)?,
+            Self::new(prefix, "b", 2, wan, &public, rules)?,
+        ];
+        Ok((public, homes))
     }
 }

@@ -48,10 +48,8 @@ impl Lab {
     fn new(suffix: &str, delayed: bool) -> Result<Self> {
         let tag = format!("{}{suffix}", unique_tag());
         let dir = ScratchDir::new(&format!("derpfleet-home-{tag}"))?;
-        let public = Netns::new(&format!("dfh{tag}p"))?;
-        public.enable_forwarding()?;
-        let sites =
-            NatHome::pair(&format!("dfh{tag}"), "172.30", &public, &router_rules(Nat::Symmetric, ""))?;
+        let rules = router_rules(Nat::Symmetric, "");
+        let (public, sites) = NatHome::pair(&format!("dfh{tag}"), "172.30", &rules)?;
         let mut relays = HashMap::new();
         let mut regions = serde_json::Map::new();
         let mut routes = Vec::new();

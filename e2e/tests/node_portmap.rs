@@ -76,11 +76,9 @@ impl Lab {
     fn new(suffix: &str, upnpd: bool) -> Result<Self> {
         let tag = format!("{}{suffix}", unique_tag());
         let dir = ScratchDir::new(&format!("derpfleet-portmap-{tag}"))?;
-        let public = Netns::new(&format!("dfm{tag}p"))?;
-        public.ip(&["addr", "add", &format!("{RELAY_IP}/32"), "dev", "lo"])?;
-        public.enable_forwarding()?;
         let rules = router_rules(Nat::Symmetric, "ct status dnat accept");
-        let sites = NatHome::pair(&format!("dfm{tag}"), "44.30", &public, &rules)?;
+        let (public, sites) = NatHome::pair(&format!("dfm{tag}"), "44.30", &rules)?;
+        public.ip(&["addr", "add", &format!("{RELAY_IP}/32"), "dev", "lo"])?;
         let mut servers = Vec::new();
         if upnpd {
             for (i, side) in ["a", "b"].into_iter().enumerate() {
