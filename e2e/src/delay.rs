@@ -103,3 +103,30 @@ pub async fn tcp_delay(listen: SocketAddr, upstream: SocketAddr, one_way: Delay)
         });
     }
 }
+
+/// What one delayed server address forwards: UDP `udp.0` → `udp.1` and TCP `tcp.0` → `tcp.1`, both
+/// directions held back by `one_way` (a region's STUN and HTTPS behind one slow link).
+pub struct DelayedRoute {
+    /// UDP listen address and upstream.
+    pub udp: (SocketAddr, SocketAddr),
+    /// TCP listen address and upstream.
+    pub tcp: (SocketAddr, SocketAddr),
+    /// The one-way delay of both.
+    pub one_way: Delay,
+}
+
+/// Runs the delayers of every route in namespace `ns` (where the listen addresses live) until the guard
+/// is dropped; the first delayer to fail ends them all (its error is printed).
+pub fn spawn_delayers(ns: &str, routes: Vec<DelayedRoute>) -> Result<crate::nsthread::NsThread> {
+    crate::nsthread::NsThread::spawn(ns, move || async move {
+        let mut set = tokio::task::JoinSet::new();
+        for r in routes {
+            set.spawn(udp_delay(r.udp.0, r.udp.1, r.one_way.clone()));
+            set.spawn(tcp_delay(r.tcp.0, r.tcp.1, r.one_way));
+        }
+        match set.join_next().await {
+            Some(Ok(r)) => r,
+            _ => Ok(()),
+        }
+    })
+}

@@ -4,15 +4,31 @@
 //!   `cargo build --workspace --bins` before the tests; a test fails with that hint if one is missing).
 //! - [`netns`]: network namespaces and veth links that clean themselves up on drop, for multi-host and
 //!   NAT labs on one machine (root needed; see `shared/docs/test-lab.md`).
+//! - [`nsthread`]: a thread (with its own Tokio runtime) living inside a namespace, for in-process
+//!   clients and forwarders.
+//! - [`natlab`]: home routers (NAT + stateful firewall) and the homes behind them.
+//! - [`relay`]: `derpfleet-relay` processes for labs (TLS with a self-signed IP certificate, or plain).
+//! - [`node`]: `derpfleet-client up` processes for labs and their status.
+//! - [`traffic`]: ping counts and iperf3 throughput between namespaces.
+//! - [`wireguard_go`]: Debian's `wireguard-go` as a peer or baseline.
 //! - [`pathlab`]: the NAT lab for the reference node's path tests (speed, roaming, IPv6).
+//! - [`scratch`]: per-test working directories removed on drop.
 //! - [`Child`]: a spawned process that is killed (and reaped) on drop, so no test leaves one behind.
 
 pub mod delay;
+pub mod natlab;
 pub mod netns;
+pub mod node;
+pub mod nsthread;
 pub mod pathlab;
+pub mod relay;
+pub mod scratch;
+pub mod traffic;
+pub mod wireguard_go;
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The workspace root (parent of this crate).
 pub fn workspace_root() -> PathBuf {
@@ -35,6 +51,57 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
+/// A workspace binary for a lab; `NODE_LAB_BIN_DIR` (e.g. `target/release`) overrides the test's profile
+/// directory, so throughput runs can use optimised (or older, for before/after pairs) builds.
+pub fn lab_bin(name: &str) -> PathBuf {
+    match std::env::var_os("NODE_LAB_BIN_DIR") {
+        Some(d) => PathBuf::from(d).join(name),
+        None => bin_path(name),
+    }
+}
+
+/// The file's text, or empty when it is missing (logs read for failure messages).
+pub fn read_text(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Calls `probe` every `every` until it returns `Some`, for at most `timeout`; `None` when time ran out.
+/// Labs wait on processes they started (a socket appearing, a status turning true), never on wall-clock
+/// guesses, so every wait is this loop with its own failure message.
+pub fn wait_for<T>(timeout: Duration, every: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Waits until the file at `path` contains `needle` (a server's "listening" log line); returns its text.
+pub fn wait_for_log(path: &Path, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+    wait_for(timeout, Duration::from_millis(50), || Some(read_text(path)).filter(|s| s.contains(needle)))
+        .ok_or_else(|| {
+            anyhow::anyhow!("{} never logged {needle:?}; log:\n{}", path.display(), read_text(path))
+        })
+}
+
+/// The stdout of a finished command, or an error naming it (`what`) with its exit status, stdout and
+/// stderr: what a tool printed is what the reader of a failed test needs.
+pub fn success_stdout(what: &str, out: Output) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A child process killed and reaped on drop.
 pub struct Child {
     inner: std::process::Child,
@@ -46,6 +113,18 @@ impl Child {
     pub fn spawn(mut cmd: Command, what: &str) -> anyhow::Result<Self> {
         let inner = cmd.spawn().map_err(|e| anyhow::anyhow!("spawning {what}: {e}"))?;
         Ok(Self { inner, what: what.to_string() })
+    }
+
+    /// Spawns `cmd` with stdin closed, stdout appended to `log` and stderr to `log` with the extension
+    /// `err` (appended, so a restarted server keeps its earlier lines), `RUST_LOG` from `NODE_LAB_LOG`
+    /// (default `info`).
+    pub fn spawn_logged(mut cmd: Command, log: &Path, what: &str) -> anyhow::Result<Self> {
+        let append = |p: &Path| std::fs::OpenOptions::new().create(true).append(true).open(p);
+        cmd.env("RUST_LOG", std::env::var("NODE_LAB_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(append(log)?)
+            .stderr(append(&log.with_extension("err"))?);
+        Self::spawn(cmd, what)
     }
 
     /// The process id.

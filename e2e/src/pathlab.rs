@@ -1,7 +1,7 @@
-//! A NAT lab for the reference node's path tests (direct-path speed, roaming, IPv6 underlay):
-//! two homes, each behind its own NAT router, a "public" namespace with a `derpfleet-relay` (TLS,
-//! self-signed, `InsecureForTests` in the DERP map) and a `derpfleet-stun`, and optionally a third
-//! NAT router that home 0 can move behind (roaming).
+//! A NAT lab for the reference node's path tests (the node lab, direct-path speed, roaming, IPv6
+//! underlay): two homes, each behind its own NAT router, a "public" namespace with a
+//! `derpfleet-relay` (TLS, self-signed, `InsecureForTests` in the DERP map) and a `derpfleet-stun`,
+//! and optionally a third NAT router that home 0 can move behind (roaming).
 //!
 //! ```text
 //! home0 ─h1─ nat1 ─┐                    IPv4: home i 192.168.i.2/24 behind NAT i (WAN 172.30.i.2),
@@ -12,34 +12,28 @@
 //! ```
 //! The routers drop unsolicited WAN input in both families, as home routers do, so a direct path
 //! needs both sides to punch. IPv4 NAT is endpoint-independent (`masquerade`) or symmetric
-//! (`masquerade fully-random`). Namespaces are named `dfp<pid><suffix>…` and removed on drop with
-//! every process inside (test-lab.md §3 is the recipe this follows).
+//! (`masquerade fully-random`; [`crate::natlab::router_rules`]). Namespaces are named
+//! `dfp<pid><suffix>…` and removed on drop with every process inside (test-lab.md §3 is the recipe
+//! this follows).
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
+use crate::natlab::router_rules;
+pub use crate::natlab::Nat;
 use crate::netns::{run, unique_tag, veth, Netns};
-use crate::{bin_path, Child};
+pub use crate::node::TUN_IPS;
+use crate::node::{pair_configs, LabNode};
+use crate::relay::{wait_cert, RelayCmd};
+use crate::scratch::ScratchDir;
+use crate::wireguard_go::{spawn_wireguard_go, uapi_socket, wg};
+use crate::{lab_bin, traffic, Child};
 
 /// The relay's and STUN server's IPv4 address (in `pub`).
 pub const RELAY_IP: &str = "172.30.0.1";
 /// The relay's and STUN server's IPv6 address (in `pub`).
 pub const RELAY_IP6: &str = "fd00:30::1";
-/// The nodes' tunnel addresses.
-pub const TUN_IPS: [&str; 2] = ["100.64.0.1", "100.64.0.2"];
-
-/// How the IPv4 NAT routers map ports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Nat {
-    /// `masquerade`: one mapping per internal socket (hole punching works).
-    EndpointIndependent,
-    /// `masquerade fully-random`: a new mapping per destination (hole punching fails).
-    Symmetric,
-}
 
 /// What the lab looks like.
 #[derive(Clone, Copy, Debug)]
@@ -60,74 +54,6 @@ impl Default for LabOpts {
     }
 }
 
-struct TmpDir(PathBuf);
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        if std::env::var_os("NODE_LAB_KEEP").is_some() {
-            eprintln!("kept {}", self.0.display());
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A workspace binary; `NODE_LAB_BIN_DIR` (e.g. `target/release`) overrides the test's profile
-/// directory, so throughput runs can use optimised builds.
-pub fn bin(name: &str) -> PathBuf {
-    match std::env::var_os("NODE_LAB_BIN_DIR") {
-        Some(d) => PathBuf::from(d).join(name),
-        None => bin_path(name),
-    }
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
-}
-
-fn spawn_logged(ns: &Netns, bin: &Path, args: &[&str], log: &Path, what: &str) -> Result<Child> {
-    let mut cmd = ns.command(bin);
-    cmd.args(args)
-        .env("RUST_LOG", std::env::var("NODE_LAB_LOG").unwrap_or_else(|_| "info".into()))
-        .stdin(Stdio::null())
-        .stdout(File::create(log)?)
-        .stderr(File::create(log.with_extension("err"))?);
-    Child::spawn(cmd, what)
-}
-
-/// `derpfleet-client keygen` → [private key, disco key, public key, disco public].
-pub fn keygen() -> Result<[String; 4]> {
-    let out = Command::new(bin("derpfleet-client")).arg("keygen").output()?;
-    let text = String::from_utf8(out.stdout)?;
-    let vals: Vec<String> = text.lines().filter_map(|l| l.split('"').nth(1).map(str::to_string)).collect();
-    match <[String; 4]>::try_from(vals) {
-        Ok(v) => Ok(v),
-        Err(_) => bail!("`derpfleet-client keygen` failed ({}): {text}", out.status),
-    }
-}
-
-fn router_rules(symmetric: bool) -> String {
-    let masq = if symmetric { "masquerade fully-random" } else { "masquerade" };
-    format!(
-        "table ip nat {{
-  chain post {{ type nat hook postrouting priority srcnat; policy accept;
-    oifname \"wan0\" {masq}
-  }}
-}}
-table inet filter {{
-  chain forward_chain {{ type filter hook forward priority filter; policy drop;
-    ct state established,related accept
-    iifname \"lan0\" oifname \"wan0\" accept
-  }}
-  chain input_chain {{ type filter hook input priority filter; policy drop;
-    ct state established,related accept
-    meta l4proto ipv6-icmp accept
-    iifname {{ \"lo\", \"lan0\" }} accept
-  }}
-}}
-"
-    )
-}
-
 /// The lab; see the module docs.
 pub struct PathLab {
     /// home namespaces (node 0, node 1)
@@ -137,20 +63,17 @@ pub struct PathLab {
     /// the public namespace (relay, STUN)
     pub public: Netns,
     opts: LabOpts,
-    children: Vec<Child>,
+    _servers: Vec<Child>,
+    nodes: Vec<LabNode>,
     /// working directory (configs, logs, sockets)
-    pub dir: PathBuf,
-    _tmp: TmpDir,
+    pub dir: ScratchDir,
 }
 
 impl PathLab {
     /// Builds the namespaces, routers, relay and STUN server; nodes start with [`PathLab::up`].
     pub fn new(suffix: &str, opts: LabOpts) -> Result<Self> {
         let tag = format!("{}{suffix}", unique_tag());
-        let dir = std::env::temp_dir().join(format!("derpfleet-dfp-{tag}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let tmp = TmpDir(dir.clone());
+        let dir = ScratchDir::new(&format!("derpfleet-dfp-{tag}"))?;
         let public = Netns::new(&format!("dfp{tag}p"))?;
         public.ip(&["addr", "add", &format!("{RELAY_IP}/32"), "dev", "lo"])?;
         public.ip(&["addr", "add", &format!("{RELAY_IP6}/128"), "dev", "lo"])?;
@@ -188,7 +111,7 @@ impl PathLab {
             r.ip(&["route", "add", "default", "via", &format!("172.30.{n}.1")])?;
             r.ip(&["-6", "route", "add", "default", "via", &format!("fd00:30:{n}::1")])?;
             r.enable_forwarding()?;
-            r.nft(&router_rules(opts.nat == Nat::Symmetric))?;
+            r.nft(&router_rules(opts.nat, ""))?;
             routers.push(r);
         }
         let home0 = Netns::new(&format!("dfp{tag}h0"))?;
@@ -200,178 +123,123 @@ impl PathLab {
         if opts.roam_router {
             link_home(&home0, &routers[2], 3)?;
         }
-        let mut children = Vec::new();
+        let mut servers = Vec::new();
         // One STUN server per address: a wildcard-bound one answers from the address of the
         // outgoing route (172.30.n.1 here), which the NATs rightly refuse as a reply.
         for (a, name) in [(format!("{RELAY_IP}:3478"), "stun4"), (format!("[{RELAY_IP6}]:3478"), "stun6")] {
-            let log = dir.join(format!("{name}.log"));
-            children.push(spawn_logged(&public, &bin("derpfleet-stun"), &["--a", &a], &log, "stun")?);
+            let mut cmd = public.command(lab_bin("derpfleet-stun"));
+            cmd.args(["--a", &a]);
+            servers.push(Child::spawn_logged(cmd, &dir.join(format!("{name}.log")), "stun")?);
         }
-        let certdir = dir.join("certs");
-        children.push(spawn_logged(
-            &public,
-            &bin("derpfleet-relay"),
-            &[
-                "-a",
-                ":443",
-                "-certmode",
-                "manual",
-                "-hostname",
-                RELAY_IP,
-                "-certdir",
-                certdir.to_str().context("utf-8 path")?,
-                "-c",
-                dir.join("relay.key").to_str().context("utf-8 path")?,
-                "-http-port",
-                "-1",
-                "-stun=false",
-            ],
-            &dir.join("relay.log"),
-            "relay",
-        )?);
+        servers.push(
+            RelayCmd::new(Some(&public), dir.path(), "relay")
+                .args(["-a", ":443", "-stun=false"])
+                .self_signed_tls(RELAY_IP)
+                .spawn()?,
+        );
         let v4 = if opts.ipv4 { RELAY_IP } else { "none" };
         let v6 = if opts.ipv6 { RELAY_IP6 } else { "none" };
         let map = serde_json::json!({"Regions": {"900": {"RegionID": 900, "RegionCode": "lab", "RegionName": "Lab",
             "Nodes": [{"Name": "900a", "RegionID": 900, "HostName": RELAY_IP, "IPv4": v4, "IPv6": v6,
                        "InsecureForTests": true}]}}});
         std::fs::write(dir.join("derpmap.json"), map.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !certdir.join(format!("{RELAY_IP}.crt")).exists() {
-            if Instant::now() > deadline {
-                bail!("relay wrote no certificate: {}", read(&dir.join("relay.err")));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        Ok(Self { homes: [home0, home1], routers, public, opts, children, dir, _tmp: tmp })
+        wait_cert(dir.path(), "relay", RELAY_IP, Duration::from_secs(15))?;
+        Ok(Self { homes: [home0, home1], routers, public, opts, _servers: servers, nodes: Vec::new(), dir })
     }
 
     /// Starts both nodes, peered with each other, and waits until both are connected to DERP and
     /// have a STUN endpoint (of every family the lab has).
     pub fn up(&mut self) -> Result<()> {
-        let keys = [keygen()?, keygen()?];
-        for i in 0..2 {
-            let (me, peer) = (&keys[i], &keys[1 - i]);
-            let cfg = format!(
-                "private_key = \"{}\"\ndisco_key = \"{}\"\nlisten_port = 41641\nderp_map = \"derpmap.json\"\n\
-                 home_region = 900\ncontrol = \"{}\"\n[tun]\nname = \"df{i}\"\naddresses = [\"{}/24\"]\n\
-                 [[peer]]\npublic_key = \"{}\"\ndisco_key = \"{}\"\nhome_region = 900\nallowed_ips = [\"{}/32\"]\n",
-                me[0],
-                me[1],
-                self.control(i).display(),
-                TUN_IPS[i],
-                peer[2],
-                peer[3],
-                TUN_IPS[1 - i],
-            );
-            let path = self.dir.join(format!("node{i}.toml"));
-            std::fs::write(&path, cfg)?;
-            let child = spawn_logged(
-                &self.homes[i],
-                &bin("derpfleet-client"),
-                &["up", "--config", path.to_str().context("utf-8 path")?],
-                &self.dir.join(format!("node{i}.log")),
-                "node",
-            )?;
-            self.children.push(child);
+        self.up_with(|_, config| config)
+    }
+
+    /// [`PathLab::up`] with `edit(i, config)` applied to node `i`'s config first.
+    pub fn up_with(&mut self, edit: impl Fn(usize, String) -> String) -> Result<()> {
+        let configs = pair_configs(self.dir.path(), 900, "")?;
+        for (i, config) in configs.into_iter().enumerate() {
+            self.nodes.push(LabNode::start(&self.homes[i], self.dir.path(), i, &edit(i, config))?);
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        for i in 0..2 {
-            loop {
-                if let Ok(s) = self.status(i) {
-                    let eps: Vec<&str> = s["endpoints"]
-                        .as_array()
-                        .map(|e| e.iter().filter_map(|e| e.as_str()).collect())
-                        .unwrap_or_default();
-                    let v4 = !self.opts.ipv4 || eps.iter().any(|e| e.starts_with("172.30."));
-                    let v6 = !self.opts.ipv6 || eps.iter().any(|e| e.starts_with("[fd00:"));
-                    if s["home_connected"] == serde_json::Value::Bool(true) && v4 && v6 {
-                        break;
-                    }
-                }
-                if Instant::now() > deadline {
-                    bail!("node {i} not ready: {:?}\nlog:\n{}", self.status(i), self.log(i));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        let opts = self.opts;
+        for node in &self.nodes {
+            node.wait_status(Duration::from_secs(15), "connected, with STUN endpoints", |s| {
+                let eps: Vec<&str> = s["endpoints"]
+                    .as_array()
+                    .map(|e| e.iter().filter_map(|e| e.as_str()).collect())
+                    .unwrap_or_default();
+                let v4 = !opts.ipv4 || eps.iter().any(|e| e.starts_with("172.30."));
+                let v6 = !opts.ipv6 || eps.iter().any(|e| e.starts_with("[fd00:"));
+                s["home_connected"] == true && v4 && v6
+            })?;
         }
         Ok(())
     }
 
-    /// Node `i`'s control socket.
-    pub fn control(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("node{i}.sock"))
+    /// Node `i` (after [`PathLab::up`]).
+    pub fn node(&self, i: usize) -> &LabNode {
+        &self.nodes[i]
     }
 
     /// Node `i`'s log (stderr).
     pub fn log(&self, i: usize) -> String {
-        read(&self.dir.join(format!("node{i}.err")))
+        self.nodes[i].log()
     }
 
     /// `derpfleet-client status --json` of node `i`.
     pub fn status(&self, i: usize) -> Result<serde_json::Value> {
-        let out = Command::new(bin("derpfleet-client"))
-            .args(["status", "--json", "--control", self.control(i).to_str().context("utf-8 path")?])
-            .output()?;
-        if !out.status.success() {
-            bail!("status: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        self.nodes[i].status()
     }
 
     /// The path node `i` uses to its peer (`direct ip:port` or `derp-900`).
     pub fn path(&self, i: usize) -> Result<String> {
-        Ok(self.status(i)?["peers"][0]["path"].as_str().unwrap_or_default().to_string())
+        self.nodes[i].path()
     }
 
     /// Waits until `pred(path of node i)` holds; returns the time it took.
     pub fn wait_path(&self, i: usize, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<Duration> {
-        let t0 = Instant::now();
-        loop {
-            let p = self.path(i)?;
-            if pred(&p) {
-                return Ok(t0.elapsed());
-            }
-            if t0.elapsed() > timeout {
-                bail!(
-                    "node {i} path still {p:?} after {timeout:?}\nstatus {:#}\nlog:\n{}",
-                    self.status(i)?,
-                    self.log(i)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.nodes[i].wait_path(timeout, pred)
     }
 
     /// `count` pings from home `i` to the other tunnel address; returns how many were answered.
     pub fn ping(&self, i: usize, count: u32, interval: &str) -> Result<u32> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", self.homes[i].name(), "ping", "-n", "-q", "-c", &count.to_string()])
-            .args(["-i", interval, "-W", "2", TUN_IPS[1 - i]])
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        Ok(text
-            .lines()
-            .find_map(|l| {
-                l.split(", ")
-                    .find(|p| p.ends_with("received"))
-                    .and_then(|p| p.split(' ').next()?.parse().ok())
-            })
-            .unwrap_or(0))
+        traffic::ping(&self.homes[i], TUN_IPS[1 - i], count, interval)
     }
 
     /// TCP throughput home 0 → home 1 to `dst` (a tunnel address): `iperf3 -t secs`, Mbit/s received.
     pub fn iperf_to(&self, dst: &str, secs: u32) -> Result<f64> {
-        let mut cmd = self.homes[1].command("iperf3");
-        cmd.args(["-s", "-1", "-B", dst]).stdout(Stdio::null()).stderr(Stdio::null());
-        let _server = Child::spawn(cmd, "iperf3 server")?;
-        std::thread::sleep(Duration::from_millis(300));
-        let out = self.homes[0].exec("iperf3", &["-c", dst, "-t", &secs.to_string(), "-J"])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .map(|b| b / 1e6)
-            .with_context(|| format!("iperf3 output: {out}"))
+        traffic::iperf3_mbps(&self.homes[1], &self.homes[0], dst, secs)
+    }
+
+    /// Starts the nodes ([`PathLab::up`]) and measures TCP throughput node 0 → node 1 through the
+    /// tunnel: three `iperf3 -t 5` runs, Mbit/s, once the path is direct (`want_direct`) or after
+    /// checking it stayed relayed. The figures behind BENCHMARKS.md's node rows.
+    pub fn node_throughput_runs(&mut self, want_direct: bool) -> Result<Vec<f64>> {
+        self.up()?;
+        anyhow::ensure!(self.ping(0, 1, "0.2")? == 1, "first ping failed\nlog0:\n{}", self.log(0));
+        if want_direct {
+            self.wait_path(0, Duration::from_secs(5), |p| p.starts_with("direct "))?;
+            self.wait_path(1, Duration::from_secs(5), |p| p.starts_with("direct "))?;
+        }
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            runs.push(self.iperf_to(TUN_IPS[1], 5)?);
+        }
+        let path = self.path(0)?;
+        anyhow::ensure!(
+            path.starts_with("direct ") == want_direct,
+            "path {path}, want direct: {want_direct}"
+        );
+        eprintln!("drops A {} B {}", self.status(0)?["drops"], self.status(1)?["drops"]);
+        Ok(runs)
+    }
+
+    /// The relay's `derp_packets_sent` counter, scraped on loopback inside `pub`.
+    pub fn relay_packets_sent(&self) -> Result<u64> {
+        let out =
+            self.public.exec("curl", &["-sk", "--max-time", "3", "https://127.0.0.1:443/debug/varz"])?;
+        out.lines()
+            .find_map(|l| l.strip_prefix("derp_packets_sent ").and_then(|v| v.trim().parse::<f64>().ok()))
+            .map(|v| v as u64)
+            .with_context(|| format!("no derp_packets_sent in varz:\n{out}"))
     }
 
     /// Moves home 0 from behind router 1 to behind router 3 (needs `roam_router`): its address on
@@ -392,7 +260,7 @@ impl PathLab {
     /// the same path the nodes use (endpoints at the routers' WAN addresses, port 51820 kept by the
     /// endpoint-independent NATs; keepalive 1 s on both sides so both punch). Tunnel addresses
     /// 100.65.0.1/.2. Returns the processes (killed on drop).
-    pub fn wireguard_go_pair(&self) -> Result<Vec<Child>> {
+    pub fn wireguard_go_pair(&mut self) -> Result<Vec<Child>> {
         let tag = unique_tag();
         let mut keys = Vec::new();
         for i in 0..2 {
@@ -405,18 +273,8 @@ impl PathLab {
         for i in 0..2 {
             let ifname = format!("dfpw{tag}{i}");
             let home = &self.homes[i];
-            let mut cmd = home.command("wireguard-go");
-            cmd.arg("-f").arg(&ifname).stdout(File::create(self.dir.join(format!("wg{i}.log")))?);
-            cmd.stderr(Stdio::null());
-            out.push(Child::spawn(cmd, "wireguard-go")?);
-            let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !sock.exists() {
-                if Instant::now() > deadline {
-                    bail!("wireguard-go made no UAPI socket");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            out.push(spawn_wireguard_go(home, &ifname, &self.dir.join(format!("wg{i}.log")))?);
+            self.dir.also_remove(uapi_socket(&ifname));
             let key = self.dir.join(format!("wg{i}.key"));
             let peer = &keys[1 - i];
             let endpoint = format!("172.30.{}.2:51820", 2 - i);
@@ -444,26 +302,6 @@ impl PathLab {
         }
         Ok(out)
     }
-}
-
-/// `wg` (wireguard-tools) with optional stdin, output trimmed.
-fn wg(args: &[&str], stdin: Option<&str>) -> Result<String> {
-    use std::io::Write;
-    let mut c = Command::new("wg")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running wg (apt wireguard-tools)")?;
-    if let Some(s) = stdin {
-        c.stdin.take().context("piped")?.write_all(s.as_bytes())?;
-    }
-    let out = c.wait_with_output()?;
-    if !out.status.success() {
-        bail!("wg {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 /// A veth `h<n>` (home) ↔ `lan0` (router `n`), router side addressed, both up.

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use derpfleet_e2e::pathlab::{LabOpts, Nat, PathLab, TUN_IPS};
+use derpfleet_e2e::pathlab::{LabOpts, Nat, PathLab};
 
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -26,28 +26,11 @@ fn report(name: &str, mut runs: Vec<f64>) {
     eprintln!("BENCH {name}: runs {runs:.0?} Mbit/s, median {:.0} (loadavg {})", runs[1], loadavg());
 }
 
-fn node_runs(lab: &mut PathLab, want_direct: bool) -> Result<Vec<f64>> {
-    lab.up()?;
-    assert_eq!(lab.ping(0, 1, "0.2")?, 1, "log0:\n{}", lab.log(0));
-    if want_direct {
-        lab.wait_path(0, Duration::from_secs(5), |p| p.starts_with("direct "))?;
-        lab.wait_path(1, Duration::from_secs(5), |p| p.starts_with("direct "))?;
-    }
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        runs.push(lab.iperf_to(TUN_IPS[1], 5)?);
-    }
-    let path = lab.path(0)?;
-    assert_eq!(path.starts_with("direct "), want_direct, "{path}");
-    eprintln!("drops A {} B {}", lab.status(0)?["drops"], lab.status(1)?["drops"]);
-    Ok(runs)
-}
-
 #[test]
 #[ignore]
 fn bench_node_direct() -> Result<()> {
     let mut lab = PathLab::new("bd", LabOpts::default())?;
-    let runs = node_runs(&mut lab, true)?;
+    let runs = lab.node_throughput_runs(true)?;
     report("derpfleet-client direct", runs);
     Ok(())
 }
@@ -56,7 +39,7 @@ fn bench_node_direct() -> Result<()> {
 #[ignore]
 fn bench_node_relayed() -> Result<()> {
     let mut lab = PathLab::new("br", LabOpts { nat: Nat::Symmetric, ..LabOpts::default() })?;
-    let runs = node_runs(&mut lab, false)?;
+    let runs = lab.node_throughput_runs(false)?;
     report("derpfleet-client relayed", runs);
     Ok(())
 }
@@ -64,7 +47,7 @@ fn bench_node_relayed() -> Result<()> {
 #[test]
 #[ignore]
 fn bench_wireguard_go_same_path() -> Result<()> {
-    let lab = PathLab::new("bw", LabOpts::default())?;
+    let mut lab = PathLab::new("bw", LabOpts::default())?;
     let _wg = lab.wireguard_go_pair()?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while lab.homes[0].exec("ping", &["-c", "1", "-W", "1", "100.65.0.2"]).is_err() {

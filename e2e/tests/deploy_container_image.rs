@@ -25,7 +25,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use derpfleet_e2e::{bin_path, workspace_root};
+use derpfleet_e2e::{bin_path, success_stdout, workspace_root};
 use derpfleet_stun::message::{build_request, parse_response, TxId};
 
 const RUNTIME_BASE: &str = "localhost/derpfleet-test/debian:bookworm-slim";
@@ -78,18 +78,26 @@ impl Podman {
         Ok(out)
     }
 
-    /// Like [`Podman::run`], failing with podman's stderr on a non-zero exit.
+    /// Like [`Podman::run`], failing with podman's output on a non-zero exit.
     fn ok(&self, limit: Duration, args: &[&str]) -> Result<String> {
-        let out = self.run(limit, args)?;
-        ensure!(
-            out.status.success(),
-            "podman {} failed ({}):\n{}\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        success_stdout(&format!("podman {}", args.join(" ")), self.run(limit, args)?)
+    }
+
+    /// `--help` of the image's `entrypoint` (the relay when `None`), run without network.
+    fn help(&self, entrypoint: Option<&str>) -> Result<String> {
+        let mut args = vec![
+            "run",
+            "--rm",
+            "--runtime=runc",
+            "--network=none",
+            "--ulimit=nofile=4096:4096",
+            "--ulimit=nproc=4096:4096",
+        ];
+        if let Some(e) = entrypoint {
+            args.extend(["--entrypoint", e]);
+        }
+        args.extend([IMAGE, "--help"]);
+        self.ok(Duration::from_secs(60), &args)
     }
 }
 
@@ -278,19 +286,7 @@ fn check_image_config(podman: &Podman) -> Result<()> {
 fn check_stun_binary(podman: &Podman) -> Result<()> {
     let port = free_port(true)?;
     let addr = format!("127.0.0.1:{port}");
-    let help_args = [
-        "run",
-        "--rm",
-        "--runtime=runc",
-        "--network=none",
-        "--ulimit=nofile=4096:4096",
-        "--ulimit=nproc=4096:4096",
-        "--entrypoint",
-        "/usr/local/bin/derpfleet-stun",
-        IMAGE,
-        "--help",
-    ];
-    let help = podman.ok(Duration::from_secs(60), &help_args)?;
+    let help = podman.help(Some("/usr/local/bin/derpfleet-stun"))?;
     derpfleet_e2e::require_flags("derpfleet-stun (in the image)", &help, &["a"])?;
     let mut args = RUN_OPTS.to_vec();
     args.extend(["--name", "e2e-stun", "--entrypoint", "/usr/local/bin/derpfleet-stun", IMAGE, "-a", &addr]);
@@ -310,17 +306,7 @@ fn check_stun_binary(podman: &Podman) -> Result<()> {
 
 /// The relay with the image's entrypoint: probe, STUN, health check, SIGTERM.
 fn check_relay(podman: &Podman) -> Result<()> {
-    let help_args = [
-        "run",
-        "--rm",
-        "--runtime=runc",
-        "--network=none",
-        "--ulimit=nofile=4096:4096",
-        "--ulimit=nproc=4096:4096",
-        IMAGE,
-        "--help",
-    ];
-    let help = podman.ok(Duration::from_secs(60), &help_args)?;
+    let help = podman.help(None)?;
     derpfleet_e2e::require_flags("derpfleet-relay (in the image)", &help, RELAY_FLAGS_USED)?;
     let (http, stun, metrics) = (free_port(false)?, free_port(true)?, free_port(false)?);
     let metrics_addr = format!("127.0.0.1:{metrics}");

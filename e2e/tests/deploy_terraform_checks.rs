@@ -11,26 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{ensure, Context, Result};
-use derpfleet_e2e::workspace_root;
+use derpfleet_e2e::scratch::ScratchDir;
+use derpfleet_e2e::{success_stdout, workspace_root};
 use derpfleet_proto::derpmap::DerpMap;
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Result<Self> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
-        let dir = std::env::temp_dir().join(format!("derpfleet-e2e-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The terraform CLI: `DERPFLEET_TERRAFORM` (set by `scripts/test-all.sh`, which checks it is >= 1.5), else
 /// `terraform` on PATH.
@@ -56,16 +39,7 @@ fn terraform(dir: &Path, cli_config: &Path, args: &[&str]) -> Result<Output> {
 }
 
 fn terraform_ok(dir: &Path, cli_config: &Path, args: &[&str]) -> Result<String> {
-    let out = terraform(dir, cli_config, args)?;
-    ensure!(
-        out.status.success(),
-        "terraform {} failed ({}):\n{}\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    success_stdout(&format!("terraform {}", args.join(" ")), terraform(dir, cli_config, args)?)
 }
 
 /// Copies the files of one module directory (not subdirectories) into `to`.
@@ -80,21 +54,22 @@ fn copy_module(from: &Path, to: &Path) -> Result<()> {
 }
 
 struct Fixture {
-    scratch: Scratch,
+    scratch: ScratchDir,
     cli_config: PathBuf,
 }
 
 impl Fixture {
     fn new(tag: &str) -> Result<Self> {
-        let scratch = Scratch::new(tag)?;
-        let cli_config = scratch.0.join("terraformrc");
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
+        let scratch = ScratchDir::new(&format!("derpfleet-e2e-{tag}-{}-{nanos}", std::process::id()))?;
+        let cli_config = scratch.join("terraformrc");
         std::fs::write(&cli_config, "# derpfleet tests: no plugin cache, no credentials\n")?;
         Ok(Self { scratch, cli_config })
     }
 
     /// A fresh copy of `terraform/modules/derpmap`, initialised.
     fn derpmap_module(&self, name: &str) -> Result<PathBuf> {
-        let dir = self.scratch.0.join(name);
+        let dir = self.scratch.join(name);
         std::fs::create_dir_all(&dir)?;
         copy_module(&workspace_root().join("terraform/modules/derpmap"), &dir)?;
         terraform_ok(&dir, &self.cli_config, &["init", "-backend=false", "-no-color"])?;
@@ -245,7 +220,7 @@ fn derpmap_module_rejects_bad_fleets() -> Result<()> {
 #[test]
 fn relay_node_cloud_init_renders_and_installs_the_unit() -> Result<()> {
     let fx = Fixture::new("tf-cloudinit")?;
-    let dir = fx.scratch.0.join("render");
+    let dir = fx.scratch.join("render");
     std::fs::create_dir_all(&dir)?;
     let root = workspace_root();
     let tpl = root.join("terraform/modules/relay-node/cloud-init.yaml.tftpl");
@@ -309,7 +284,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 #[test]
 fn fleet_example_module_tree_resolves_offline() -> Result<()> {
     let fx = Fixture::new("tf-fleet")?;
-    let tree = fx.scratch.0.join("terraform");
+    let tree = fx.scratch.join("terraform");
     copy_tree(&workspace_root().join("terraform"), &tree)?;
     let example = tree.join("examples/fleet");
     let got = terraform_ok(&example, &fx.cli_config, &["get", "-no-color"])?;

@@ -20,8 +20,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +29,10 @@ use anyhow::{bail, Context, Result};
 use derpfleet_client::region::{DerpRegionClient, RegionClientConfig, RegionEvent};
 use derpfleet_client::{ConnectOptions, DerpConn, DerpTarget, DerpUrl};
 use derpfleet_e2e::netns::{run, unique_tag, veth, Netns};
-use derpfleet_e2e::{bin_path, Child};
+use derpfleet_e2e::nsthread::run_in_netns;
+use derpfleet_e2e::relay::RelayCmd;
+use derpfleet_e2e::scratch::ScratchDir;
+use derpfleet_e2e::{read_text, Child};
 use derpfleet_proto::msg::ServerToClient;
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
 use tokio::sync::mpsc;
@@ -50,27 +52,15 @@ fn heal_bound() -> Duration {
         + Duration::from_secs(1)
 }
 
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("dfr-mesh-faults-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("mesh.key"), format!("{}\n", MeshKey::generate().to_hex()))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A scratch directory for one test's relays, with the region's mesh key in `mesh.key`.
+fn scratch(tag: &str) -> Result<ScratchDir> {
+    let dir = ScratchDir::new(&format!("dfr-mesh-faults-{tag}-{}", std::process::id()))?;
+    std::fs::write(dir.join("mesh.key"), format!("{}\n", MeshKey::generate().to_hex()))?;
+    Ok(dir)
 }
 
 /// Starts one relay (plain HTTP on `listen`, meshed with `mesh_with`), inside `ns` if given; its key file
-/// and log live in `dir` under `name`, so a restart keeps the node's identity.
+/// and log live in `dir` under `name` ([`derpfleet_e2e::relay`]), so a restart keeps the node's identity.
 fn start_relay(
     dir: &Path,
     name: &str,
@@ -79,23 +69,11 @@ fn start_relay(
     metrics: &str,
     mesh_with: &str,
 ) -> Result<Child> {
-    let bin = bin_path("derpfleet-relay");
-    let mut cmd = match ns {
-        Some(ns) => ns.command(&bin),
-        None => Command::new(&bin),
-    };
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log")))?;
-    cmd.args(["-a", listen, "-http-port=-1", "-stun=false", &format!("-metrics-addr={metrics}")])
-        .arg("-c")
-        .arg(dir.join(format!("{name}.key")))
-        .arg("-mesh-psk-file")
-        .arg(dir.join("mesh.key"))
-        .args(["-mesh-with", mesh_with])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    Child::spawn(cmd, &format!("derpfleet-relay {name}"))
+    RelayCmd::new(ns, dir, name)
+        .args(["-a", listen, "-http-port=-1", "-stun=false", &format!("-metrics-addr={metrics}")])
+        .args(["-mesh-with", mesh_with, "-mesh-psk-file"])
+        .args([dir.join("mesh.key")])
+        .spawn()
 }
 
 /// What a client saw.
@@ -283,6 +261,19 @@ async fn deliver_eventually(from: &Peer, to: &mut Peer, limit: Duration) -> Resu
     bail!("{} -> {}: nothing delivered within {limit:?}", from.name, to.name)
 }
 
+/// [`deliver_eventually`] in both directions between every two of `a`, `b`, `c`: the mesh is up.
+async fn deliver_among(a: &mut Peer, b: &mut Peer, c: &mut Peer, limit: Duration) -> Result<()> {
+    deliver_both_ways(a, b, limit).await?;
+    deliver_both_ways(a, c, limit).await?;
+    deliver_both_ways(b, c, limit).await
+}
+
+/// [`deliver_eventually`] from `a` to `b`, then back.
+async fn deliver_both_ways(a: &mut Peer, b: &mut Peer, limit: Duration) -> Result<()> {
+    deliver_eventually(a, b, limit).await?;
+    deliver_eventually(b, a, limit).await.map(|_| ())
+}
+
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -308,18 +299,6 @@ fn dropped(metrics: SocketAddr, label: &str) -> Result<f64> {
         }
     }
     Ok(sum)
-}
-
-/// Moves the calling thread into network namespace `name` (sockets it opens from then on live there).
-fn enter_netns(name: &str) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(format!("/run/netns/{name}")).with_context(|| format!("netns {name}"))?;
-    // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        bail!("setns({name}): {}", std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// The partition lab: router `s`, relay namespaces `n1..n3` (10.77.i.2 behind 10.77.i.1), clients in `k`.
@@ -355,28 +334,15 @@ impl Lab {
     }
 }
 
-/// Runs `body` on a current-thread runtime in a thread that lives in namespace `ns`.
-fn run_in_netns<F>(ns: String, body: impl FnOnce() -> F + Send + 'static) -> Result<()>
-where
-    F: std::future::Future<Output = Result<()>>,
-{
-    std::thread::spawn(move || {
-        enter_netns(&ns)?;
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(body())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("test thread panicked"))?
-}
-
 #[test]
 fn partitioned_node_keeps_its_clients_and_heals_without_reconnects() -> Result<()> {
     let lab = Lab::new()?;
-    let scratch = Scratch::new("partition")?;
+    let scratch = scratch("partition")?;
     let with = (1..=3).map(|i| format!("http://{}:{RELAY_PORT}", node_ip(i))).collect::<Vec<_>>().join(",");
     let mut relays = Vec::new();
     for (i, ns) in lab.nodes.iter().enumerate() {
         relays.push(start_relay(
-            &scratch.0,
+            scratch.path(),
             &format!("n{}", i + 1),
             Some(ns),
             &format!("0.0.0.0:{RELAY_PORT}"),
@@ -395,7 +361,7 @@ fn partitioned_node_keeps_its_clients_and_heals_without_reconnects() -> Result<(
         c = node_ip(3)
     );
     let isolated = lab.nodes[0].name().to_string();
-    let cut_file = scratch.0.join("partition.nft");
+    let cut_file = scratch.join("partition.nft");
     std::fs::write(&cut_file, cut)?;
     let cut_file = cut_file.to_str().context("path")?.to_string();
     let result = run_in_netns(lab.k.name().to_string(), move || async move {
@@ -405,13 +371,7 @@ fn partitioned_node_keeps_its_clients_and_heals_without_reconnects() -> Result<(
         let mut c = Peer::plain("c(n3)", &url(3)).await?;
         // The mesh comes up (links retry while the other processes start); every pair has heard from
         // the other, so each will be told when the other vanishes from the region.
-        let up = Duration::from_secs(20);
-        deliver_eventually(&a, &mut b, up).await?;
-        deliver_eventually(&b, &mut a, up).await?;
-        deliver_eventually(&a, &mut c, up).await?;
-        deliver_eventually(&c, &mut a, up).await?;
-        deliver_eventually(&b, &mut c, up).await?;
-        deliver_eventually(&c, &mut b, up).await?;
+        deliver_among(&mut a, &mut b, &mut c, Duration::from_secs(20)).await?;
 
         run("ip", &["netns", "exec", &isolated, "nft", "-f", &cut_file])?;
         let cut_at = Instant::now();
@@ -449,8 +409,7 @@ fn partitioned_node_keeps_its_clients_and_heals_without_reconnects() -> Result<(
             cut_at.elapsed()
         );
         // The rest of the region is untouched.
-        deliver_eventually(&b, &mut c, Duration::from_secs(2)).await?;
-        deliver_eventually(&c, &mut b, Duration::from_secs(2)).await?;
+        deliver_both_ways(&mut b, &mut c, Duration::from_secs(2)).await?;
         // The isolated node's clients' packets to other nodes' clients are dropped and counted.
         let before = dropped(isolated_metrics, "reason=\"unknown_dest\"")?;
         for _ in 0..20 {
@@ -472,10 +431,8 @@ fn partitioned_node_keeps_its_clients_and_heals_without_reconnects() -> Result<(
         run("ip", &["netns", "exec", &isolated, "nft", "delete", "table", "inet", "dfr_partition"])?;
         let healed_at = Instant::now();
         let bound = heal_bound();
-        deliver_eventually(&a, &mut b, bound).await?;
-        deliver_eventually(&b, &mut a, bound).await?;
-        deliver_eventually(&a, &mut c, bound).await?;
-        deliver_eventually(&c, &mut a, bound).await?;
+        deliver_both_ways(&mut a, &mut b, bound).await?;
+        deliver_both_ways(&mut a, &mut c, bound).await?;
         let took = healed_at.elapsed();
         eprintln!(
             "heal: forwarding across the former cut resumed in every direction {took:?} after the heal"
@@ -493,7 +450,7 @@ fn partitioned_node_keeps_its_clients_and_heals_without_reconnects() -> Result<(
     drop(relays);
     if result.is_err() {
         for i in 1..=3 {
-            let log = std::fs::read_to_string(scratch.0.join(format!("n{i}.log"))).unwrap_or_default();
+            let log = read_text(&scratch.join(format!("n{i}.err")));
             eprintln!("--- n{i} log (tail)\n{}", tail(&log, 30));
         }
     }
@@ -511,11 +468,18 @@ fn free_port() -> Result<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_node_leaves_the_rest_untouched_and_its_clients_return() -> Result<()> {
-    let scratch = Scratch::new("sigkill")?;
+    let scratch = scratch("sigkill")?;
     let ports = [free_port()?, free_port()?, free_port()?];
     let with = ports.map(|p| format!("http://127.0.0.1:{p}")).join(",");
     let start = |i: usize| {
-        start_relay(&scratch.0, &format!("r{}", i + 1), None, &format!("127.0.0.1:{}", ports[i]), "", &with)
+        start_relay(
+            scratch.path(),
+            &format!("r{}", i + 1),
+            None,
+            &format!("127.0.0.1:{}", ports[i]),
+            "",
+            &with,
+        )
     };
     let mut r1 = start(0)?;
     let _r2 = start(1)?;
@@ -524,13 +488,7 @@ async fn sigkilled_node_leaves_the_rest_untouched_and_its_clients_return() -> Re
     let mut a = Peer::reconnecting("a(r1)", &url(0)).await?;
     let mut b = Peer::plain("b(r2)", &url(1)).await?;
     let mut c = Peer::plain("c(r3)", &url(2)).await?;
-    let up = Duration::from_secs(20);
-    deliver_eventually(&a, &mut b, up).await?;
-    deliver_eventually(&b, &mut a, up).await?;
-    deliver_eventually(&a, &mut c, up).await?;
-    deliver_eventually(&c, &mut a, up).await?;
-    deliver_eventually(&b, &mut c, up).await?;
-    deliver_eventually(&c, &mut b, up).await?;
+    deliver_among(&mut a, &mut b, &mut c, Duration::from_secs(20)).await?;
     b.drain();
     c.drain();
 

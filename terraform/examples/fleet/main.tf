@@ -36,7 +36,8 @@ data "aws_route53_zone" "fleet" {
 }
 
 locals {
-  common = {
+  # What every region shares (the relay-region module's `fleet` input).
+  fleet = {
     dns_zone            = var.dns_zone
     route53_zone_id     = data.aws_route53_zone.fleet.zone_id
     mesh_key            = random_id.mesh_key.hex
@@ -45,60 +46,34 @@ locals {
     extra_args          = var.verify_client_url == "" ? [] : ["-verify-client-url", var.verify_client_url]
     tags                = { "derpfleet:fleet" = "example" }
   }
+  regions = {
+    fra = { id = 900, code = "fra", name = "Frankfurt", node_suffixes = ["a", "b", "c"] }
+    iad = { id = 901, code = "iad", name = "Ashburn", node_suffixes = ["a", "b", "c"] }
+    sin = { id = 902, code = "sin", name = "Singapore", node_suffixes = ["a", "b"] }
+  }
 }
 
+# One module block per region: each runs under its own AWS provider (region), and Terraform cannot pick
+# a module's provider per for_each instance, so the three blocks stay; all they differ in is that.
 module "fra" {
   source    = "../../modules/relay-region"
   providers = { aws = aws.fra }
-
-  region_id     = 900
-  region_code   = "fra"
-  region_name   = "Frankfurt"
-  node_suffixes = ["a", "b", "c"]
-
-  dns_zone            = local.common.dns_zone
-  route53_zone_id     = local.common.route53_zone_id
-  mesh_key            = local.common.mesh_key
-  relay_binary_url    = local.common.relay_binary_url
-  relay_binary_sha256 = local.common.relay_binary_sha256
-  extra_args          = local.common.extra_args
-  tags                = local.common.tags
+  region    = local.regions.fra
+  fleet     = local.fleet
 }
 
 module "iad" {
   source    = "../../modules/relay-region"
   providers = { aws = aws.iad }
-
-  region_id     = 901
-  region_code   = "iad"
-  region_name   = "Ashburn"
-  node_suffixes = ["a", "b", "c"]
-
-  dns_zone            = local.common.dns_zone
-  route53_zone_id     = local.common.route53_zone_id
-  mesh_key            = local.common.mesh_key
-  relay_binary_url    = local.common.relay_binary_url
-  relay_binary_sha256 = local.common.relay_binary_sha256
-  extra_args          = local.common.extra_args
-  tags                = local.common.tags
+  region    = local.regions.iad
+  fleet     = local.fleet
 }
 
 module "sin" {
   source    = "../../modules/relay-region"
   providers = { aws = aws.sin }
-
-  region_id     = 902
-  region_code   = "sin"
-  region_name   = "Singapore"
-  node_suffixes = ["a", "b"]
-
-  dns_zone            = local.common.dns_zone
-  route53_zone_id     = local.common.route53_zone_id
-  mesh_key            = local.common.mesh_key
-  relay_binary_url    = local.common.relay_binary_url
-  relay_binary_sha256 = local.common.relay_binary_sha256
-  extra_args          = local.common.extra_args
-  tags                = local.common.tags
+  region    = local.regions.sin
+  fleet     = local.fleet
 }
 
 # The clients' view of the fleet (provider-free module: the same code the test suite plans offline).

@@ -22,13 +22,13 @@ locals {
   vpc_id     = var.vpc_id != null ? var.vpc_id : data.aws_vpc.default[0].id
   subnet_ids = length(var.subnet_ids) > 0 ? var.subnet_ids : sort(data.aws_subnets.default[0].ids)
   nodes = {
-    for i, s in var.node_suffixes : s => {
-      name      = "${var.region_id}${s}"
-      hostname  = "derp${var.region_id}${s}.${var.dns_zone}"
+    for i, s in var.region.node_suffixes : s => {
+      name      = "${var.region.id}${s}"
+      hostname  = "derp${var.region.id}${s}.${var.fleet.dns_zone}"
       subnet_id = local.subnet_ids[i % length(local.subnet_ids)]
     }
   }
-  hostnames = [for s in var.node_suffixes : local.nodes[s].hostname]
+  hostnames = [for s in var.region.node_suffixes : local.nodes[s].hostname]
 }
 
 module "node" {
@@ -36,17 +36,17 @@ module "node" {
   for_each = local.nodes
 
   name                = each.value.name
-  region_id           = var.region_id
+  region_id           = var.region.id
   hostname            = each.value.hostname
-  route53_zone_id     = var.route53_zone_id
+  route53_zone_id     = var.fleet.route53_zone_id
   vpc_id              = local.vpc_id
   subnet_id           = each.value.subnet_id
   instance_type       = var.instance_type
   enable_ipv6         = var.enable_ipv6
-  mesh_key            = var.mesh_key
+  mesh_key            = var.fleet.mesh_key
   mesh_with           = local.hostnames
-  relay_binary_url    = var.relay_binary_url
-  relay_binary_sha256 = var.relay_binary_sha256
-  extra_args          = var.extra_args
-  tags                = var.tags
+  relay_binary_url    = var.fleet.relay_binary_url
+  relay_binary_sha256 = var.fleet.relay_binary_sha256
+  extra_args          = var.fleet.extra_args
+  tags                = var.fleet.tags
 }

@@ -1,10 +1,10 @@
 output "derp_region" {
   description = "This region as an entry of the derpmap module's regions list (nodes in suffix order)."
   value = {
-    region_id   = var.region_id
-    region_code = var.region_code
-    region_name = var.region_name
-    nodes       = [for s in var.node_suffixes : module.node[s].derp_node]
+    region_id   = var.region.id
+    region_code = var.region.code
+    region_name = var.region.name
+    nodes       = [for s in var.region.node_suffixes : module.node[s].derp_node]
   }
 }
 

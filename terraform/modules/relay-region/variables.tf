@@ -1,32 +1,26 @@
-variable "region_id" {
-  description = "DERP region ID (900-999)."
-  type        = number
+variable "region" {
+  description = "The DERP region: id (900-999), code (short, e.g. \"fra\"), name (for the DERP map) and one node suffix per node (node N is named \"<id><suffix>\" and \"derp<id><suffix>.<dns_zone>\")."
+  type = object({
+    id            = number
+    code          = string
+    name          = string
+    node_suffixes = optional(list(string), ["a", "b", "c"])
+  })
 }
 
-variable "region_code" {
-  description = "Short DERP region code, e.g. \"fra\"; also part of node names and host names."
-  type        = string
-}
-
-variable "region_name" {
-  description = "Human-readable region name for the DERP map."
-  type        = string
-}
-
-variable "node_suffixes" {
-  description = "One entry per node; node N is named \"<region_id><suffix>\" and \"derp<region_id><suffix>.<dns_zone>\"."
-  type        = list(string)
-  default     = ["a", "b", "c"]
-}
-
-variable "dns_zone" {
-  description = "DNS zone name the node records go in (without a trailing dot)."
-  type        = string
-}
-
-variable "route53_zone_id" {
-  description = "Route 53 hosted zone ID of dns_zone."
-  type        = string
+# One object for what every region of a fleet shares, so a fleet passes it once per region instead of
+# repeating each setting; relay-node validates the values and keeps the mesh key sensitive.
+variable "fleet" {
+  description = "Fleet-wide settings: dns_zone (the zone the node records go in, no trailing dot) and its route53_zone_id, the fleet's mesh_key (64 lowercase hex), the relay binary's HTTPS URL and SHA-256, extra_args (further relay flags for every node) and tags (for every resource)."
+  type = object({
+    dns_zone            = string
+    route53_zone_id     = string
+    mesh_key            = string
+    relay_binary_url    = string
+    relay_binary_sha256 = string
+    extra_args          = optional(list(string), [])
+    tags                = optional(map(string), {})
+  })
 }
 
 variable "vpc_id" {
@@ -41,22 +35,6 @@ variable "subnet_ids" {
   default     = []
 }
 
-variable "mesh_key" {
-  description = "The fleet's mesh key (64 lowercase hex)."
-  type        = string
-  sensitive   = true
-}
-
-variable "relay_binary_url" {
-  description = "HTTPS URL of the derpfleet-relay binary."
-  type        = string
-}
-
-variable "relay_binary_sha256" {
-  description = "SHA-256 of the binary."
-  type        = string
-}
-
 variable "enable_ipv6" {
   description = "IPv6 address and AAAA record per node (the subnets need IPv6 CIDRs)."
   type        = bool
@@ -67,16 +45,4 @@ variable "instance_type" {
   description = "Instance type for every node of the region."
   type        = string
   default     = "c6in.large"
-}
-
-variable "extra_args" {
-  description = "Further relay flags for every node of the region."
-  type        = list(string)
-  default     = []
-}
-
-variable "tags" {
-  description = "Tags for every resource."
-  type        = map(string)
-  default     = {}
 }
