@@ -205,8 +205,10 @@ impl Pairs {
         }
         let mut hist = LatencyHist::default();
         let (mut received, mut reordered, mut foreign, mut last_ns) = (0u64, 0u64, 0u64, 0u64);
+        let (pairs, mut delivered) = (self.receivers.len() as u64, 0u64);
         for r in self.receivers {
             if let Ok(res) = r.await {
+                delivered += u64::from(res.received > 0);
                 received += res.received;
                 last_ns = last_ns.max(res.last_ns);
                 reordered += res.reordered;
@@ -233,6 +235,8 @@ impl Pairs {
             .put("sent_mbps", r3(sent as f64 * size as f64 * 8.0 / elapsed / 1e6))
             .put("received_mbps", r3(received as f64 * size as f64 * 8.0 / elapsed / 1e6))
             .put("loss_pct", r3(loss))
+            .put("pairs_connected", pairs)
+            .put("pairs_delivered", delivered)
             .put("reordered_packets", reordered)
             .put(
                 "reordered_pct",
