@@ -6,7 +6,7 @@
 #                cargo build --release -p derpfleet-relay -p derpfleet-loadtest --all-features)
 #      RELAYS    space-separated NAME=PATH relay binaries to compare; each row runs once per relay
 #                per round, alternating (default "relay=$BIN/derpfleet-relay")
-#      ROWS      rows to run (default: all): floor tp8x5000 many2000x20 many1000x40 tls8x5000
+#      ROWS      rows to run (default: all): floor tp8x5000 many2000x20 many1000x40 many2000x2 tls8x5000
 #                mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws
 #      SECS      measurement window of the packet rows (default 20)
 # Every run gets a fresh relay; its JSON lands in OUTDIR/ROUND-ROW-NAME.json and the command,
@@ -16,7 +16,7 @@ rounds=${1:-2}
 out=${2:-/tmp/derpfleet-cost}
 bin=${BIN:-target/release}
 relays=${RELAYS:-relay=$bin/derpfleet-relay}
-rows=${ROWS:-floor tp8x5000 many2000x20 many1000x40 tls8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws}
+rows=${ROWS:-floor tp8x5000 many2000x20 many1000x40 many2000x2 tls8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws}
 secs=${SECS:-20}
 lt="$bin/derpfleet-loadtest"
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -78,7 +78,7 @@ row() { # round row name exe
     tp8x5000)
       start_relay "$exe" plain
       run "$round" "$row" "$name" throughput --url "$url" "${flow[@]}" --relay-pid "$pid" --metrics-url "$murl" ;;
-    many2000x20 | many1000x40)
+    many2000x20 | many1000x40 | many2000x2)
       local p=${row#many}; p=${p%x*}; local r=${row#*x}
       start_relay "$exe" plain
       run "$round" "$row" "$name" many --url "$url" --pairs "$p" --rate "$r" --duration "$w" --warmup 3s \

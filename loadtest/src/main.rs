@@ -79,7 +79,11 @@ fn main() -> ExitCode {
         let relay_cpu: Vec<CpuMeter> =
             cli.common.relay_pids.iter().filter_map(|&p| CpuMeter::start(p)).collect();
         let own_cpu = CpuMeter::start(std::process::id());
+        let load = derpfleet_loadtest::sys::load_average();
         let mut r = run(&cli, &targets, stop).await?;
+        if let Some(l) = load {
+            r.results.put("host_load_1m", l);
+        }
         add_cpu(&mut r, &relay_cpu, own_cpu, packets, floor);
         if let Some(before) = drops_before {
             let after = drops::read_all(&cli.common.metrics_urls).await?;

@@ -143,12 +143,15 @@ impl Chart<'_> {
             W / 2.0,
             esc(self.title)
         );
-        let _ = writeln!(
-            s,
-            r##"<text x="{}" y="44" text-anchor="middle" font-size="11" fill="#444">{}</text>"##,
-            W / 2.0,
-            esc(self.subtitle)
-        );
+        for (i, line) in wrap(self.subtitle, 120).iter().take(2).enumerate() {
+            let _ = writeln!(
+                s,
+                r##"<text x="{}" y="{}" text-anchor="middle" font-size="11" fill="#444">{}</text>"##,
+                W / 2.0,
+                42 + 13 * i,
+                esc(line)
+            );
+        }
         for b in &self.bands {
             let (x0, x1) = (self.sx(b.x0), self.sx(b.x1.min(self.x.1)));
             let _ = writeln!(
@@ -261,6 +264,21 @@ fn trim(v: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
+/// Splits `s` at spaces into lines of at most about `width` characters.
+fn wrap(s: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in s.split(' ') {
+        match lines.last_mut() {
+            Some(l) if l.chars().count() + 1 + word.chars().count() <= width => {
+                l.push(' ');
+                l.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    lines
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
@@ -298,5 +316,6 @@ mod tests {
         assert_eq!(nice_step(0.7, 10), 0.1);
         assert_eq!(fmt_num(40_000.0), "40k");
         assert_eq!(fmt_num(2.5), "2.5");
+        assert_eq!(wrap("aa bb cc", 5), ["aa bb", "cc"]);
     }
 }

@@ -265,6 +265,16 @@ impl Pairs {
                  the offered load was not sustained; rates are over {through_s:.2} s"
             ));
         }
+        if let (Some(_), Some(l)) = (lag, &rep.latency_us) {
+            if l.p50_us > 5_000.0 {
+                rep.notes.push(format!(
+                    "one-way p50 {:.1} ms: packets queued (the relay or this tool was short of CPU); a \
+                     relay that falls behind reads several frames per syscall, so its CPU per packet is \
+                     lower than when it keeps up: compare cost figures only between runs that kept up",
+                    l.p50_us / 1e3
+                ));
+            }
+        }
         if received > sent {
             rep.notes.push("more packets received than sent in the window (duplicates?)".into());
         }
