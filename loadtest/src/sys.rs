@@ -31,6 +31,12 @@ pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
     }
 }
 
+/// The host's 1-minute load average (`/proc/loadavg`), recorded with every run: on a shared host
+/// it explains the spread between runs.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
 /// CPU used by a process between [`CpuMeter::start`] and [`CpuMeter::seconds`].
 pub struct CpuMeter {
     pid: u32,

@@ -25,11 +25,28 @@ fn bad_arguments_exit_2_with_a_message() {
     refused(&["throughput", "--url", u, "--duration", "soon"], "--duration");
     refused(&["warp", "--url", u], "warp");
     refused(&["throughput", "--url", "ftp://x/derp"], "scheme");
-    refused(&["throughput", "--url", u, "--websocket"], "WebSocket");
+    refused(&["many", "--url", u, "--rate", "0"], "--rate");
+    refused(&["throughput", "--url", u, "--metrics-url", "https://127.0.0.1:1/metrics"], "--metrics-url");
+    refused(&["floor", "--duration", "0s"], "--duration");
     refused(&["connections", "--url", u, "--source-ips", "127.0.0.9-127.0.0.2"], "--source-ips");
     refused(&["stun"], "--server");
     refused(&["fleet", "--url", u], "--derp-map");
     refused(&["throughput", "--derp-map", "/nonexistent/map.json", "--region", "1"], "/nonexistent/map.json");
+}
+
+#[test]
+fn bad_plot_path_and_dead_relay_pid_are_refused_before_the_run() {
+    // The URL has nobody listening: had the run started, it would fail with exit 1 instead.
+    let u = "http://127.0.0.1:9/derp";
+    refused(
+        &["throughput", "--url", u, "--plot", "/nonexistent-dir/chart.svg"],
+        "--plot /nonexistent-dir/chart.svg",
+    );
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = gone.id().to_string();
+    gone.wait().unwrap();
+    refused(&["many", "--url", u, "--relay-pid", &pid], &format!("--relay-pid {pid}"));
+    refused(&["connections", "--url", u, "--relay-pid", "4294967295"], "--relay-pid 4294967295");
 }
 
 #[test]
@@ -72,7 +89,7 @@ fn help_lists_every_scenario() {
     let out = loadtest().arg("--help").output().unwrap();
     assert!(out.status.success());
     let s = String::from_utf8_lossy(&out.stdout);
-    for name in ["throughput", "pingpong", "connections", "churn", "mesh", "fleet", "stun"] {
+    for name in ["throughput", "pingpong", "connections", "churn", "mesh", "fleet", "stun", "many", "floor"] {
         assert!(s.contains(name), "{name} missing from --help:\n{s}");
     }
 }
