@@ -28,12 +28,29 @@ pub enum CodecError {
     Frame(#[from] FrameError),
 }
 
+/// At the end of the stream: what is left must be whole frames; a cut frame is `UnexpectedEof`
+/// (the default would be an untyped "bytes remaining" error).
+fn at_eof<T>(got: Option<T>, dec: &FrameDecoder, src: &BytesMut) -> Result<Option<T>, CodecError> {
+    match got {
+        None if !src.is_empty() || dec.is_skipping() => Err(CodecError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "stream ended inside a DERP frame",
+        ))),
+        got => Ok(got),
+    }
+}
+
 impl Decoder for FrameDecoder {
     type Item = RawFrame;
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<RawFrame>, CodecError> {
         Ok(FrameDecoder::decode(self, src)?)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<RawFrame>, CodecError> {
+        let got = FrameDecoder::decode(self, src)?;
+        at_eof(got, self, src)
     }
 }
 
@@ -68,6 +85,11 @@ impl Decoder for ClientCodec {
             Some(f) => Ok(Some(ServerToClient::decode(f)?)),
             None => Ok(None),
         }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<ServerToClient>, CodecError> {
+        let got = self.decode(src)?;
+        at_eof(got, &self.0, src)
     }
 }
 
@@ -115,6 +137,11 @@ impl Decoder for ServerCodec {
             Some(f) => Ok(Some(ClientToServer::decode(f)?)),
             None => Ok(None),
         }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<ClientToServer>, CodecError> {
+        let got = self.decode(src)?;
+        at_eof(got, &self.0, src)
     }
 }
 
@@ -170,6 +197,16 @@ mod tests {
         client.encode(ClientToServer::NotePreferred(true), &mut up).unwrap();
         assert_eq!(server.decode(&mut up).unwrap(), Some(ClientToServer::NotePreferred(true)));
         assert!(up.is_empty());
+    }
+
+    #[test]
+    fn a_frame_cut_by_the_end_of_the_stream_is_unexpected_eof() {
+        let mut c = ClientCodec::new();
+        assert!(c.decode_eof(&mut BytesMut::new()).unwrap().is_none());
+        let mut buf = BytesMut::from(&[0x06u8, 0, 0, 0, 0, 0x12, 0, 0][..]);
+        assert_eq!(c.decode_eof(&mut buf).unwrap(), Some(ServerToClient::KeepAlive));
+        let e = c.decode_eof(&mut buf).unwrap_err();
+        assert!(matches!(&e, CodecError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof), "{e}");
     }
 
     #[test]
