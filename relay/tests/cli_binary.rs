@@ -28,11 +28,14 @@ async fn plain_http_with_key_file_and_blank_home() {
     assert_eq!(mode & 0o777, 0o600);
     let key = derpfleet_relay::startup::keyfile::load_or_create(&keyfile).unwrap().0;
     let (mut c, _) = derp_client(addr).await;
-    c.send(derpfleet_proto::msg::ClientToServer::Ping(*b"12345678")).await;
-    assert_eq!(c.next_data().await, Some(derpfleet_proto::msg::ServerToClient::Pong(*b"12345678")));
+    c.send(&derpfleet_proto::msg::ClientToServer::Ping(*b"12345678")).await.unwrap();
+    assert_eq!(
+        c.next_data(STEP).await.unwrap(),
+        Some(derpfleet_proto::msg::ServerToClient::Pong(*b"12345678"))
+    );
     let mut s = derp_upgrade(addr).await;
     let _ = s.flush().await;
-    assert_eq!(RawDerp::new(s).handshake(&NodePrivate::generate()).await, key.public());
+    assert_eq!(TestClient::over(s, NodePrivate::generate()).await.unwrap().server_key, key.public());
     p.signal("-TERM");
     assert!(p.wait_exit(STEP).expect("process did not exit").success(), "SIGTERM exits 0; log:\n{}", p.log());
 }
@@ -73,7 +76,7 @@ async fn tls_manual_with_ip_hostname_generates_pinned_self_signed_cert() {
     s.write_all(b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: DERP\r\n\r\n").await.unwrap();
     assert_eq!(read_head(&mut s).await.status, 101);
     let key = derpfleet_relay::startup::keyfile::load_or_create(&keyfile).unwrap().0;
-    assert_eq!(RawDerp::new(s).handshake(&NodePrivate::generate()).await, key.public());
+    assert_eq!(TestClient::over(s, NodePrivate::generate()).await.unwrap().server_key, key.public());
     assert!(!p.log().contains("http_port_addr=Some"), "-http-port -1 disables port 80");
     p.signal("-TERM");
     assert!(p.wait_exit(STEP).expect("process did not exit").success());

@@ -53,16 +53,17 @@ async fn c33_fast_start_sends_no_response_and_processes_pipelined_client_info() 
     one_write.extend(encode(&client_info_frame(&client, &server_key.public())));
     let mut s = TcpStream::connect(relay.local_addr()).await.unwrap();
     s.write_all(&one_write).await.unwrap();
-    let mut c = RawDerp::new(s);
+    let mut c = TestClient::new(s, client.clone());
     // No HTTP response: the very first bytes are the ServerKey frame, then ServerInfo.
-    match c.next().await {
+    match c.next(STEP).await.unwrap() {
         Some(ServerToClient::ServerKey(k)) => assert_eq!(k, server_key.public()),
         other => panic!("expected ServerKey first, got {other:?}"),
     }
-    c.expect_server_info(&client, &server_key.public()).await;
+    c.server_key = server_key.public();
+    assert_eq!(c.want_server_info().await.unwrap().version, 2);
     // And the connection is live: a Ping is answered.
-    c.send(ClientToServer::Ping(*b"fastping")).await;
-    assert_eq!(c.next_data().await, Some(ServerToClient::Pong(*b"fastping")));
+    c.send(&ClientToServer::Ping(*b"fastping")).await.unwrap();
+    assert_eq!(c.next_data(STEP).await.unwrap(), Some(ServerToClient::Pong(*b"fastping")));
     relay.shutdown().await;
 }
 
@@ -123,13 +124,15 @@ async fn c35_websocket_derp_with_frames_split_and_packed_across_messages() {
     ws.send(Message::Binary(Bytes::copy_from_slice(&third[..2]))).await.unwrap();
     ws.send(Message::Binary(Bytes::copy_from_slice(&third[2..]))).await.unwrap();
     for want in [&b"one"[..], b"two", b"three"] {
-        let (src, data) = b.recv_packet().await;
+        let (src, data) = b.want_packet(STEP).await.unwrap();
         assert_eq!(src, a_key.public());
         assert_eq!(data, want);
     }
 
     // And the other way: B → A arrives through the WebSocket.
-    b.send(ClientToServer::SendPacket { dst: a_key.public(), data: Bytes::from_static(b"back") }).await;
+    b.send(&ClientToServer::SendPacket { dst: a_key.public(), data: Bytes::from_static(b"back") })
+        .await
+        .unwrap();
     loop {
         match next_frame(&mut ws, &mut inbound).await {
             ServerToClient::KeepAlive => continue,
@@ -154,8 +157,8 @@ async fn c36_legacy_websocket_upgrade_without_subprotocol_is_raw_derp() {
     assert_eq!(head.status, 101);
     assert_eq!(head.header("upgrade"), Some("DERP"));
     assert_eq!(head.header("derp-public-key"), Some(key.public().to_hex().as_str()));
-    let mut c = RawDerp::new(s);
-    assert_eq!(c.handshake(&NodePrivate::generate()).await, key.public());
+    let c = TestClient::over(s, NodePrivate::generate()).await.unwrap();
+    assert_eq!(c.server_key, key.public());
     relay.shutdown().await;
 }
 
@@ -270,8 +273,8 @@ async fn derp_upgrade_on_a_later_keepalive_request_works() {
     let head = read_head(&mut s).await;
     assert_eq!(head.status, 101);
     assert_eq!(head.header("derp-public-key"), Some(key.public().to_hex().as_str()));
-    let mut c = RawDerp::new(s);
-    assert_eq!(c.handshake(&NodePrivate::generate()).await, key.public());
+    let c = TestClient::over(s, NodePrivate::generate()).await.unwrap();
+    assert_eq!(c.server_key, key.public());
     relay.shutdown().await;
 }
 
@@ -289,16 +292,16 @@ async fn connect_with(
     addr: std::net::SocketAddr,
     server: derpfleet_proto::NodePublic,
     extra: &str,
-) -> RawDerp<TcpStream> {
+) -> TestClient<TcpStream> {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let req = format!("GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n{extra}\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     assert_eq!(read_head(&mut s).await.status, 101);
-    let mut c = RawDerp::new(s);
-    assert_eq!(c.handshake(&NodePrivate::generate()).await, server);
+    let mut c = TestClient::over(s, NodePrivate::generate()).await.unwrap();
+    assert_eq!(c.server_key, server);
     // A Pong proves the connection is fully set up (its gauges updated).
-    c.send(ClientToServer::Ping(*b"ideal?!!")).await;
-    assert_eq!(c.next_data().await, Some(ServerToClient::Pong(*b"ideal?!!")));
+    c.send(&ClientToServer::Ping(*b"ideal?!!")).await.unwrap();
+    assert_eq!(c.next_data(STEP).await.unwrap(), Some(ServerToClient::Pong(*b"ideal?!!")));
     c
 }
 

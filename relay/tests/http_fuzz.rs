@@ -74,8 +74,8 @@ fn random_and_truncated_requests_only_close_their_connection() {
             let (a, b, counter) = &mut *pair.lock().await;
             *counter += 1;
             let data = Bytes::from(counter.to_be_bytes().to_vec());
-            a.send(ClientToServer::SendPacket { dst: b_key.public(), data: data.clone() }).await;
-            let (_, got) = b.recv_packet().await;
+            a.send(&ClientToServer::SendPacket { dst: b_key.public(), data: data.clone() }).await.unwrap();
+            let (_, got) = b.want_packet(STEP).await.unwrap();
             assert_eq!(got, data.to_vec());
         });
     });

@@ -79,7 +79,7 @@ async fn c47_sha256_raw_pin_accepts_one_leaf_plus_meta_and_rejects_two_leaves() 
         let mut s = tls_connect(relay.local_addr(), pinned_client(pin, versions)).await.unwrap();
         s.write_all(b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: DERP\r\n\r\n").await.unwrap();
         assert_eq!(read_head(&mut s).await.status, 101);
-        assert_eq!(RawDerp::new(s).handshake(&NodePrivate::generate()).await, key.public());
+        assert_eq!(TestClient::over(s, NodePrivate::generate()).await.unwrap().server_key, key.public());
     }
     // A wrong pin fails.
     let mut wrong = pin;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use derpfleet_proto::NodePrivate;
-use http_common::{read_head, ring, RawDerp, TempDir};
+use http_common::{read_head, ring, TempDir, TestClient};
 use ops_common::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -220,6 +220,6 @@ async fn letsencrypt_mode_gets_a_certificate_from_a_local_acme_ca() {
     .await
     .unwrap();
     assert_eq!(read_head(&mut tls).await.status, 101);
-    RawDerp::new(tls).handshake(&NodePrivate::generate()).await;
+    TestClient::over(tls, NodePrivate::generate()).await.unwrap();
     assert!(!p.log().contains("panicked"), "{}", p.log());
 }

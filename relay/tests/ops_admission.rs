@@ -8,29 +8,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use derpfleet_proto::handshake::{seal_client_info, ClientInfo};
-use derpfleet_proto::msg::{ClientToServer, ServerToClient};
+use derpfleet_proto::handshake::ClientInfo;
+use derpfleet_proto::msg::ClientToServer;
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
 use derpfleet_relay::ops::admission::{Allowlist, VerifyUrl};
 use derpfleet_relay::server::{OpsConfig, Server};
-use http_common::{config, derp_upgrade, RawDerp, TempDir};
+use http_common::{config, derp_upgrade, TempDir, TestClient, STEP};
 use ops_common::*;
 use tokio::net::TcpStream;
 
 /// Handshakes with `key` (and `info`); Some(client) when a ServerInfo came, None when the server
 /// closed instead.
-async fn try_connect(addr: SocketAddr, key: &NodePrivate, info: ClientInfo) -> Option<RawDerp<TcpStream>> {
-    let mut c = RawDerp::new(derp_upgrade(addr).await);
-    let server = match c.next().await {
-        Some(ServerToClient::ServerKey(k)) => k,
-        other => panic!("expected ServerKey, got {other:?}"),
-    };
-    c.send(ClientToServer::ClientInfo(seal_client_info(key, &server, &info))).await;
-    match c.next().await {
-        Some(ServerToClient::ServerInfo(_)) => Some(c),
-        None => None,
-        Some(other) => panic!("expected ServerInfo or a close, got {other:?}"),
-    }
+async fn try_connect(addr: SocketAddr, key: &NodePrivate, info: ClientInfo) -> Option<TestClient<TcpStream>> {
+    let mut c = TestClient::new(derp_upgrade(addr).await, key.clone());
+    c.try_handshake(info).await.unwrap().map(|_| c)
 }
 
 fn info() -> ClientInfo {
@@ -155,9 +146,11 @@ fn write_allowlist(path: &std::path::Path, keys: &[NodePublic]) {
 }
 
 /// Sends a packet a → b and expects it at b.
-async fn relays(a: &mut RawDerp<TcpStream>, b: &mut RawDerp<TcpStream>, b_key: NodePublic) {
-    a.send(ClientToServer::SendPacket { dst: b_key, data: bytes::Bytes::from_static(b"hello") }).await;
-    assert_eq!(b.recv_packet().await.1, b"hello");
+async fn relays(a: &mut TestClient<TcpStream>, b: &mut TestClient<TcpStream>, b_key: NodePublic) {
+    a.send(&ClientToServer::SendPacket { dst: b_key, data: bytes::Bytes::from_static(b"hello") })
+        .await
+        .unwrap();
+    assert_eq!(b.want_packet(STEP).await.unwrap().1, b"hello");
 }
 
 #[tokio::test]

@@ -61,8 +61,7 @@ async fn replaced_certificate_files_are_served_to_new_connections_only() {
         .await
         .unwrap();
     assert_eq!(read_head(&mut tls).await.status, 101);
-    let mut old = RawDerp::new(tls);
-    old.handshake(&NodePrivate::generate()).await;
+    let mut old = TestClient::over(tls, NodePrivate::generate()).await.unwrap();
 
     // Replace key and certificate (key first: for a moment the pair does not match).
     let (crt2, key2) = self_signed_ip_cert("127.0.0.1".parse().unwrap()).unwrap();
@@ -76,8 +75,8 @@ async fn replaced_certificate_files_are_served_to_new_connections_only() {
     }
     assert!(!tls_ok(addr, pin1).await, "new connections no longer get the old certificate");
     // The connection made with the old certificate lives on.
-    old.send(ClientToServer::Ping(*b"still ok")).await;
-    assert_eq!(old.next_data().await, Some(ServerToClient::Pong(*b"still ok")));
+    old.send(&ClientToServer::Ping(*b"still ok")).await.unwrap();
+    assert_eq!(old.next_data(STEP).await.unwrap(), Some(ServerToClient::Pong(*b"still ok")));
 
     // A broken replacement is refused; the current certificate stays.
     replace(&crt_path, "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n");

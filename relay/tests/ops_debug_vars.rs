@@ -3,15 +3,15 @@
 
 mod http_common;
 
-use http_common::{derp_client, http, plain_relay};
+use http_common::{derp_client, http, plain_relay, STEP};
 
 #[tokio::test]
 async fn debug_vars_has_derpers_names_and_live_values() {
     let (server, _) = plain_relay().await;
     let addr = server.local_addr();
     let (mut c, _) = derp_client(addr).await;
-    c.send(derpfleet_proto::msg::ClientToServer::Ping(*b"pingpong")).await;
-    assert!(c.next_data().await.is_some());
+    c.send(&derpfleet_proto::msg::ClientToServer::Ping(*b"pingpong")).await.unwrap();
+    assert!(c.next_data(STEP).await.unwrap().is_some());
     let r = http(addr, "GET", "/debug/vars", "").await;
     assert_eq!(r.status, 200);
     assert!(r.header("content-type").unwrap().starts_with("application/json"));
@@ -64,24 +64,24 @@ async fn home_moves_count_after_the_initial_announcement() {
     let (server, _) = plain_relay().await;
     let addr = server.local_addr();
     let (mut c, _) = derp_client(addr).await;
-    c.send(ClientToServer::NotePreferred(true)).await;
+    c.send(&ClientToServer::NotePreferred(true)).await.unwrap();
     let vars = || async {
         let r = http(addr, "GET", "/debug/vars", "").await;
         serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["derp"].clone()
     };
     // A round trip so the announcement has been read.
-    c.send(ClientToServer::Ping(*b"12345678")).await;
-    assert!(c.next_data().await.is_some());
+    c.send(&ClientToServer::Ping(*b"12345678")).await.unwrap();
+    assert!(c.next_data(STEP).await.unwrap().is_some());
     let d = vars().await;
     assert_eq!(
         (d["gauge_current_home_connections"].as_i64(), d["home_moves_in"].as_i64()),
         (Some(1), Some(0))
     );
     tokio::time::sleep(std::time::Duration::from_millis(5200)).await;
-    c.send(ClientToServer::NotePreferred(false)).await;
-    c.send(ClientToServer::NotePreferred(true)).await;
-    c.send(ClientToServer::Ping(*b"87654321")).await;
-    assert!(c.next_data().await.is_some());
+    c.send(&ClientToServer::NotePreferred(false)).await.unwrap();
+    c.send(&ClientToServer::NotePreferred(true)).await.unwrap();
+    c.send(&ClientToServer::Ping(*b"87654321")).await.unwrap();
+    assert!(c.next_data(STEP).await.unwrap().is_some());
     let d = vars().await;
     assert_eq!((d["home_moves_out"].as_i64(), d["home_moves_in"].as_i64()), (Some(1), Some(1)));
     server.shutdown().await;

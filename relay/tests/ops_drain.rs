@@ -11,15 +11,15 @@ use bytes::Bytes;
 use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::NodePrivate;
 use derpfleet_relay::server::{DrainOptions, Server};
-use http_common::{config, derp_client, TempDir};
+use http_common::{config, derp_client, TempDir, STEP};
 use ops_common::*;
 
 const CLIENTS: usize = 100;
 
 /// Reads until EOF; returns the frames after the handshake (KeepAlives dropped).
-async fn frames_until_close(mut c: http_common::RawDerp<tokio::net::TcpStream>) -> Vec<ServerToClient> {
+async fn frames_until_close(mut c: http_common::TestClient<tokio::net::TcpStream>) -> Vec<ServerToClient> {
     let mut frames = Vec::new();
-    while let Some(f) = c.next().await {
+    while let Some(f) = c.next(STEP).await.unwrap() {
         if f != ServerToClient::KeepAlive {
             frames.push(f);
         }
@@ -52,11 +52,13 @@ async fn sigterm_with_100_clients_sends_restarting_then_exits_0() {
     let keys: Vec<_> = clients.iter().map(|(_, k)| k.public()).collect();
     for (i, (c, _)) in clients.iter_mut().enumerate() {
         let dst = keys[(i + 1) % CLIENTS];
-        c.send(ClientToServer::SendPacket { dst, data: Bytes::from_static(b"before the restart") }).await;
+        c.send(&ClientToServer::SendPacket { dst, data: Bytes::from_static(b"before the restart") })
+            .await
+            .unwrap();
     }
     // Every packet delivered before the signal, so the only frame left to come is Restarting.
     for (c, _) in clients.iter_mut() {
-        assert_eq!(c.recv_packet().await.1, b"before the restart");
+        assert_eq!(c.want_packet(STEP).await.unwrap().1, b"before the restart");
     }
     let readers: Vec<_> = clients.into_iter().map(|(c, _)| tokio::spawn(frames_until_close(c))).collect();
 
@@ -136,15 +138,15 @@ async fn healthz_reports_draining_while_a_stuck_client_holds_the_drain() {
         .await
         .unwrap();
     assert_eq!(http_common::read_head(&mut stream).await.status, 101);
-    let mut stuck = http_common::RawDerp::new(stream);
     let stuck_key = NodePrivate::generate();
-    stuck.handshake(&stuck_key).await;
+    let stuck = http_common::TestClient::over(stream, stuck_key.clone()).await.unwrap();
     let (mut sender, _) = derp_client(addr).await;
     // More than the kernel's socket buffers can absorb (tcp_wmem's maximum is 4 MiB).
     for _ in 0..10_000 {
         sender
-            .send(ClientToServer::SendPacket { dst: stuck_key.public(), data: Bytes::from(vec![0u8; 1000]) })
-            .await;
+            .send(&ClientToServer::SendPacket { dst: stuck_key.public(), data: Bytes::from(vec![0u8; 1000]) })
+            .await
+            .unwrap();
     }
     let deadline = Instant::now() + WAIT;
     while server.derp().registry().conns_of(&stuck_key.public()).first().map_or(0, |c| c.out.queued_packets())

@@ -13,7 +13,7 @@ use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::NodePrivate;
 use derpfleet_relay::server::{OpsConfig, Server, StunSettings};
 use derpfleet_stun::{build_request, parse_response, StunConfig, TxId};
-use http_common::{config, derp_client};
+use http_common::{config, derp_client, STEP};
 use ops_common::*;
 use tokio::net::UdpSocket;
 
@@ -46,19 +46,21 @@ async fn scripted_scenario_shows_the_numbers() {
     let (mut a, _) = derp_client(addr).await;
     let (mut b, b_key) = derp_client(addr).await;
     let (mut c, _) = derp_client(addr).await;
-    a.send(ClientToServer::NotePreferred(true)).await;
+    a.send(&ClientToServer::NotePreferred(true)).await.unwrap();
     for i in 0..5u8 {
-        a.send(ClientToServer::SendPacket { dst: b_key.public(), data: Bytes::from(vec![i; 100]) }).await;
+        a.send(&ClientToServer::SendPacket { dst: b_key.public(), data: Bytes::from(vec![i; 100]) })
+            .await
+            .unwrap();
     }
     for _ in 0..5 {
-        assert_eq!(b.recv_packet().await.1.len(), 100);
+        assert_eq!(b.want_packet(STEP).await.unwrap().1.len(), 100);
     }
     let nobody = NodePrivate::generate().public();
     for _ in 0..2 {
-        a.send(ClientToServer::SendPacket { dst: nobody, data: Bytes::from(vec![7u8; 50]) }).await;
+        a.send(&ClientToServer::SendPacket { dst: nobody, data: Bytes::from(vec![7u8; 50]) }).await.unwrap();
     }
-    c.send(ClientToServer::Ping(*b"pingpong")).await;
-    assert_eq!(c.next_data().await, Some(ServerToClient::Pong(*b"pingpong")));
+    c.send(&ClientToServer::Ping(*b"pingpong")).await.unwrap();
+    assert_eq!(c.next_data(STEP).await.unwrap(), Some(ServerToClient::Pong(*b"pingpong")));
     stun_round_trips(stun, 7).await;
     // One datagram that is not STUN: no answer, counted.
     UdpSocket::bind("127.0.0.1:0").await.unwrap().send_to(b"hello, not stun", stun).await.unwrap();
@@ -148,11 +150,13 @@ async fn drop_logs_are_rate_limited_with_counts() {
     let (mut c, _) = derp_client(addr).await;
     let nobody = NodePrivate::generate().public();
     for _ in 0..200 {
-        c.send(ClientToServer::SendPacket { dst: nobody, data: Bytes::from_static(b"to nobody") }).await;
+        c.send(&ClientToServer::SendPacket { dst: nobody, data: Bytes::from_static(b"to nobody") })
+            .await
+            .unwrap();
     }
     // A ping round trip: every SendPacket before it has been handled.
-    c.send(ClientToServer::Ping(*b"barrier!")).await;
-    assert_eq!(c.next_data().await, Some(ServerToClient::Pong(*b"barrier!")));
+    c.send(&ClientToServer::Ping(*b"barrier!")).await.unwrap();
+    assert_eq!(c.next_data(STEP).await.unwrap(), Some(ServerToClient::Pong(*b"barrier!")));
     p.wait_for_line("packets dropped");
     tokio::time::sleep(Duration::from_millis(900)).await;
     let log = p.log();

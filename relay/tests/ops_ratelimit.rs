@@ -17,7 +17,7 @@ use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
 use derpfleet_relay::core::metrics::MetricsSnapshot;
 use derpfleet_relay::ops::ratelimit::{AcceptRate, RecvRate};
 use derpfleet_relay::server::{OpsConfig, Server};
-use http_common::{config, derp_client, derp_upgrade, RawDerp};
+use http_common::{config, derp_client, derp_upgrade, TestClient, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
@@ -48,9 +48,16 @@ fn snap(server: &Server) -> MetricsSnapshot {
     MetricsSnapshot::parse(&server.status().render_metrics())
 }
 
-async fn relay_ok(a: &mut RawDerp<TcpStream>, b: &mut RawDerp<TcpStream>, b_key: NodePublic, tag: &[u8]) {
-    a.send(ClientToServer::SendPacket { dst: b_key, data: bytes::Bytes::copy_from_slice(tag) }).await;
-    assert_eq!(b.recv_packet().await.1, tag);
+async fn relay_ok(
+    a: &mut TestClient<TcpStream>,
+    b: &mut TestClient<TcpStream>,
+    b_key: NodePublic,
+    tag: &[u8],
+) {
+    a.send(&ClientToServer::SendPacket { dst: b_key, data: bytes::Bytes::copy_from_slice(tag) })
+        .await
+        .unwrap();
+    assert_eq!(b.want_packet(STEP).await.unwrap().1, tag);
 }
 
 #[tokio::test]
@@ -111,7 +118,7 @@ const FRAME: usize = 5 + 32 + PAYLOAD;
 
 /// Sends packets to `dst` as fast as the socket takes them for `dur`; returns (elapsed since
 /// start, bytes written) samples and the packet count.
-async fn blast(c: &mut RawDerp<TcpStream>, dst: NodePublic, dur: Duration) -> (Vec<(Duration, u64)>, u64) {
+async fn blast(c: &mut TestClient<TcpStream>, dst: NodePublic, dur: Duration) -> (Vec<(Duration, u64)>, u64) {
     let mut frame = BytesMut::with_capacity(FRAME * 8);
     for _ in 0..8 {
         put_header(&mut frame, FrameType::SendPacket, 32 + PAYLOAD);
@@ -121,7 +128,7 @@ async fn blast(c: &mut RawDerp<TcpStream>, dst: NodePublic, dur: Duration) -> (V
     let start = Instant::now();
     let (mut written, mut packets, mut samples) = (0u64, 0u64, Vec::new());
     while start.elapsed() < dur {
-        c.io.write_all(&frame).await.unwrap();
+        c.stream_mut().write_all(&frame).await.unwrap();
         written += frame.len() as u64;
         packets += 8;
         samples.push((start.elapsed(), written));
@@ -137,10 +144,10 @@ fn rate_between(samples: &[(Duration, u64)], from: Duration) -> f64 {
 }
 
 /// Counts RecvPacket frames until `want` arrived (bounded).
-async fn receive(c: &mut RawDerp<TcpStream>, want: u64) -> u64 {
+async fn receive(c: &mut TestClient<TcpStream>, want: u64) -> u64 {
     let mut got = 0;
     while got < want {
-        match c.next().await {
+        match c.next(STEP).await.unwrap() {
             Some(ServerToClient::RecvPacket { .. }) => got += 1,
             Some(_) => {}
             None => break,
@@ -163,7 +170,7 @@ async fn per_client_rate_holds_the_sender_with_zero_drops() {
     let addr = server.local_addr();
     let (mut a, _) = derp_client(addr).await;
     // A small send buffer so the sender feels back-pressure soon after the relay pauses.
-    socket2::SockRef::from(&a.io).set_send_buffer_size(32 << 10).unwrap();
+    socket2::SockRef::from(a.stream()).set_send_buffer_size(32 << 10).unwrap();
     let (mut b, b_key) = derp_client(addr).await;
     let dst = b_key.public();
     let receiver = tokio::spawn(async move {
@@ -204,14 +211,15 @@ async fn mesh_peers_are_exempt_from_the_receive_rate() {
     let server = limited_relay(Some(mesh)).await;
     let addr = server.local_addr();
     let key = NodePrivate::generate();
-    let mut m = RawDerp::new(derp_upgrade(addr).await);
-    let server_key = match m.next().await {
+    let mut m = TestClient::new(derp_upgrade(addr).await, key.clone());
+    let server_key = match m.next(STEP).await.unwrap() {
         Some(ServerToClient::ServerKey(k)) => k,
         other => panic!("{other:?}"),
     };
     let info = ClientInfo { mesh_key: Some(mesh), version: 2, ..Default::default() };
-    m.send(ClientToServer::ClientInfo(seal_client_info(&key, &server_key, &info))).await;
-    m.expect_server_info(&key, &server_key).await;
+    m.send(&ClientToServer::ClientInfo(seal_client_info(&key, &server_key, &info))).await.unwrap();
+    m.server_key = server_key;
+    assert_eq!(m.want_server_info().await.unwrap().version, 2);
     let (mut b, b_key) = derp_client(addr).await;
     let dst = b_key.public();
     let receiver = tokio::spawn(async move { receive(&mut b, u64::MAX).await });
@@ -237,7 +245,7 @@ async fn rate_config_reload_applies_to_connected_clients() {
     let server = Server::spawn_with(config(NodePrivate::generate()), ops).await.unwrap();
     let addr = server.local_addr();
     let (mut a, _) = derp_client(addr).await;
-    socket2::SockRef::from(&a.io).set_send_buffer_size(32 << 10).unwrap();
+    socket2::SockRef::from(a.stream()).set_send_buffer_size(32 << 10).unwrap();
     let (mut b, b_key) = derp_client(addr).await;
     let receiver = tokio::spawn(async move { receive(&mut b, u64::MAX).await });
     let (samples, _) = blast(&mut a, b_key.public(), Duration::from_millis(1000)).await;

@@ -4,19 +4,16 @@
 mod http_common;
 mod ops_common;
 
-use derpfleet_proto::handshake::{seal_client_info, ClientInfo};
-use derpfleet_proto::msg::{ClientToServer, ServerToClient};
+use derpfleet_proto::handshake::ClientInfo;
 use derpfleet_proto::{MeshKey, NodePrivate};
-use http_common::{derp_upgrade, RawDerp, TempDir};
+use http_common::{derp_upgrade, TempDir, TestClient};
 use ops_common::setec::SetecServer;
 use ops_common::*;
 
 /// Handshakes; true when a ServerInfo came (admitted).
 async fn admitted(addr: std::net::SocketAddr, info: ClientInfo) -> bool {
-    let mut c = RawDerp::new(derp_upgrade(addr).await);
-    let Some(ServerToClient::ServerKey(server)) = c.next().await else { panic!("no ServerKey") };
-    c.send(ClientToServer::ClientInfo(seal_client_info(&NodePrivate::generate(), &server, &info))).await;
-    matches!(c.next().await, Some(ServerToClient::ServerInfo(_)))
+    let mut c = TestClient::new(derp_upgrade(addr).await, NodePrivate::generate());
+    c.try_handshake(info).await.unwrap().is_some()
 }
 
 fn mesh_info(key: MeshKey) -> ClientInfo {

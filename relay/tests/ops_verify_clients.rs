@@ -18,14 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use derpfleet_proto::handshake::{seal_client_info, ClientInfo};
-use derpfleet_proto::msg::{ClientToServer, ServerToClient};
+use derpfleet_proto::handshake::ClientInfo;
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
 use derpfleet_relay::core::metrics::MetricsSnapshot;
 use derpfleet_relay::ops::admission::VerifyUrl;
 use derpfleet_relay::server::{OpsConfig, Server};
 use http_body_util::Full;
-use http_common::{config, derp_upgrade, RawDerp, TempDir};
+use http_common::{config, derp_upgrade, TempDir, TestClient};
 use hyper_util::rt::TokioIo;
 use ops_common::*;
 use tokio::net::{TcpStream, UnixListener};
@@ -189,18 +188,9 @@ async fn try_connect(
     addr: std::net::SocketAddr,
     key: &NodePrivate,
     info: ClientInfo,
-) -> Option<RawDerp<TcpStream>> {
-    let mut c = RawDerp::new(derp_upgrade(addr).await);
-    let server = match c.next().await {
-        Some(ServerToClient::ServerKey(k)) => k,
-        other => panic!("expected ServerKey, got {other:?}"),
-    };
-    c.send(ClientToServer::ClientInfo(seal_client_info(key, &server, &info))).await;
-    match c.next().await {
-        Some(ServerToClient::ServerInfo(_)) => Some(c),
-        None => None,
-        Some(other) => panic!("expected ServerInfo or a close, got {other:?}"),
-    }
+) -> Option<TestClient<TcpStream>> {
+    let mut c = TestClient::new(derp_upgrade(addr).await, key.clone());
+    c.try_handshake(info).await.unwrap().map(|_| c)
 }
 
 fn info() -> ClientInfo {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use derpfleet_proto::NodePrivate;
-use http_common::{read_head, RawDerp, TempDir};
+use http_common::{read_head, TempDir, TestClient};
 use ops_common::{free_tcp_port, start_plain_relay, CannedHttp, Proc};
 use proxy_common::*;
 use sha2::{Digest, Sha256};
@@ -140,7 +140,7 @@ async fn forged_upgrade<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>
     .await
     .unwrap();
     assert_eq!(read_head(&mut s).await.status, 101);
-    RawDerp::new(s).handshake(&NodePrivate::generate()).await;
+    TestClient::over(s, NodePrivate::generate()).await.unwrap();
 }
 
 /// The common checks for one L7 proxy listening with TLS on `port` for `localhost`.

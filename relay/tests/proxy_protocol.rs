@@ -15,7 +15,7 @@ use derpfleet_relay::core::metrics::MetricsSnapshot;
 use derpfleet_relay::ops::admission::VerifyUrl;
 use derpfleet_relay::ops::ratelimit::AcceptRate;
 use derpfleet_relay::server::{OpsConfig, Server};
-use http_common::{config, read_head, RawDerp, STEP};
+use http_common::{config, read_head, TestClient, STEP};
 use ops_common::CannedHttp;
 use ppp::v2;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,7 +48,7 @@ async fn derp_via(
     to: SocketAddr,
     prefix: &[u8],
     key: &NodePrivate,
-) -> Option<RawDerp<TcpStream>> {
+) -> Option<TestClient<TcpStream>> {
     let mut s = connect_from(from, to).await;
     s.write_all(&[prefix, UPGRADE].concat()).await.unwrap();
     let mut first = [0u8; 1];
@@ -60,14 +60,9 @@ async fn derp_via(
     if head.status != 101 {
         return None;
     }
-    let mut c = RawDerp::new(s);
-    let server = match c.next().await {
-        Some(ServerToClient::ServerKey(k)) => k,
-        _ => return None,
-    };
-    c.send(http_common::client_info_frame(key, &server)).await;
-    match c.next().await {
-        Some(ServerToClient::ServerInfo(_)) => Some(c),
+    let mut c = TestClient::new(s, key.clone());
+    match c.try_handshake(http_common::tailscaled_info()).await {
+        Ok(Some(_)) => Some(c),
         _ => None,
     }
 }
@@ -151,27 +146,17 @@ async fn peer_present_carries_the_proxied_address() {
     let addr = server.local_addr();
     // A mesh watcher connects directly (untrusted peer: no header expected).
     let watcher_key = NodePrivate::generate();
-    let mut w = RawDerp::new(http_common::derp_upgrade(addr).await);
-    let server_key = match w.next().await {
-        Some(ServerToClient::ServerKey(k)) => k,
-        other => panic!("{other:?}"),
-    };
+    let mut w = TestClient::new(http_common::derp_upgrade(addr).await, watcher_key);
     let info =
         derpfleet_proto::handshake::ClientInfo { version: 2, mesh_key: Some(mesh), ..Default::default() };
-    w.send(ClientToServer::ClientInfo(derpfleet_proto::handshake::seal_client_info(
-        &watcher_key,
-        &server_key,
-        &info,
-    )))
-    .await;
-    assert!(matches!(w.next().await, Some(ServerToClient::ServerInfo(_))));
-    w.send(ClientToServer::WatchConns).await;
+    w.handshake(info).await.unwrap();
+    w.send(&ClientToServer::WatchConns).await.unwrap();
     let client: SocketAddr = "203.0.113.44:5555".parse().unwrap();
     let key = NodePrivate::generate();
     let _c = derp_via("127.0.0.9", addr, &v2_proxy(client, addr), &key).await.expect("proxied client");
     let seen = tokio::time::timeout(STEP, async {
         loop {
-            match w.next().await {
+            match w.next(STEP).await.unwrap() {
                 Some(ServerToClient::PeerPresent { key: k, endpoint, .. }) if k == key.public() => {
                     return endpoint
                 }
@@ -275,8 +260,10 @@ async fn bad_headers_close_only_their_connection_and_are_counted() {
     assert_eq!(metric(&server, "derp_proxy_protocol_rejected", &[("reason", "truncated")]), 1.0);
     assert_eq!(metric(&server, "derp_proxy_protocol_rejected", &[("reason", "timeout")]), 1.0);
     // The established clients never noticed.
-    a.send(ClientToServer::SendPacket { dst: kb.public(), data: b"still here".to_vec().into() }).await;
-    let (from, data) = b.recv_packet().await;
+    a.send(&ClientToServer::SendPacket { dst: kb.public(), data: b"still here".to_vec().into() })
+        .await
+        .unwrap();
+    let (from, data) = b.want_packet(STEP).await.unwrap();
     assert_eq!((from, data.as_slice()), (ka.public(), b"still here".as_slice()));
     server.shutdown().await;
 }

@@ -1,5 +1,6 @@
-//! Shared fixtures for the HTTP/TLS/interop tests: an in-process relay on loopback, a raw DERP
-//! client built from the proto crate, raw HTTP requests, and a `sha256-raw` pinning TLS verifier.
+//! Shared fixtures for the HTTP/TLS/interop tests: an in-process relay on loopback, the upgrade
+//! to DERP for the raw test client (`derpfleet_relay::testing::TestClient`), raw HTTP requests,
+//! and a `sha256-raw` pinning TLS verifier.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -8,18 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use derpfleet_proto::frame::Role;
-use derpfleet_proto::handshake::{open_server_info, seal_client_info, ClientInfo};
-use derpfleet_proto::msg::{ClientToServer, ServerToClient};
-use derpfleet_proto::{FrameDecoder, NodePrivate, NodePublic};
+use derpfleet_proto::handshake::seal_client_info;
+use derpfleet_proto::msg::ClientToServer;
+use derpfleet_proto::{NodePrivate, NodePublic};
 use derpfleet_relay::core::derp_server::DerpServerConfig;
 use derpfleet_relay::http::HomePage;
 use derpfleet_relay::server::{Server, ServerConfig, TcpTuning};
+pub use derpfleet_relay::testing::{tailscaled_info, TestClient};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Every wait in these tests is bounded by this.
@@ -119,87 +120,9 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, extra: &str) -> Ht
     parse_response(&raw_exchange(addr, req.as_bytes()).await)
 }
 
-/// A minimal DERP client over any stream, built from the proto crate.
-pub struct RawDerp<S> {
-    pub io: S,
-    buf: BytesMut,
-    dec: FrameDecoder,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> RawDerp<S> {
-    pub fn new(io: S) -> Self {
-        Self::with_buffered(io, BytesMut::new())
-    }
-    pub fn with_buffered(io: S, buf: BytesMut) -> Self {
-        Self { io, buf, dec: FrameDecoder::new(Role::Client) }
-    }
-
-    /// The next frame, or None on EOF. Panics after [`STEP`].
-    pub async fn next(&mut self) -> Option<ServerToClient> {
-        tokio::time::timeout(STEP, async {
-            loop {
-                if let Some(f) = self.dec.decode(&mut self.buf).expect("bad frame from server") {
-                    return Some(ServerToClient::decode(f).expect("undecodable frame"));
-                }
-                if self.io.read_buf(&mut self.buf).await.ok()? == 0 {
-                    return None;
-                }
-            }
-        })
-        .await
-        .expect("no frame from the server in time")
-    }
-
-    /// Next frame that is not a KeepAlive.
-    pub async fn next_data(&mut self) -> Option<ServerToClient> {
-        loop {
-            match self.next().await? {
-                ServerToClient::KeepAlive => continue,
-                f => return Some(f),
-            }
-        }
-    }
-
-    pub async fn send(&mut self, msg: ClientToServer) {
-        let mut b = BytesMut::new();
-        msg.encode(&mut b);
-        self.io.write_all(&b).await.unwrap();
-        self.io.flush().await.unwrap();
-    }
-
-    /// Expects ServerKey, sends ClientInfo, expects ServerInfo version 2.
-    pub async fn handshake(&mut self, key: &NodePrivate) -> NodePublic {
-        let server = match self.next().await {
-            Some(ServerToClient::ServerKey(k)) => k,
-            other => panic!("expected ServerKey, got {other:?}"),
-        };
-        self.send(client_info_frame(key, &server)).await;
-        self.expect_server_info(key, &server).await;
-        server
-    }
-
-    pub async fn expect_server_info(&mut self, key: &NodePrivate, server: &NodePublic) {
-        match self.next().await {
-            Some(ServerToClient::ServerInfo(p)) => {
-                let info = open_server_info(key, server, &p).unwrap();
-                assert_eq!(info.version, 2);
-            }
-            other => panic!("expected ServerInfo, got {other:?}"),
-        }
-    }
-
-    /// Waits for a RecvPacket and returns (source, data).
-    pub async fn recv_packet(&mut self) -> (NodePublic, Vec<u8>) {
-        match self.next_data().await {
-            Some(ServerToClient::RecvPacket { src, data }) => (src, data.to_vec()),
-            other => panic!("expected RecvPacket, got {other:?}"),
-        }
-    }
-}
-
+/// The ClientInfo frame tailscaled sends to `server`, for tests that write it by hand.
 pub fn client_info_frame(key: &NodePrivate, server: &NodePublic) -> ClientToServer {
-    let info = ClientInfo { version: 2, can_ack_pings: true, ..Default::default() };
-    ClientToServer::ClientInfo(seal_client_info(key, server, &info))
+    ClientToServer::ClientInfo(seal_client_info(key, server, &tailscaled_info()))
 }
 
 pub fn encode(msg: &ClientToServer) -> Vec<u8> {
@@ -234,10 +157,9 @@ pub async fn derp_upgrade(addr: SocketAddr) -> TcpStream {
 }
 
 /// A connected, handshaken raw DERP client on a plain relay.
-pub async fn derp_client(addr: SocketAddr) -> (RawDerp<TcpStream>, NodePrivate) {
+pub async fn derp_client(addr: SocketAddr) -> (TestClient, NodePrivate) {
     let key = NodePrivate::generate();
-    let mut c = RawDerp::new(derp_upgrade(addr).await);
-    c.handshake(&key).await;
+    let c = TestClient::over(derp_upgrade(addr).await, key.clone()).await.unwrap();
     (c, key)
 }
 
