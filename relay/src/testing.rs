@@ -39,6 +39,20 @@ use tokio_util::codec::FramedRead;
 
 use crate::core::derp_server::{ConnInfo, CoreOptions, DerpServer, DerpServerConfig};
 
+pub use tempfile::TempDir;
+
+/// A fresh directory under the system temp dir named `derpfleet-<tag>-…`, removed on drop.
+/// Mode 0755 (what `create_dir_all` gives), so daemons a test starts that drop privileges
+/// (nginx workers, HAProxy) can read the files the test writes there.
+pub fn temp_dir(tag: &str) -> TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix(&format!("derpfleet-{tag}-"))
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir()
+        .expect("create a temp dir")
+}
+
 /// A default timeout for `want_*` calls in tests.
 pub const WANT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -84,6 +98,14 @@ impl CoreRelay {
     pub async fn client(&self) -> Result<TestClient> {
         TestClient::connect(self.addr, self.key()).await
     }
+
+    /// Connects a mesh peer with `mesh` that sent WatchConns (its own PeerPresent is still to
+    /// be read).
+    pub async fn watcher(&self, mesh: MeshKey) -> Result<TestClient> {
+        let mut w = TestClient::connect_with(self.addr, NodePrivate::generate(), mesh_info(mesh)).await?;
+        w.send(&ClientToServer::WatchConns).await?;
+        Ok(w)
+    }
 }
 
 impl Drop for CoreRelay {
@@ -96,6 +118,13 @@ impl Drop for CoreRelay {
 /// A relay with derper's defaults and a random key.
 pub async fn spawn_core_relay() -> CoreRelay {
     spawn_core_relay_with(DerpServerConfig::new(NodePrivate::generate()), CoreOptions::default()).await
+}
+
+/// A relay with a fresh mesh key (returned), otherwise derper's defaults.
+pub async fn spawn_mesh_relay() -> (CoreRelay, MeshKey) {
+    let mesh = MeshKey::generate();
+    let config = DerpServerConfig { mesh_key: Some(mesh), ..DerpServerConfig::new(NodePrivate::generate()) };
+    (spawn_core_relay_with(config, CoreOptions::default()).await, mesh)
 }
 
 /// A relay with the given settings.

@@ -14,8 +14,8 @@ use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
 async fn plain_http_with_key_file_and_blank_home() {
-    let dir = TempDir::new("cli-plain");
-    let keyfile = dir.0.join("derper.key");
+    let dir = temp_dir("cli-plain");
+    let keyfile = dir.path().join("derper.key");
     let port = free_tcp_port();
     let a = format!("127.0.0.1:{port}");
     let mut p = Proc::start_without_stun(&["-a", &a, "-c", keyfile.to_str().unwrap(), "-home", "blank"]);
@@ -42,9 +42,9 @@ async fn plain_http_with_key_file_and_blank_home() {
 
 #[tokio::test]
 async fn tls_manual_with_ip_hostname_generates_pinned_self_signed_cert() {
-    let dir = TempDir::new("cli-tls");
-    let keyfile = dir.0.join("k.key");
-    let certdir = dir.0.join("certs");
+    let dir = temp_dir("cli-tls");
+    let keyfile = dir.path().join("k.key");
+    let certdir = dir.path().join("certs");
     let port = free_tcp_port();
     let a = format!("127.0.0.1:{port}");
     let mut p = Proc::start_without_stun(&[
@@ -84,8 +84,8 @@ async fn tls_manual_with_ip_hostname_generates_pinned_self_signed_cert() {
 
 #[tokio::test]
 async fn go_flag_syntax_variants_parse() {
-    let dir = TempDir::new("cli-syntax");
-    let keyfile = dir.0.join("k.key");
+    let dir = temp_dir("cli-syntax");
+    let keyfile = dir.path().join("k.key");
     let port = free_tcp_port();
     // `-a=x`, `--c x`, `-stun=false`, bare bool `-derp`, `-tcp-write-timeout=500ms`.
     let a = format!("-a=127.0.0.1:{port}");
@@ -193,8 +193,8 @@ fn bad_flag_values_exit_2_naming_the_flag_as_typed() {
 
 #[test]
 fn startup_errors_are_clear() {
-    let dir = TempDir::new("cli-errors");
-    let keyfile = dir.0.join("k.key");
+    let dir = temp_dir("cli-errors");
+    let keyfile = dir.path().join("k.key");
     // gcp (ACME with EAB) on 443 is refused before binding anything.
     let out = Command::new(BIN)
         .args(["-a", "127.0.0.1:443", "-c", keyfile.to_str().unwrap(), "-certmode", "gcp"])
@@ -216,7 +216,7 @@ fn startup_errors_are_clear() {
     // Manual mode with a DNS hostname and no files names the missing file.
     let out = Command::new(BIN)
         .args(["-a", &format!("127.0.0.1:{port}"), "-certmode", "manual", "-hostname", "derp.example.test"])
-        .args(["-certdir", dir.0.to_str().unwrap(), "-c", dir.0.join("k2.key").to_str().unwrap()])
+        .args(["-certdir", dir.path().to_str().unwrap(), "-c", dir.path().join("k2.key").to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

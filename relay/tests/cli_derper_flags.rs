@@ -6,7 +6,7 @@ mod ops_common;
 
 use std::process::Command;
 
-use http_common::TempDir;
+use http_common::{temp_dir, TempDir};
 use ops_common::*;
 
 /// derper v1.102.3's flags, as `derper -help` lists them.
@@ -59,10 +59,10 @@ type SetecStandIn = ops_common::setec::SetecServer;
 
 impl Fixture {
     async fn new(tag: &str) -> Fixture {
-        let dir = TempDir::new(tag);
-        std::fs::write(dir.0.join("mesh.key"), format!("{}\n", "ab".repeat(32))).unwrap();
+        let dir = temp_dir(tag);
+        std::fs::write(dir.path().join("mesh.key"), format!("{}\n", "ab".repeat(32))).unwrap();
         std::fs::write(
-            dir.0.join("rate.json"),
+            dir.path().join("rate.json"),
             r#"{"PerClientRateLimitBytesPerSec":1000000,"PerClientRateBurstBytes":2000000}"#,
         )
         .unwrap();
@@ -71,7 +71,7 @@ impl Fixture {
     }
 
     fn path(&self, name: &str) -> String {
-        self.dir.0.join(name).to_str().unwrap().to_owned()
+        self.dir.path().join(name).to_str().unwrap().to_owned()
     }
 
     /// A valid value for `flag` (None: a boolean written bare).
@@ -190,8 +190,8 @@ fn version_prints_and_exits() {
 
 #[test]
 fn ace_true_stops_with_one_sentence() {
-    let dir = TempDir::new("derper-ace");
-    let key = dir.0.join("k.key");
+    let dir = temp_dir("derper-ace");
+    let key = dir.path().join("k.key");
     let out = Command::new(BIN)
         .args(["-a", "127.0.0.1:0", "-c", key.to_str().unwrap(), "-stun=false", "-metrics-addr=", "-ace"])
         .output()

@@ -7,10 +7,12 @@ use anyhow::Result;
 use derpfleet_proto::disco;
 use derpfleet_proto::frame::FrameType;
 use derpfleet_proto::msg::{ClientToServer, PeerGoneReason};
-use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
+use derpfleet_proto::{NodePrivate, NodePublic};
 use derpfleet_relay::core::derp_server::{jitter, CoreOptions, DerpServerConfig};
 use derpfleet_relay::core::metrics::{DropReason, PacketKind};
-use derpfleet_relay::testing::{mesh_info, spawn_core_relay, spawn_core_relay_with, CoreRelay, TestClient};
+use derpfleet_relay::testing::{
+    mesh_info, spawn_core_relay, spawn_core_relay_with, spawn_mesh_relay, TestClient,
+};
 
 const T: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(300);
@@ -20,12 +22,6 @@ fn disco_packet() -> Vec<u8> {
     p.extend_from_slice(&[0xd1; 56]);
     assert!(disco::looks_like_disco(&p));
     p
-}
-
-async fn mesh_relay() -> (CoreRelay, MeshKey) {
-    let mesh = MeshKey::generate();
-    let config = DerpServerConfig { mesh_key: Some(mesh), ..DerpServerConfig::new(NodePrivate::generate()) };
-    (spawn_core_relay_with(config, CoreOptions::default()).await, mesh)
 }
 
 #[tokio::test]
@@ -206,7 +202,7 @@ async fn c18_unknown_frame_skipped_and_next_frame_processed() -> Result<()> {
 
 #[tokio::test]
 async fn c19_mesh_frames_without_mesh_key_close() -> Result<()> {
-    let (relay, _) = mesh_relay().await;
+    let (relay, _) = spawn_mesh_relay().await;
     let mut other = relay.client().await?;
     let mut a = relay.client().await?;
     a.send(&ClientToServer::WatchConns).await?;
@@ -229,7 +225,7 @@ async fn c19_mesh_frames_without_mesh_key_close() -> Result<()> {
 
 #[tokio::test]
 async fn c20_watch_conns_with_payload_closes_even_mesh_peer() -> Result<()> {
-    let (relay, mesh) = mesh_relay().await;
+    let (relay, mesh) = spawn_mesh_relay().await;
     let mut m = TestClient::connect_with(relay.addr, NodePrivate::generate(), mesh_info(mesh)).await?;
     m.send_frame(FrameType::WatchConns as u8, &[0]).await?;
     m.want_closed(T).await?;
@@ -266,13 +262,13 @@ async fn c27_dup_connection_last_writer_is_receiver_neither_closed() -> Result<(
 
 #[tokio::test]
 async fn c28_dup_survivor_receives_and_watchers_see_gone_only_after_last() -> Result<()> {
-    let (relay, mesh) = mesh_relay().await;
-    let mut w = TestClient::connect_with(relay.addr, NodePrivate::generate(), mesh_info(mesh)).await?;
-    w.send(&ClientToServer::WatchConns).await?;
+    let (relay, mesh) = spawn_mesh_relay().await;
+    let mut w = relay.watcher(mesh).await?;
     assert_eq!(w.want_present(T).await?.0, w.public());
     let key = NodePrivate::generate();
     let mut a1 = TestClient::connect_with(relay.addr, key.clone(), Default::default()).await?;
     let a2 = TestClient::connect_with(relay.addr, key.clone(), Default::default()).await?;
+    // A PeerPresent per duplicate, each with its own endpoint.
     let (k1, ep1, f1) = w.want_present(T).await?;
     let (k2, ep2, f2) = w.want_present(T).await?;
     assert_eq!((k1, k2, f1, f2), (key.public(), key.public(), 0x01, 0x01));
@@ -281,12 +277,17 @@ async fn c28_dup_survivor_receives_and_watchers_see_gone_only_after_last() -> Re
     let mut sender = relay.client().await?;
     assert_eq!(w.want_present(T).await?.0, sender.public());
     a2.close().await;
+    let deadline = tokio::time::Instant::now() + T;
+    while relay.server.registry().conns_of(&key.public()).len() != 1 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "a2 never unregistered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // The survivor gets the traffic; the watcher hears nothing about the key yet.
     tokio::time::timeout(T, async {
         loop {
             sender.send_packet(key.public(), b"survivor?").await?;
-            if let Ok((_, d)) = a1.want_packet(Duration::from_millis(200)).await {
-                assert_eq!(d, b"survivor?".to_vec());
+            if let Ok((src, d)) = a1.want_packet(Duration::from_millis(200)).await {
+                assert_eq!((src, d), (sender.public(), b"survivor?".to_vec()));
                 return anyhow::Ok(());
             }
         }
@@ -323,7 +324,7 @@ async fn c29_keepalive_sent_periodically_on_idle_connection() -> Result<()> {
 
 #[tokio::test]
 async fn close_peer_from_mesh_closes_every_connection_of_key() -> Result<()> {
-    let (relay, mesh) = mesh_relay().await;
+    let (relay, mesh) = spawn_mesh_relay().await;
     let key = NodePrivate::generate();
     let mut a1 = TestClient::connect_with(relay.addr, key.clone(), Default::default()).await?;
     let mut a2 = TestClient::connect_with(relay.addr, key.clone(), Default::default()).await?;
@@ -339,7 +340,7 @@ async fn close_peer_from_mesh_closes_every_connection_of_key() -> Result<()> {
 
 #[tokio::test]
 async fn forward_packet_from_mesh_delivered_locally_only() -> Result<()> {
-    let (relay, mesh) = mesh_relay().await;
+    let (relay, mesh) = spawn_mesh_relay().await;
     let mut b = relay.client().await?;
     let mut m = TestClient::connect_with(relay.addr, NodePrivate::generate(), mesh_info(mesh)).await?;
     let src: NodePublic = NodePrivate::generate().public();
@@ -358,7 +359,7 @@ async fn forward_packet_from_mesh_delivered_locally_only() -> Result<()> {
 
 #[tokio::test]
 async fn watcher_flood_and_self_connect() -> Result<()> {
-    let (relay, mesh) = mesh_relay().await;
+    let (relay, mesh) = spawn_mesh_relay().await;
     let mut a = relay.client().await?;
     let b = relay.client().await?;
     let mut w = TestClient::connect_with(relay.addr, NodePrivate::generate(), mesh_info(mesh)).await?;

@@ -86,7 +86,7 @@ fn random_and_truncated_requests_only_close_their_connection() {
 #[test]
 fn random_bytes_at_the_tls_port_only_close_their_connection() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = TempDir::new("fuzz-tls");
+    let dir = temp_dir("fuzz-tls");
     let (relay, pin) = rt.block_on(async {
         let (relay, _, setup) = tls_relay(&dir).await;
         (relay, pin_of(setup.cert_name.as_deref().unwrap()))

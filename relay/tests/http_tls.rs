@@ -24,7 +24,7 @@ fn tls12() -> &'static [&'static rustls::SupportedProtocolVersion] {
 
 #[tokio::test]
 async fn c34_tls13_chain_ends_with_derpkey_meta_cert_serial_2() {
-    let dir = TempDir::new("c34");
+    let dir = temp_dir("c34");
     let (relay, key, setup) = tls_relay(&dir).await;
     let pin = pin_of(setup.cert_name.as_deref().unwrap());
     let stream = tls_connect(relay.local_addr(), pinned_client(pin, tls13())).await.unwrap();
@@ -48,7 +48,7 @@ async fn c34_tls13_chain_ends_with_derpkey_meta_cert_serial_2() {
 
 #[tokio::test]
 async fn c39_port80_redirects_refuses_non_get_and_serves_generate_204() {
-    let dir = TempDir::new("c39");
+    let dir = temp_dir("c39");
     let (relay, _, _) = tls_relay(&dir).await;
     let p80 = relay.http_port_addr().expect("port 80 listener");
     assert_eq!(p80.ip(), relay.local_addr().ip(), "same IP as -a");
@@ -70,7 +70,7 @@ async fn c39_port80_redirects_refuses_non_get_and_serves_generate_204() {
 
 #[tokio::test]
 async fn c47_sha256_raw_pin_accepts_one_leaf_plus_meta_and_rejects_two_leaves() {
-    let dir = TempDir::new("c47");
+    let dir = temp_dir("c47");
     let (relay, key, setup) = tls_relay(&dir).await;
     let cert_name = setup.cert_name.clone().unwrap();
     let pin = pin_of(&cert_name);
@@ -87,8 +87,8 @@ async fn c47_sha256_raw_pin_accepts_one_leaf_plus_meta_and_rejects_two_leaves() 
     assert!(tls_connect(relay.local_addr(), pinned_client(wrong, tls13())).await.is_err());
 
     // A server presenting two non-meta certificates (plus the meta-cert) fails the pin check.
-    let crt = std::fs::read(dir.0.join("127.0.0.1.crt")).unwrap();
-    let keypem = std::fs::read(dir.0.join("127.0.0.1.key")).unwrap();
+    let crt = std::fs::read(dir.path().join("127.0.0.1.crt")).unwrap();
+    let keypem = std::fs::read(dir.path().join("127.0.0.1.key")).unwrap();
     let leaf: CertificateDer<'static> = rustls_pemfile::certs(&mut &crt[..]).next().unwrap().unwrap();
     let (other_pem, _) = tls::self_signed_ip_cert("127.0.0.1".parse().unwrap()).unwrap();
     let other: CertificateDer<'static> =
@@ -116,15 +116,15 @@ async fn c47_sha256_raw_pin_accepts_one_leaf_plus_meta_and_rejects_two_leaves() 
 
 #[tokio::test]
 async fn generated_cert_is_saved_and_reused_across_restarts() {
-    let dir = TempDir::new("reuse");
+    let dir = temp_dir("reuse");
     let key = NodePrivate::generate();
-    let a = tls::manual(&dir.0, "127.0.0.1", &key.public()).unwrap();
+    let a = tls::manual(dir.path(), "127.0.0.1", &key.public()).unwrap();
     assert!(a.generated);
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(dir.0.join("127.0.0.1.key")).unwrap().permissions(),
+        &std::fs::metadata(dir.path().join("127.0.0.1.key")).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
-    let b = tls::manual(&dir.0, "127.0.0.1", &key.public()).unwrap();
+    let b = tls::manual(dir.path(), "127.0.0.1", &key.public()).unwrap();
     assert!(!b.generated);
     assert_eq!(a.cert_name, b.cert_name, "the sha256-raw pin survives a restart");
 }
@@ -132,18 +132,18 @@ async fn generated_cert_is_saved_and_reused_across_restarts() {
 /// Writes `<dir>/<name>.crt/.key` for a certificate valid for `san`.
 fn write_dns_cert(dir: &TempDir, name: &str, san: &str) -> [u8; 32] {
     let ck = rcgen::generate_simple_self_signed(vec![san.to_owned()]).unwrap();
-    std::fs::write(dir.0.join(format!("{name}.crt")), ck.cert.pem()).unwrap();
-    std::fs::write(dir.0.join(format!("{name}.key")), ck.signing_key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join(format!("{name}.crt")), ck.cert.pem()).unwrap();
+    std::fs::write(dir.path().join(format!("{name}.key")), ck.signing_key.serialize_pem()).unwrap();
     use sha2::Digest;
     sha2::Sha256::digest(ck.cert.der()).into()
 }
 
 #[tokio::test]
 async fn manual_hostname_requires_matching_sni_and_offers_only_http11() {
-    let dir = TempDir::new("sni");
+    let dir = temp_dir("sni");
     let pin = write_dns_cert(&dir, "derp.example.test", "derp.example.test");
     let key = NodePrivate::generate();
-    let setup = tls::manual(&dir.0, "derp.example.test", &key.public()).unwrap();
+    let setup = tls::manual(dir.path(), "derp.example.test", &key.public()).unwrap();
     assert_eq!(setup.cert_name, None, "hostname certs are not pinned by sha256-raw");
     let mut cfg = config(key);
     cfg.tls = Some(setup.config);
@@ -172,10 +172,10 @@ async fn manual_hostname_requires_matching_sni_and_offers_only_http11() {
 
 #[test]
 fn manual_cert_for_another_name_is_refused_at_start() {
-    let dir = TempDir::new("mismatch");
+    let dir = temp_dir("mismatch");
     write_dns_cert(&dir, "derp.example.test", "elsewhere.example.test");
-    let e = tls::manual(&dir.0, "derp.example.test", &NodePrivate::generate().public()).unwrap_err();
+    let e = tls::manual(dir.path(), "derp.example.test", &NodePrivate::generate().public()).unwrap_err();
     assert!(matches!(e, tls::TlsError::HostnameMismatch { .. }), "{e}");
-    let e = tls::manual(&dir.0, "missing.example.test", &NodePrivate::generate().public()).unwrap_err();
+    let e = tls::manual(dir.path(), "missing.example.test", &NodePrivate::generate().public()).unwrap_err();
     assert!(e.to_string().contains("missing.example.test.crt"), "{e}");
 }

@@ -50,7 +50,7 @@ async fn ts_derp_clients_exchange_packets_over_plain_http() {
 
 #[tokio::test]
 async fn ts_derp_clients_exchange_packets_over_tls_pinned_by_sha256_raw() {
-    let dir = TempDir::new("interop-tls");
+    let dir = temp_dir("interop-tls");
     let (relay, _, setup) = tls_relay(&dir).await;
     let pin = pin_of(setup.cert_name.as_deref().unwrap());
     let upgraded = || async {
@@ -73,7 +73,7 @@ async fn ts_derp_clients_exchange_packets_over_tls_pinned_by_sha256_raw() {
 
 #[tokio::test]
 async fn ts_derp_client_connect_over_tls_end_to_end() {
-    let dir = TempDir::new("interop-connect");
+    let dir = temp_dir("interop-connect");
     let (relay, _, _) = tls_relay(&dir).await;
     // ts_derp's own TLS dialer uses the process-default provider, and its dependencies enable both
     // ring and aws-lc-rs, so the client side must pick one. (Our server never relies on it.)

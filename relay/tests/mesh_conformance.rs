@@ -1,10 +1,10 @@
-//! Spec §11 items 21–24 and 28: what one server does for mesh peers (watchers, PeerPresent
-//! flags, ClosePeer, ForwardPacket) and duplicates, over loopback TCP.
+//! Spec §11 items 21–24: what one server does for mesh peers (watchers, PeerPresent flags,
+//! ClosePeer, ForwardPacket) and duplicates, over loopback TCP. Item 28 (duplicates as a
+//! watcher sees them) is `core_relay`'s c28.
 
 mod mesh_common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Result};
 use bytes::{Bytes, BytesMut};
@@ -13,26 +13,12 @@ use derpfleet_proto::frame::{FrameDecoder, FrameType, Role};
 use derpfleet_proto::handshake::seal_client_info;
 use derpfleet_proto::msg::{ClientToServer, PeerGoneReason, ServerToClient};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
-use derpfleet_relay::core::derp_server::{CoreOptions, DerpServerConfig};
 use derpfleet_relay::core::registry::PacketForwarder;
-use derpfleet_relay::testing::{mesh_info, spawn_core_relay_with, tailscaled_info, CoreRelay, TestClient};
+use derpfleet_relay::testing::{mesh_info, spawn_mesh_relay, tailscaled_info, TestClient};
 use mesh_common::{relay, Client, T};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-async fn mesh_core() -> (CoreRelay, MeshKey) {
-    let mesh = MeshKey::generate();
-    let config = DerpServerConfig { mesh_key: Some(mesh), ..DerpServerConfig::new(NodePrivate::generate()) };
-    (spawn_core_relay_with(config, CoreOptions::default()).await, mesh)
-}
-
-/// A mesh peer that sent WatchConns; its own flood entry is consumed.
-async fn watcher(relay: &CoreRelay, mesh: MeshKey) -> Result<TestClient> {
-    let mut w = TestClient::connect_with(relay.addr, NodePrivate::generate(), mesh_info(mesh)).await?;
-    w.send(&ClientToServer::WatchConns).await?;
-    Ok(w)
-}
 
 /// Reads one raw PeerPresent; returns (key, v4-mapped ip bytes, port, flags) after checking the
 /// 51-byte layout.
@@ -55,10 +41,10 @@ async fn raw_present(w: &mut TestClient) -> Result<(NodePublic, [u8; 16], u16, u
 
 #[tokio::test]
 async fn c21_watcher_gets_present_for_every_client_then_present_and_gone() -> Result<()> {
-    let (relay, mesh) = mesh_core().await;
+    let (relay, mesh) = spawn_mesh_relay().await;
     let a = relay.client().await?;
     let b = relay.client().await?;
-    let mut w = watcher(&relay, mesh).await?;
+    let mut w = relay.watcher(mesh).await?;
     let mut flood = Vec::new();
     for _ in 0..3 {
         flood.push(raw_present(&mut w).await?);
@@ -152,7 +138,7 @@ fn gauge_notideal(s: &derpfleet_relay::server::Server) -> f64 {
 
 #[tokio::test]
 async fn c23_close_peer_closes_every_connection_of_the_key() -> Result<()> {
-    let (relay, mesh) = mesh_core().await;
+    let (relay, mesh) = spawn_mesh_relay().await;
     let k = NodePrivate::generate();
     let mut d1 = TestClient::connect_with(relay.addr, k.clone(), tailscaled_info()).await?;
     let mut d2 = TestClient::connect_with(relay.addr, k.clone(), tailscaled_info()).await?;
@@ -183,7 +169,7 @@ impl PacketForwarder for Recorder {
 
 #[tokio::test]
 async fn c24_forward_packet_delivered_locally_and_never_forwarded_again() -> Result<()> {
-    let (relay, mesh) = mesh_core().await;
+    let (relay, mesh) = spawn_mesh_relay().await;
     let elsewhere = NodePrivate::generate().public();
     let rec = Arc::new(Recorder { got: Mutex::new(Vec::new()) });
     relay.server.registry().add_packet_forwarder(elsewhere, rec.clone());
@@ -204,30 +190,5 @@ async fn c24_forward_packet_delivered_locally_and_never_forwarded_again() -> Res
     mesh_common::eventually("SendPacket forwarded", || rec.got.lock().len() == 1).await?;
     assert_eq!(rec.got.lock()[0], (b.public(), elsewhere));
     relay.wait_metric("derp_packets_forwarded_in", &[], 2.0).await?;
-    Ok(())
-}
-
-#[tokio::test]
-async fn c28_survivor_of_duplicates_receives_and_watchers_see_gone_only_at_the_end() -> Result<()> {
-    let (relay, mesh) = mesh_core().await;
-    let mut w = watcher(&relay, mesh).await?;
-    assert_eq!(w.want_present(T).await?.0, w.public());
-    let k = NodePrivate::generate();
-    let mut d1 = TestClient::connect_with(relay.addr, k.clone(), tailscaled_info()).await?;
-    let d2 = TestClient::connect_with(relay.addr, k.clone(), tailscaled_info()).await?;
-    let s = relay.client().await?;
-    for _ in 0..2 {
-        assert_eq!(w.want_present(T).await?.0, k.public(), "a PeerPresent per duplicate");
-    }
-    assert_eq!(w.want_present(T).await?.0, s.public());
-    let mut s = s;
-    d2.close().await;
-    mesh_common::eventually("d2 unregistered", || relay.server.registry().conns_of(&k.public()).len() == 1)
-        .await?;
-    s.send_packet(k.public(), b"to the survivor").await?;
-    assert_eq!(d1.want_packet(T).await?, (s.public(), b"to the survivor".to_vec()));
-    w.want_silence(Duration::from_millis(300)).await?;
-    d1.close().await;
-    assert_eq!(w.want_peer_gone(T).await?, (k.public(), PeerGoneReason::Disconnected));
     Ok(())
 }

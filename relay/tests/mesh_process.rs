@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use derpfleet_client::ConnectOptions;
 use derpfleet_proto::msg::PeerGoneReason;
 use derpfleet_proto::{MeshKey, NodePrivate};
-use http_common::TempDir;
+use http_common::temp_dir;
 use mesh_common::Client;
 use ops_common::{free_tcp_port, BIN};
 
@@ -63,13 +63,13 @@ async fn connect_retrying(addr: SocketAddr, key: &NodePrivate) -> Result<Client>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_senders_get_peer_gone_and_restart_resumes_within_6s() -> Result<()> {
-    let dir = TempDir::new("mesh-proc");
-    std::fs::write(dir.0.join("mesh.key"), format!("{}\n", MeshKey::generate().to_hex()))?;
+    let dir = temp_dir("mesh-proc");
+    std::fs::write(dir.path().join("mesh.key"), format!("{}\n", MeshKey::generate().to_hex()))?;
     let ports = [free_tcp_port(), free_tcp_port(), free_tcp_port()];
     let with = ports.map(|p| format!("http://127.0.0.1:{p}")).join(",");
-    let r1 = start(&dir.0, "r1", ports[0], &with);
-    let r2 = start(&dir.0, "r2", ports[1], &with);
-    let mut r3 = start(&dir.0, "r3", ports[2], &with);
+    let r1 = start(dir.path(), "r1", ports[0], &with);
+    let r2 = start(dir.path(), "r2", ports[1], &with);
+    let mut r3 = start(dir.path(), "r3", ports[2], &with);
     let keys = [NodePrivate::generate(), NodePrivate::generate(), NodePrivate::generate()];
     let mut c1 = connect_retrying(r1.addr, &keys[0]).await?;
     let mut c2 = connect_retrying(r2.addr, &keys[1]).await?;
@@ -98,7 +98,7 @@ async fn killed_node_senders_get_peer_gone_and_restart_resumes_within_6s() -> Re
     // and the next one (1 s later) must find the node.
     tokio::time::sleep(Duration::from_millis(5500)).await;
     let restarted = Instant::now();
-    let _r3 = start(&dir.0, "r3", ports[2], &with);
+    let _r3 = start(dir.path(), "r3", ports[2], &with);
     drop(c3);
     let mut c3 = connect_retrying(SocketAddr::from(([127, 0, 0, 1], ports[2])), &keys[2]).await?;
     let limit = Duration::from_secs(6);
@@ -144,17 +144,19 @@ fn run_to_exit(args: &[&str], dir: &Path) -> (bool, String) {
 
 #[test]
 fn mesh_with_without_key_or_with_invalid_key_is_fatal() {
-    let dir = TempDir::new("mesh-cli");
-    let (ok, err) = run_to_exit(&["-mesh-with", "derp2.example.com"], &dir.0);
+    let dir = temp_dir("mesh-cli");
+    let (ok, err) = run_to_exit(&["-mesh-with", "derp2.example.com"], dir.path());
     assert!(!ok && err.contains("-mesh-with requires a mesh key"), "{err}");
-    let bad = dir.0.join("bad.key");
+    let bad = dir.path().join("bad.key");
     std::fs::write(&bad, "not hex\n").unwrap();
-    let (ok, err) = run_to_exit(&["-mesh-psk-file", bad.to_str().unwrap()], &dir.0);
+    let (ok, err) = run_to_exit(&["-mesh-psk-file", bad.to_str().unwrap()], dir.path());
     assert!(!ok && err.contains("64 hex"), "{err}");
-    let (ok, err) = run_to_exit(&["-mesh-psk-file", dir.0.join("missing").to_str().unwrap()], &dir.0);
+    let (ok, err) =
+        run_to_exit(&["-mesh-psk-file", dir.path().join("missing").to_str().unwrap()], dir.path());
     assert!(!ok && err.contains("reading mesh key file"), "{err}");
-    let good = dir.0.join("good.key");
+    let good = dir.path().join("good.key");
     std::fs::write(&good, format!("{}\n", MeshKey::generate().to_hex())).unwrap();
-    let (ok, err) = run_to_exit(&["-mesh-psk-file", good.to_str().unwrap(), "-mesh-with", "a/b/c"], &dir.0);
+    let (ok, err) =
+        run_to_exit(&["-mesh-psk-file", good.to_str().unwrap(), "-mesh-with", "a/b/c"], dir.path());
     assert!(!ok && err.contains("-mesh-with entry"), "{err}");
 }

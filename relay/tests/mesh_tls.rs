@@ -4,8 +4,8 @@
 
 mod mesh_common;
 
+use derpfleet_relay::testing::{temp_dir, TempDir};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -18,14 +18,6 @@ use derpfleet_relay::server::{Server, ServerConfig, TcpTuning};
 use mesh_common::{eventually, gauge, knows};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::CertificateDer;
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A test CA: its DER, and an issuer for leaves.
 fn test_ca() -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
@@ -41,11 +33,11 @@ fn test_ca() -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
 async fn tls_relay(dir: &TempDir, name: &str, ca: &Issuer<'static, KeyPair>, mesh: MeshKey) -> Server {
     let key = KeyPair::generate().unwrap();
     let leaf = CertificateParams::new(vec![name.to_owned()]).unwrap().signed_by(&key, ca).unwrap();
-    std::fs::write(dir.0.join(format!("{name}.crt")), leaf.pem()).unwrap();
-    std::fs::write(dir.0.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join(format!("{name}.crt")), leaf.pem()).unwrap();
+    std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
     let private = NodePrivate::generate();
     let setup =
-        derpfleet_relay::http::tls::manual(&dir.0, name, &private.public()).expect("certificate loads");
+        derpfleet_relay::http::tls::manual(dir.path(), name, &private.public()).expect("certificate loads");
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         tls: Some(setup.config),
@@ -77,8 +69,7 @@ async fn tls_client(
 
 #[tokio::test]
 async fn tls_links_verify_the_host_name_and_dial_the_dial_host() -> Result<()> {
-    let dir = TempDir(std::env::temp_dir().join(format!("derpfleet-mesh-tls-{}", rand::random::<u64>())));
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = temp_dir("mesh-tls");
     let (ca_der, ca) = test_ca();
     let key = MeshKey::generate();
     let s1 = tls_relay(&dir, "derp1.mesh.test", &ca, key).await;

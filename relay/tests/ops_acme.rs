@@ -13,12 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use derpfleet_proto::NodePrivate;
-use http_common::{read_head, ring, TempDir, TestClient};
+use http_common::{read_head, temp_dir, TestClient, TestVerifier};
 use ops_common::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 
 /// A loopback address no other test uses, so the relay can own port 443 on it.
@@ -57,45 +55,6 @@ fn api_certificates() -> (String, String, String) {
     (ca_cert.pem(), cert.pem(), key.serialize_pem())
 }
 
-/// Accepts any certificate and keeps the chain it was shown.
-#[derive(Debug, Default)]
-struct Capture(std::sync::Mutex<Vec<CertificateDer<'static>>>);
-
-impl ServerCertVerifier for Capture {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let mut chain = vec![end_entity.clone().into_owned()];
-        chain.extend(intermediates.iter().map(|c| c.clone().into_owned()));
-        *self.0.lock().unwrap() = chain;
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &ring().signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &ring().signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        ring().signature_verification_algorithms.supported_schemes()
-    }
-}
-
 fn names(der: &[u8]) -> (String, String, Vec<String>) {
     let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
     let cn = |n: &x509_parser::x509::X509Name<'_>| {
@@ -112,25 +71,25 @@ fn names(der: &[u8]) -> (String, String, Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn letsencrypt_mode_gets_a_certificate_from_a_local_acme_ca() {
-    let dir = TempDir::new("ops-acme");
+    let dir = temp_dir("ops-acme");
     let (ca_pem, cert_pem, key_pem) = api_certificates();
-    let ca_file = dir.0.join("api-ca.pem");
+    let ca_file = dir.path().join("api-ca.pem");
     std::fs::write(&ca_file, &ca_pem).unwrap();
-    std::fs::write(dir.0.join("api-cert.pem"), &cert_pem).unwrap();
-    std::fs::write(dir.0.join("api-key.pem"), &key_pem).unwrap();
+    std::fs::write(dir.path().join("api-cert.pem"), &cert_pem).unwrap();
+    std::fs::write(dir.path().join("api-key.pem"), &key_pem).unwrap();
     let (dns_port, mgmt_port, api_port, pebble_mgmt) =
         (free_udp_port(), free_tcp_port(), free_tcp_port(), free_tcp_port());
     let config = serde_json::json!({ "pebble": {
         "listenAddress": format!("127.0.0.1:{api_port}"),
         "managementListenAddress": format!("127.0.0.1:{pebble_mgmt}"),
-        "certificate": dir.0.join("api-cert.pem"),
-        "privateKey": dir.0.join("api-key.pem"),
+        "certificate": dir.path().join("api-cert.pem"),
+        "privateKey": dir.path().join("api-key.pem"),
         "httpPort": 80,
         "tlsPort": 443,
         "ocspResponderURL": "",
         "externalAccountBindingRequired": false,
     }});
-    let config_file = dir.0.join("pebble.json");
+    let config_file = dir.path().join("pebble.json");
     std::fs::write(&config_file, config.to_string()).unwrap();
     let _dns = spawn(
         Command::new("pebble-challtestsrv").args([
@@ -179,9 +138,9 @@ async fn letsencrypt_mode_gets_a_certificate_from_a_local_acme_ca() {
         "-acme-ca-file",
         ca_file.to_str().unwrap(),
         "-certdir",
-        dir.0.join("certs").to_str().unwrap(),
+        dir.path().join("certs").to_str().unwrap(),
         "-c",
-        dir.0.join("derper.key").to_str().unwrap(),
+        dir.path().join("derper.key").to_str().unwrap(),
         "-http-port",
         "-1",
         "-stun=false",
@@ -196,19 +155,14 @@ async fn letsencrypt_mode_gets_a_certificate_from_a_local_acme_ca() {
     }
 
     // A DERP client over TLS with SNI = hostname.
-    let capture = Arc::new(Capture::default());
-    let client = rustls::ClientConfig::builder_with_provider(ring())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(capture.clone())
-        .with_no_client_auth();
+    let capture = TestVerifier::accept_any();
+    let client = capture.client_config(rustls::DEFAULT_VERSIONS);
     let tcp = tokio::net::TcpStream::connect(relay_addr.as_str()).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client))
         .connect(ServerName::try_from(NAME).unwrap(), tcp)
         .await
         .unwrap();
-    let chain = capture.0.lock().unwrap().clone();
+    let chain = capture.seen();
     let (_, issuer, sans) = names(&chain[0]);
     assert!(sans.iter().any(|s| s.contains(NAME)), "leaf SANs {sans:?}");
     assert!(issuer.to_ascii_lowercase().contains("pebble"), "issued by {issuer:?}");

@@ -13,7 +13,7 @@ use derpfleet_proto::msg::ClientToServer;
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
 use derpfleet_relay::ops::admission::{Allowlist, VerifyUrl};
 use derpfleet_relay::server::{OpsConfig, Server};
-use http_common::{config, derp_upgrade, TempDir, TestClient, STEP};
+use http_common::{config, derp_upgrade, temp_dir, TestClient, STEP};
 use ops_common::*;
 use tokio::net::TcpStream;
 
@@ -117,8 +117,8 @@ async fn mesh_key_holders_bypass_admission() {
     let mesh = MeshKey::generate();
     let mut cfg = config(NodePrivate::generate());
     cfg.derp.mesh_key = Some(mesh);
-    let dir = TempDir::new("ops-allow-mesh");
-    let list = dir.0.join("allow.txt");
+    let dir = temp_dir("ops-allow-mesh");
+    let list = dir.path().join("allow.txt");
     std::fs::write(&list, "# nobody\n").unwrap();
     let ops = OpsConfig {
         verify_url: Some(VerifyUrl::parse(&ctl.url()).unwrap()),
@@ -155,8 +155,8 @@ async fn relays(a: &mut TestClient<TcpStream>, b: &mut TestClient<TcpStream>, b_
 
 #[tokio::test]
 async fn allowlist_reload_changes_admission_without_dropping_clients() {
-    let dir = TempDir::new("ops-allow");
-    let list = dir.0.join("allow.txt");
+    let dir = temp_dir("ops-allow");
+    let list = dir.path().join("allow.txt");
     let (k1, k2, k3) = (NodePrivate::generate(), NodePrivate::generate(), NodePrivate::generate());
     write_allowlist(&list, &[k1.public(), k2.public()]);
     let ops =
@@ -189,11 +189,11 @@ async fn allowlist_reload_changes_admission_without_dropping_clients() {
 
 #[tokio::test]
 async fn allowlist_reloads_on_sighup_in_the_binary() {
-    let dir = TempDir::new("ops-allow-bin");
-    let list = dir.0.join("allow.txt");
+    let dir = temp_dir("ops-allow-bin");
+    let list = dir.path().join("allow.txt");
     let (k1, k2) = (NodePrivate::generate(), NodePrivate::generate());
     write_allowlist(&list, &[k1.public()]);
-    let key = dir.0.join("derper.key");
+    let key = dir.path().join("derper.key");
     let (p, addr) = start_plain_relay(&key, &["-allowlist", list.to_str().unwrap()]);
     let mut c1 = try_connect(addr, &k1, info()).await.expect("k1 listed");
     assert!(!admitted(addr, &k2).await);

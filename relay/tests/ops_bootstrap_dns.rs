@@ -8,7 +8,7 @@ mod ops_common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use http_common::{http, HttpResp, TempDir};
+use http_common::{http, temp_dir, HttpResp};
 use ops_common::*;
 
 /// GETs `path` until the body is non-empty (names resolve in the background after start).
@@ -29,10 +29,10 @@ fn json(r: &HttpResp) -> serde_json::Value {
 
 #[tokio::test]
 async fn published_names_are_served_as_derpers_json() {
-    let dir = TempDir::new("bootstrap-pub");
+    let dir = temp_dir("bootstrap-pub");
     let metrics = format!("127.0.0.1:{}", free_tcp_port());
     let (p, addr) = start_plain_relay(
-        &dir.0.join("k.key"),
+        &dir.path().join("k.key"),
         &["-bootstrap-dns-names", "localhost", "-metrics-addr", &metrics],
     );
     let r = bootstrap(addr, "/bootstrap-dns").await;
@@ -55,10 +55,10 @@ async fn published_names_are_served_as_derpers_json() {
 
 #[tokio::test]
 async fn unpublished_names_answer_only_to_q() {
-    let dir = TempDir::new("bootstrap-unpub");
+    let dir = temp_dir("bootstrap-unpub");
     let metrics = format!("127.0.0.1:{}", free_tcp_port());
     let (_p, addr) = start_plain_relay(
-        &dir.0.join("k.key"),
+        &dir.path().join("k.key"),
         &["-unpublished-bootstrap-dns-names", "localhost", "-metrics-addr", &metrics],
     );
     let r = bootstrap(addr, "/bootstrap-dns?q=localhost").await;
@@ -77,9 +77,9 @@ async fn unpublished_names_answer_only_to_q() {
 
 #[tokio::test]
 async fn keeps_serving_with_derp_false_on_main_and_http_ports() {
-    let dir = TempDir::new("bootstrap-noderp");
-    let key = dir.0.join("k.key");
-    let certdir = dir.0.join("certs");
+    let dir = temp_dir("bootstrap-noderp");
+    let key = dir.path().join("k.key");
+    let certdir = dir.path().join("certs");
     let port = free_tcp_port();
     let http_port = free_tcp_port();
     let a = format!("127.0.0.1:{port}");

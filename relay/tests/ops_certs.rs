@@ -39,9 +39,9 @@ async fn tls_ok(addr: SocketAddr, pin: [u8; 32]) -> bool {
 
 #[tokio::test]
 async fn replaced_certificate_files_are_served_to_new_connections_only() {
-    let dir = TempDir::new("ops-certs");
+    let dir = temp_dir("ops-certs");
     let key = NodePrivate::generate();
-    let setup = derpfleet_relay::http::tls::manual(&dir.0, "127.0.0.1", &key.public()).unwrap();
+    let setup = derpfleet_relay::http::tls::manual(dir.path(), "127.0.0.1", &key.public()).unwrap();
     let crt_path = setup.cert_path.clone();
     let key_path = crt_path.with_extension("key");
     let pin1 = pin_of_pem(&std::fs::read_to_string(&crt_path).unwrap());

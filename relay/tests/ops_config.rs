@@ -7,20 +7,20 @@ mod ops_common;
 use std::net::SocketAddr;
 use std::process::Command;
 
-use http_common::TempDir;
+use http_common::temp_dir;
 use ops_common::*;
 
 #[tokio::test]
 async fn config_file_applies_and_flags_override_it() {
-    let dir = TempDir::new("ops-config");
+    let dir = temp_dir("ops-config");
     let (file_port, flag_port, metrics_port) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
-    let toml = dir.0.join("relay.toml");
+    let toml = dir.path().join("relay.toml");
     std::fs::write(
         &toml,
         format!(
             "# derpfleet-relay settings\na = \"127.0.0.1:{file_port}\"\nc = \"{}\"\nstun = false\n\
              home = \"blank\"\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\ndrain-timeout = \"2s\"\n",
-            dir.0.join("k.key").display()
+            dir.path().join("k.key").display()
         ),
     )
     .unwrap();
@@ -42,8 +42,8 @@ async fn config_file_applies_and_flags_override_it() {
 
 #[test]
 fn bad_config_names_file_line_key_and_reason() {
-    let dir = TempDir::new("ops-config-bad");
-    let toml = dir.0.join("bad.toml");
+    let dir = temp_dir("ops-config-bad");
+    let toml = dir.path().join("bad.toml");
     std::fs::write(&toml, "a = \"127.0.0.1:0\"\n\nstun-port = \"lots\"\n").unwrap();
     let out = Command::new(BIN).args(["-config", toml.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -60,7 +60,7 @@ fn bad_config_names_file_line_key_and_reason() {
     let out = Command::new(BIN).args(["-config", toml.to_str().unwrap()]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 1") && err.contains("no-such-flag") && err.contains("unknown key"), "{err}");
-    let missing = dir.0.join("missing.toml");
+    let missing = dir.path().join("missing.toml");
     let out = Command::new(BIN).args(["-config", missing.to_str().unwrap()]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("missing.toml"), "{err}");
@@ -70,8 +70,8 @@ fn bad_config_names_file_line_key_and_reason() {
 /// not converted.
 #[test]
 fn wrong_toml_types_are_rejected() {
-    let dir = TempDir::new("ops-config-types");
-    let toml = dir.0.join("types.toml");
+    let dir = temp_dir("ops-config-types");
+    let toml = dir.path().join("types.toml");
     for (text, line, key, reason) in [
         ("stun-port = \"3478\"\n", "line 1", "stun-port", "expected an integer"),
         ("a = \"127.0.0.1:0\"\nhostname = 123\n", "line 2", "hostname", "expected a string"),

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::NodePrivate;
 use derpfleet_relay::server::{DrainOptions, Server};
-use http_common::{config, derp_client, TempDir, STEP};
+use http_common::{config, derp_client, temp_dir, STEP};
 use ops_common::*;
 
 const CLIENTS: usize = 100;
@@ -29,8 +29,8 @@ async fn frames_until_close(mut c: http_common::TestClient<tokio::net::TcpStream
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_100_clients_sends_restarting_then_exits_0() {
-    let dir = TempDir::new("ops-drain");
-    let key = dir.0.join("derper.key");
+    let dir = temp_dir("ops-drain");
+    let key = dir.path().join("derper.key");
     let (mut p, addr) = start_plain_relay(
         &key,
         &[

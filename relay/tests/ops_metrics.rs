@@ -117,8 +117,8 @@ async fn scripted_scenario_shows_the_numbers() {
 
 #[tokio::test]
 async fn relay_binary_serves_stun_and_counts_it() {
-    let dir = http_common::TempDir::new("ops-stun-bin");
-    let key = dir.0.join("derper.key");
+    let dir = http_common::temp_dir("ops-stun-bin");
+    let key = dir.path().join("derper.key");
     let (port, stun_port, metrics_port) = (free_tcp_port(), free_udp_port(), free_tcp_port());
     let a = format!("127.0.0.1:{port}");
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
@@ -144,8 +144,8 @@ async fn relay_binary_serves_stun_and_counts_it() {
 
 #[tokio::test]
 async fn drop_logs_are_rate_limited_with_counts() {
-    let dir = http_common::TempDir::new("ops-droplog");
-    let key = dir.0.join("derper.key");
+    let dir = http_common::temp_dir("ops-droplog");
+    let key = dir.path().join("derper.key");
     let (p, addr) = start_plain_relay(&key, &["-drop-log-interval", "300ms"]);
     let (mut c, _) = derp_client(addr).await;
     let nobody = NodePrivate::generate().public();

@@ -234,8 +234,8 @@ async fn mesh_peers_are_exempt_from_the_receive_rate() {
 
 #[tokio::test]
 async fn rate_config_reload_applies_to_connected_clients() {
-    let dir = http_common::TempDir::new("ops-rate-reload");
-    let file = dir.0.join("rate.json");
+    let dir = http_common::temp_dir("ops-rate-reload");
+    let file = dir.path().join("rate.json");
     std::fs::write(&file, r#"{"PerClientRateLimitBytesPerSec":0}"#).unwrap();
     let ops = OpsConfig {
         recv_rate: derpfleet_relay::ops::ratelimit::load_rate_config(&file).unwrap(),

@@ -6,7 +6,7 @@ mod ops_common;
 
 use derpfleet_proto::handshake::ClientInfo;
 use derpfleet_proto::{MeshKey, NodePrivate};
-use http_common::{derp_upgrade, TempDir, TestClient};
+use http_common::{derp_upgrade, temp_dir, TestClient};
 use ops_common::setec::SetecServer;
 use ops_common::*;
 
@@ -25,10 +25,10 @@ async fn mesh_key_comes_from_setec_then_from_its_cache() {
     let hex = "5e".repeat(32);
     let key = MeshKey::parse(&hex).unwrap();
     let setec = SetecServer::start(&[("eu/derp/meshkey", &hex)]).await;
-    let dir = TempDir::new("setec");
-    let cache = dir.0.join("cache").join("derper-secrets");
+    let dir = temp_dir("setec");
+    let cache = dir.path().join("cache").join("derper-secrets");
     // An empty allowlist: only holders of the mesh key get in.
-    let allow = dir.0.join("allow.txt");
+    let allow = dir.path().join("allow.txt");
     std::fs::write(&allow, "# nobody\n").unwrap();
     let args = |url: &str| {
         vec![
@@ -44,7 +44,7 @@ async fn mesh_key_comes_from_setec_then_from_its_cache() {
     };
     let a = args(&setec.url());
     let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-    let (p, addr) = start_plain_relay(&dir.0.join("k.key"), &refs);
+    let (p, addr) = start_plain_relay(&dir.path().join("k.key"), &refs);
     assert_eq!(setec.asked.lock().unwrap().as_slice(), ["eu/derp/meshkey"]);
     assert!(admitted(addr, mesh_info(key)).await, "the setec mesh key is the relay's");
     assert!(!admitted(addr, mesh_info(MeshKey::generate())).await, "another key is not");
@@ -60,17 +60,17 @@ async fn mesh_key_comes_from_setec_then_from_its_cache() {
     let dead = format!("http://127.0.0.1:{}", free_tcp_port());
     let a = args(&dead);
     let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-    let (p, addr) = start_plain_relay(&dir.0.join("k.key"), &refs);
+    let (p, addr) = start_plain_relay(&dir.path().join("k.key"), &refs);
     assert!(admitted(addr, mesh_info(key)).await, "from the cache");
     assert!(p.log().contains("from the cache"), "{}", p.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_setec_without_cache_retries_and_says_why() {
-    let dir = TempDir::new("setec-down");
+    let dir = temp_dir("setec-down");
     let dead = format!("http://127.0.0.1:{}", free_tcp_port());
-    let cache = dir.0.join("derper-secrets");
-    let key = dir.0.join("k.key");
+    let cache = dir.path().join("derper-secrets");
+    let key = dir.path().join("k.key");
     let p = Proc::start_without_stun(&[
         "-a",
         &format!("127.0.0.1:{}", free_tcp_port()),
@@ -90,8 +90,8 @@ async fn unreachable_setec_without_cache_retries_and_says_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_secret_is_retried_not_guessed() {
     let setec = SetecServer::start(&[("other/meshkey", &"11".repeat(32))]).await;
-    let dir = TempDir::new("setec-404");
-    let key = dir.0.join("k.key");
+    let dir = temp_dir("setec-404");
+    let key = dir.path().join("k.key");
     let p = Proc::start_without_stun(&[
         "-a",
         &format!("127.0.0.1:{}", free_tcp_port()),
@@ -101,7 +101,7 @@ async fn unknown_secret_is_retried_not_guessed() {
         "-secrets-url",
         &setec.url(),
         "-secrets-cache-dir",
-        dir.0.join("cache").to_str().unwrap(),
+        dir.path().join("cache").to_str().unwrap(),
     ]);
     let line = p.wait_for_line("retrying");
     assert!(line.contains("secret not found"), "{line}");

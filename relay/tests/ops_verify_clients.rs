@@ -24,7 +24,7 @@ use derpfleet_relay::core::metrics::MetricsSnapshot;
 use derpfleet_relay::ops::admission::VerifyUrl;
 use derpfleet_relay::server::{OpsConfig, Server};
 use http_body_util::Full;
-use http_common::{config, derp_upgrade, TempDir, TestClient};
+use http_common::{config, derp_upgrade, temp_dir, TempDir, TestClient};
 use hyper_util::rt::TokioIo;
 use ops_common::*;
 use tokio::net::{TcpStream, UnixListener};
@@ -139,8 +139,8 @@ fn whois(mode: Mode, known: &HashSet<NodePublic>, query: &str) -> Resp {
 
 impl LocalApi {
     async fn start(mode: Mode) -> LocalApi {
-        let dir = TempDir::new("verify-clients");
-        let path = dir.0.join("tailscaled.sock");
+        let dir = temp_dir("verify-clients");
+        let path = dir.path().join("tailscaled.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let known = Arc::new(Mutex::new(HashSet::new()));
         let asked = Arc::new(Mutex::new(Vec::new()));
@@ -316,9 +316,9 @@ async fn mesh_peers_are_always_admitted() {
 // Multi-threaded: the stand-in keeps answering while this thread waits for the process's logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_socket_refuses_and_logs_why_in_the_binary() {
-    let dir = TempDir::new("verify-clients-bin");
-    let key = dir.0.join("k.key");
-    let missing = dir.0.join("no-tailscaled.sock");
+    let dir = temp_dir("verify-clients-bin");
+    let key = dir.path().join("k.key");
+    let missing = dir.path().join("no-tailscaled.sock");
     let (p, addr) = start_plain_relay(&key, &["-verify-clients", "-socket", missing.to_str().unwrap()]);
     let client = NodePrivate::generate();
     assert!(try_connect(addr, &client, info()).await.is_none(), "no tailscaled: refused");

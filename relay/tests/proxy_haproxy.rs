@@ -8,27 +8,13 @@
 mod ops_common;
 mod proxy_common;
 
+use derpfleet_relay::testing::temp_dir;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ops_common::{free_tcp_port, scrape, start_plain_relay, CannedHttp};
 use proxy_common::*;
-
-struct TempDir(std::path::PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("derpfleet-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// HAProxy with one TCP frontend per `(listen port, server line)`.
 fn haproxy(dir: &Path, routes: &[(u16, String)]) -> Daemon {
@@ -66,12 +52,12 @@ fn haproxy_stat(dir: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_send_proxy_v1_and_v2_give_the_relay_each_clients_address() {
-    let dir = TempDir::new("pp-haproxy");
+    let dir = temp_dir("pp-haproxy");
     let ctl = CannedHttp::start(200, r#"{"Allow":true}"#, Duration::ZERO).await;
-    let (mesh_file, mesh) = mesh_key_file(&dir.0);
+    let (mesh_file, mesh) = mesh_key_file(dir.path());
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
     let (relay_proc, relay) = start_plain_relay(
-        &dir.0.join("relay.key"),
+        &dir.path().join("relay.key"),
         &[
             "-proxy-protocol-trusted",
             "127.0.0.9",
@@ -91,7 +77,7 @@ async fn haproxy_send_proxy_v1_and_v2_give_the_relay_each_clients_address() {
     );
     let (v2_port, v1_port) = (free_tcp_port(), free_tcp_port());
     let _hap = haproxy(
-        &dir.0,
+        dir.path(),
         &[
             (v2_port, format!("{relay} send-proxy-v2 source 127.0.0.9")),
             (v1_port, format!("{relay} send-proxy source 127.0.0.9")),
@@ -145,18 +131,18 @@ async fn haproxy_send_proxy_v1_and_v2_give_the_relay_each_clients_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_tls_passthrough_with_local_health_checks() {
-    let dir = TempDir::new("pp-haproxy-tls");
+    let dir = temp_dir("pp-haproxy-tls");
     let ctl = CannedHttp::start(200, r#"{"Allow":true}"#, Duration::ZERO).await;
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
     let (_relay, relay) = start_plain_relay(
-        &dir.0.join("relay.key"),
+        &dir.path().join("relay.key"),
         &[
             "-certmode",
             "manual",
             "-hostname",
             "127.0.0.1",
             "-certdir",
-            dir.0.to_str().unwrap(),
+            dir.path().to_str().unwrap(),
             "-http-port",
             "-1",
             "-proxy-protocol-trusted",
@@ -170,7 +156,7 @@ async fn haproxy_tls_passthrough_with_local_health_checks() {
     let port = free_tcp_port();
     // TCP health checks every 200 ms; with send-proxy-v2 HAProxy opens each with a LOCAL header.
     let _hap =
-        haproxy(&dir.0, &[(port, format!("{relay} send-proxy-v2 source 127.0.0.9 check inter 200ms"))]);
+        haproxy(dir.path(), &[(port, format!("{relay} send-proxy-v2 source 127.0.0.9 check inter 200ms"))]);
     let url = format!("https://127.0.0.1:{port}/derp");
     let mut a = connect(&url, "127.0.0.2", false).await.expect("client A over TLS through HAProxy");
     let mut b = connect(&url, "127.0.0.3", true).await.expect("client B, WebSocket over TLS through HAProxy");
@@ -183,7 +169,7 @@ async fn haproxy_tls_passthrough_with_local_health_checks() {
     let deadline = Instant::now() + WAIT;
     loop {
         let local = scrape(metrics).await.get("derp_proxy_protocol_headers", &[("result", "local")]);
-        let stat = haproxy_stat(&dir.0);
+        let stat = haproxy_stat(dir.path());
         let up = stat.lines().any(|l| l.starts_with("b0,relay,") && l.contains(",UP,"));
         if local >= 3.0 && up {
             break;

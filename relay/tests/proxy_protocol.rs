@@ -270,9 +270,9 @@ async fn bad_headers_close_only_their_connection_and_are_counted() {
 
 #[tokio::test]
 async fn the_http_port_listener_reads_headers_too() {
-    let dir = http_common::TempDir::new("pp-http-port");
+    let dir = http_common::temp_dir("pp-http-port");
     let key = NodePrivate::generate();
-    let setup = derpfleet_relay::http::tls::manual(&dir.0, "127.0.0.1", &key.public()).unwrap();
+    let setup = derpfleet_relay::http::tls::manual(dir.path(), "127.0.0.1", &key.public()).unwrap();
     let mut cfg = config(key);
     cfg.tls = Some(setup.config.clone());
     cfg.http_port = Some(0);
@@ -293,15 +293,15 @@ async fn the_http_port_listener_reads_headers_too() {
 #[test]
 fn config_keys_and_bad_values() {
     use derpfleet_relay::startup::cli::build;
-    let dir = http_common::TempDir::new("pp-config");
-    let toml = dir.0.join("relay.toml");
+    let dir = http_common::temp_dir("pp-config");
+    let toml = dir.path().join("relay.toml");
     std::fs::write(
         &toml,
         "a = \"127.0.0.1:0\"\nstun = false\nproxy-protocol-trusted = [\"10.0.0.0/8\", \"192.0.2.7\"]\n\
          proxy-protocol-timeout = \"2s\"\nforwarded-trusted = \"127.0.0.1\"\nforwarded-header = \"forwarded\"\n",
     )
     .unwrap();
-    let key = dir.0.join("k.key");
+    let key = dir.path().join("k.key");
     let flags = derpfleet_relay::startup::config::parse_with_config([
         "relay",
         "-config",

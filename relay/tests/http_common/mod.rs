@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,8 @@ use derpfleet_proto::{NodePrivate, NodePublic};
 use derpfleet_relay::core::derp_server::DerpServerConfig;
 use derpfleet_relay::http::HomePage;
 use derpfleet_relay::server::{Server, ServerConfig, TcpTuning};
-pub use derpfleet_relay::testing::{tailscaled_info, TestClient};
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use derpfleet_relay::testing::{tailscaled_info, temp_dir, TempDir, TestClient};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -44,30 +44,10 @@ pub async fn plain_relay() -> (Server, NodePrivate) {
     (Server::spawn(config(key.clone())).await.unwrap(), key)
 }
 
-/// A fresh temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("derpfleet-{tag}-{}-{}", std::process::id(), rand_u64()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-pub fn rand_u64() -> u64 {
-    let k = NodePrivate::generate().to_bytes();
-    u64::from_le_bytes(k[..8].try_into().unwrap())
-}
-
 /// A TLS relay (certmode manual, IP hostname → self-signed) with the plain-HTTP port on.
 pub async fn tls_relay(dir: &TempDir) -> (Server, NodePrivate, derpfleet_relay::http::tls::TlsSetup) {
     let key = NodePrivate::generate();
-    let setup = derpfleet_relay::http::tls::manual(&dir.0, "127.0.0.1", &key.public()).unwrap();
+    let setup = derpfleet_relay::http::tls::manual(dir.path(), "127.0.0.1", &key.public()).unwrap();
     let mut cfg = config(key.clone());
     cfg.tls = Some(setup.config.clone());
     cfg.http_port = Some(0);
@@ -176,14 +156,71 @@ fn common_name(der: &[u8]) -> Option<String> {
     Some(cn)
 }
 
-/// Tailscale's `sha256-raw:` rule (spec §2.6): ignore `derpkey*` certificates; exactly one other
-/// certificate; its SHA-256 must match; it must be within its validity dates. No chain.
-#[derive(Debug)]
-pub struct Sha256RawVerifier {
-    pub pin: [u8; 32],
+/// The one certificate verifier of the relay tests. [`TestVerifier::pinned`] applies Tailscale's
+/// `sha256-raw:` rule (spec §2.6): ignore `derpkey*` certificates; exactly one other certificate;
+/// its SHA-256 must match; it must be within its validity dates; no chain.
+/// [`TestVerifier::accept_any`] accepts whatever is shown. Both keep the chain they were shown
+/// ([`TestVerifier::seen`]) and check handshake signatures with the ring provider.
+#[derive(Debug, Default)]
+pub struct TestVerifier {
+    pin: Option<[u8; 32]>,
+    seen: std::sync::Mutex<Vec<CertificateDer<'static>>>,
 }
 
-impl ServerCertVerifier for Sha256RawVerifier {
+impl TestVerifier {
+    /// The `sha256-raw:` pin check.
+    pub fn pinned(pin: [u8; 32]) -> Arc<Self> {
+        Arc::new(Self { pin: Some(pin), ..Default::default() })
+    }
+
+    /// No check at all (the test inspects [`TestVerifier::seen`] instead).
+    pub fn accept_any() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The chain (end entity first) of the last handshake.
+    pub fn seen(&self) -> Vec<CertificateDer<'static>> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// A client config using this verifier, with `versions` and no ALPN (like tailscaled).
+    pub fn client_config(
+        self: &Arc<Self>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> rustls::ClientConfig {
+        rustls::ClientConfig::builder_with_provider(ring())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(self.clone())
+            .with_no_client_auth()
+    }
+
+    fn check_pin(
+        pin: &[u8; 32],
+        chain: &[CertificateDer<'static>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let others: Vec<&CertificateDer<'_>> =
+            chain.iter().filter(|c| !common_name(c).is_some_and(|cn| cn.starts_with("derpkey"))).collect();
+        if others.len() != 1 {
+            return Err(rustls::Error::General(format!("{} non-meta certificates", others.len())));
+        }
+        let der = others[0].as_ref();
+        if Sha256::digest(der).as_slice() != pin {
+            return Err(rustls::Error::General("sha256-raw mismatch".into()));
+        }
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| rustls::Error::General(format!("parse: {e}")))?;
+        let t = now.as_secs() as i64;
+        if t < cert.validity().not_before.timestamp() || t > cert.validity().not_after.timestamp() {
+            return Err(rustls::Error::General("certificate outside its validity".into()));
+        }
+        Ok(())
+    }
+}
+
+impl ServerCertVerifier for TestVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -192,22 +229,11 @@ impl ServerCertVerifier for Sha256RawVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let others: Vec<&CertificateDer<'_>> = std::iter::once(end_entity)
-            .chain(intermediates)
-            .filter(|c| !common_name(c).is_some_and(|cn| cn.starts_with("derpkey")))
-            .collect();
-        if others.len() != 1 {
-            return Err(rustls::Error::General(format!("{} non-meta certificates", others.len())));
-        }
-        let der = others[0].as_ref();
-        if Sha256::digest(der).as_slice() != self.pin {
-            return Err(rustls::Error::General("sha256-raw mismatch".into()));
-        }
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| rustls::Error::General(format!("parse: {e}")))?;
-        let t = now.as_secs() as i64;
-        if t < cert.validity().not_before.timestamp() || t > cert.validity().not_after.timestamp() {
-            return Err(rustls::Error::General("certificate outside its validity".into()));
+        let chain: Vec<CertificateDer<'static>> =
+            std::iter::once(end_entity).chain(intermediates).map(|c| c.clone().into_owned()).collect();
+        *self.seen.lock().unwrap() = chain.clone();
+        if let Some(pin) = &self.pin {
+            Self::check_pin(pin, &chain, now)?;
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -245,12 +271,7 @@ pub fn pinned_client(
     pin: [u8; 32],
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> rustls::ClientConfig {
-    rustls::ClientConfig::builder_with_provider(ring())
-        .with_protocol_versions(versions)
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Sha256RawVerifier { pin }))
-        .with_no_client_auth()
+    TestVerifier::pinned(pin).client_config(versions)
 }
 
 /// TLS-connects to `addr` with no SNI (IP-literal hostname, as tailscaled).
