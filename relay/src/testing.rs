@@ -302,8 +302,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TestClient<S> {
         self.framed.get_ref()
     }
 
-    /// The underlying stream, mutably (bytes written to it bypass nothing: this client buffers
-    /// no writes).
+    /// The underlying stream, for writing by hand (this client buffers no writes, so bytes
+    /// written here go out in order with its own).
     pub fn stream_mut(&mut self) -> &mut S {
         self.framed.get_mut()
     }

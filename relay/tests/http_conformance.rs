@@ -3,6 +3,7 @@
 mod http_common;
 
 use bytes::{Bytes, BytesMut};
+use derpfleet_proto::codec::ClientCodec;
 use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::NodePrivate;
 use futures_util::{SinkExt, StreamExt};
@@ -11,6 +12,31 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::codec::Decoder;
+
+type WsStream = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// The server's DERP byte stream read out of WebSocket messages, however they split it.
+#[derive(Default)]
+struct WsInbound {
+    bytes: BytesMut,
+    codec: ClientCodec,
+}
+
+impl WsInbound {
+    async fn next(&mut self, ws: &mut WsStream) -> ServerToClient {
+        loop {
+            if let Some(m) = self.codec.decode(&mut self.bytes).unwrap() {
+                return m;
+            }
+            match tokio::time::timeout(STEP, ws.next()).await.unwrap() {
+                Some(Ok(Message::Binary(b))) => self.bytes.extend_from_slice(&b),
+                Some(Ok(_)) => {}
+                other => panic!("websocket ended: {other:?}"),
+            }
+        }
+    }
+}
 
 #[tokio::test]
 async fn c31_derp_without_upgrade_is_426() {
@@ -88,20 +114,8 @@ async fn c35_websocket_derp_with_frames_split_and_packed_across_messages() {
     assert!(resp.headers().get("sec-websocket-extensions").is_none(), "no compression");
 
     // Read the server's byte stream (ServerKey) from however many messages it takes.
-    let mut inbound = BytesMut::new();
-    let mut dec = derpfleet_proto::FrameDecoder::new(derpfleet_proto::frame::Role::Client);
-    let mut next_frame = async |ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
-                                inbound: &mut BytesMut| loop {
-        if let Some(f) = dec.decode(inbound).unwrap() {
-            return ServerToClient::decode(f).unwrap();
-        }
-        match tokio::time::timeout(STEP, ws.next()).await.unwrap() {
-            Some(Ok(Message::Binary(b))) => inbound.extend_from_slice(&b),
-            Some(Ok(_)) => {}
-            other => panic!("websocket ended: {other:?}"),
-        }
-    };
-    assert_eq!(next_frame(&mut ws, &mut inbound).await, ServerToClient::ServerKey(server_key.public()));
+    let mut inbound = WsInbound::default();
+    assert_eq!(inbound.next(&mut ws).await, ServerToClient::ServerKey(server_key.public()));
 
     // ClientInfo split across three messages.
     let a_key = NodePrivate::generate();
@@ -109,7 +123,7 @@ async fn c35_websocket_derp_with_frames_split_and_packed_across_messages() {
     for part in [&ci[..3], &ci[3..40], &ci[40..]] {
         ws.send(Message::Binary(Bytes::copy_from_slice(part))).await.unwrap();
     }
-    match next_frame(&mut ws, &mut inbound).await {
+    match inbound.next(&mut ws).await {
         ServerToClient::ServerInfo(_) => {}
         other => panic!("expected ServerInfo, got {other:?}"),
     }
@@ -134,7 +148,7 @@ async fn c35_websocket_derp_with_frames_split_and_packed_across_messages() {
         .await
         .unwrap();
     loop {
-        match next_frame(&mut ws, &mut inbound).await {
+        match inbound.next(&mut ws).await {
             ServerToClient::KeepAlive => continue,
             ServerToClient::RecvPacket { src, data } => {
                 assert_eq!((src, &data[..]), (b_key.public(), &b"back"[..]));
@@ -350,18 +364,7 @@ async fn websocket_upgrade_on_a_later_keepalive_request_works() {
     let (mut ws, resp) =
         tokio::time::timeout(STEP, tokio_tungstenite::client_async(req, s)).await.unwrap().unwrap();
     assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "derp");
-    let mut inbound = BytesMut::new();
-    let mut dec = derpfleet_proto::FrameDecoder::new(derpfleet_proto::frame::Role::Client);
-    let frame = loop {
-        if let Some(f) = dec.decode(&mut inbound).unwrap() {
-            break ServerToClient::decode(f).unwrap();
-        }
-        match tokio::time::timeout(STEP, ws.next()).await.unwrap() {
-            Some(Ok(Message::Binary(b))) => inbound.extend_from_slice(&b),
-            Some(Ok(_)) => {}
-            other => panic!("websocket ended: {other:?}"),
-        }
-    };
+    let frame = WsInbound::default().next(&mut ws).await;
     assert_eq!(frame, ServerToClient::ServerKey(key.public()));
     relay.shutdown().await;
 }

@@ -7,10 +7,9 @@ mod mesh_common;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use derpfleet_client::ConnectOptions;
-use derpfleet_proto::frame::{FrameDecoder, FrameType, Role};
-use derpfleet_proto::handshake::seal_client_info;
+use derpfleet_proto::frame::FrameType;
 use derpfleet_proto::msg::{ClientToServer, PeerGoneReason, ServerToClient};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
 use derpfleet_relay::core::registry::PacketForwarder;
@@ -69,7 +68,7 @@ async fn c21_watcher_gets_present_for_every_client_then_present_and_gone() -> Re
 
 /// A raw-HTTP DERP client that sends `Ideal-Node` (the client library only sends it for a
 /// region's non-first node over TLS).
-async fn ideal_node_client(addr: std::net::SocketAddr) -> Result<(TcpStream, NodePublic)> {
+async fn ideal_node_client(addr: std::net::SocketAddr) -> Result<(TestClient, NodePublic)> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(
         b"GET /derp HTTP/1.1\r\nHost: r\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nIdeal-Node: n1\r\n\r\n",
@@ -80,22 +79,10 @@ async fn ideal_node_client(addr: std::net::SocketAddr) -> Result<(TcpStream, Nod
         head.push(tokio::time::timeout(T, s.read_u8()).await??);
     }
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    let mut dec = FrameDecoder::new(Role::Client);
-    let mut buf = BytesMut::new();
     let key = NodePrivate::generate();
-    let server = loop {
-        if let Some(f) = dec.decode(&mut buf)? {
-            match ServerToClient::decode(f)? {
-                ServerToClient::ServerKey(k) => break k,
-                other => bail!("expected ServerKey, got {other:?}"),
-            }
-        }
-        tokio::time::timeout(T, s.read_buf(&mut buf)).await??;
-    };
-    let mut out = BytesMut::new();
-    ClientToServer::ClientInfo(seal_client_info(&key, &server, &tailscaled_info())).encode(&mut out);
-    s.write_all(&out).await?;
-    Ok((s, key.public()))
+    let mut c = TestClient::new(s, key.clone());
+    c.handshake(tailscaled_info()).await?;
+    Ok((c, key.public()))
 }
 
 #[tokio::test]

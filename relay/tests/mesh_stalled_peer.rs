@@ -9,14 +9,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use bytes::BytesMut;
-use derpfleet_proto::frame::{FrameDecoder, FrameType, Role};
+use derpfleet_proto::codec::ServerCodec;
 use derpfleet_proto::handshake::{open_client_info, seal_server_info, server_key_frame, ServerInfo};
-use derpfleet_proto::msg::ServerToClient;
+use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
 use derpfleet_relay::mesh::{Mesh, MeshPeer};
+use futures_util::StreamExt;
 use mesh_common::{eventually, eventually_within, gauge, knows, relay, Client, T};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::codec::{Framed, FramedParts};
 
 /// A "server" that completes the DERP handshake, announces `present` as one of its clients, and
 /// then never reads again (its receive buffer is small, so the link's writes stall soon).
@@ -42,19 +44,19 @@ async fn stalled_peer(
         s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
             .await?;
         s.write_all(&server_key_frame(&key.public())).await?;
-        let mut dec = FrameDecoder::new(Role::Server);
+        let mut parts = FramedParts::new::<ServerToClient>(s, ServerCodec::new());
+        parts.read_buf = buf;
+        let mut framed = Framed::from_parts(parts);
         let info = loop {
-            if let Some(f) = dec.decode(&mut buf)? {
-                if f.ty == FrameType::ClientInfo as u8 {
-                    break f;
-                }
-                continue;
-            }
-            if s.read_buf(&mut buf).await? == 0 {
-                bail!("closed before ClientInfo");
+            match framed.next().await {
+                Some(Ok(ClientToServer::ClientInfo(p))) => break p,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+                None => bail!("closed before ClientInfo"),
             }
         };
-        let (client, _) = open_client_info(&key, &info.payload)?;
+        let mut s = framed.into_inner();
+        let (client, _) = open_client_info(&key, &info)?;
         let mut out = BytesMut::new();
         ServerToClient::ServerInfo(seal_server_info(&key, &client, &ServerInfo::default())).encode(&mut out);
         ServerToClient::PeerPresent { key: present, endpoint: Some(remote), flags: 1 }.encode(&mut out);
