@@ -6,7 +6,9 @@
 //! already tells us the server key, so the request and ClientInfo go out in **one write** with
 //! `Derp-Fast-Start: 1` and no 101 is awaited. Otherwise we read the 101, then the ServerKey frame,
 //! then send ClientInfo. Either way the connection counts as up once ServerInfo opens. The whole
-//! connect is bounded by [`ConnectOptions::connect_timeout`] (10 s, as the Go client).
+//! connect is bounded by [`ConnectOptions::connect_timeout`] (10 s, as the Go client). The HTTP
+//! heads come from `derpfleet_proto::upgrade` and the handshake rules from
+//! `derpfleet_proto::client_handshake`; this file only moves their bytes.
 //!
 //! After connect, [`DerpConn::split`] yields a [`DerpSender`] (cheap to clone, many tasks may send)
 //! and a [`DerpReceiver`]. Frames to send go through a bounded queue to a writer task that encodes
@@ -21,18 +23,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use derpfleet_proto::client_handshake::{ClientHandshake, ClientHandshakeError, Established, Progress};
+use derpfleet_proto::codec::{ClientCodec, CodecError};
 use derpfleet_proto::consts::*;
 use derpfleet_proto::derpmap::{CertCheck, DerpRegion};
-use derpfleet_proto::frame::{FrameDecoder, FrameError, FrameType, Role};
-use derpfleet_proto::handshake::{
-    open_server_info, seal_client_info, ClientInfo, HandshakeError, ServerInfo,
-};
+use derpfleet_proto::frame::FrameError;
+use derpfleet_proto::handshake::{ClientInfo, HandshakeError, ServerInfo};
 use derpfleet_proto::msg::{ClientToServer, ServerToClient};
+use derpfleet_proto::upgrade::{
+    parse_response_head, websocket_request, ResponseHead, UpgradeError, UpgradeRequest,
+};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
+use futures_util::StreamExt;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_util::codec::{Decoder, Framed, FramedParts};
 use tokio_util::sync::CancellationToken;
 
 use crate::dial::{self, DerpUrl, DialError};
@@ -43,8 +50,6 @@ pub trait DerpStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> DerpStream for T {}
 pub(crate) type BoxStream = Box<dyn DerpStream>;
 
-/// Largest HTTP response head we read before the DERP stream starts.
-const MAX_RESPONSE_HEAD: usize = 16 << 10;
 /// Bytes the writer gathers before writing even if more frames are queued.
 const WRITE_BATCH_BYTES: usize = 256 << 10;
 
@@ -173,6 +178,16 @@ pub enum ConnectError {
     Timeout(Duration),
 }
 
+impl From<CodecError> for ConnError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::Io(e) => Self::Io(e),
+            CodecError::Frame(e) => Self::Frame(e),
+            other => Self::Io(std::io::Error::other(other.to_string())),
+        }
+    }
+}
+
 /// Why a connected DERP connection stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -258,7 +273,7 @@ pub struct BareConn {
 struct Handshaken {
     stream: BoxStream,
     buf: BytesMut,
-    dec: FrameDecoder,
+    codec: ClientCodec,
     info: ConnInfo,
 }
 
@@ -344,91 +359,69 @@ pub(crate) async fn transport(target: &DerpTarget, opts: &ConnectOptions) -> Res
     }
 }
 
-fn upgrade_request(t: &Transport, fast: bool) -> Vec<u8> {
-    let mut r = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: derpfleet-client/{}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n",
-        t.path,
-        t.host_header,
-        env!("CARGO_PKG_VERSION")
-    );
-    if let Some(n) = &t.ideal_node {
-        r.push_str(&format!("{IDEAL_NODE_HEADER}: {n}\r\n"));
-    }
-    if fast {
-        r.push_str(&format!("{FAST_START_HEADER}: 1\r\n"));
-    }
-    r.push_str("\r\n");
-    r.into_bytes()
+fn user_agent() -> String {
+    format!("derpfleet-client/{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Reads the HTTP response head (status must be 101); returns its headers, with `buf` holding
-/// whatever followed the head.
-async fn read_upgrade_response(
-    s: &mut BoxStream,
-    buf: &mut BytesMut,
-) -> Result<Vec<(String, String)>, ConnectError> {
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(buf) {
-            Ok(httparse::Status::Complete(n)) => {
-                let status = resp.code.unwrap_or(0);
-                if status == 101 {
-                    let headers = resp
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
-                        .collect();
-                    let _ = buf.split_to(n);
-                    return Ok(headers);
-                }
-                let content_len = resp
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
-                    .unwrap_or(0)
-                    .min(1024);
-                let _ = buf.split_to(n);
-                while buf.len() < content_len {
-                    if s.read_buf(buf).await.unwrap_or(0) == 0 {
-                        break;
-                    }
-                }
-                let body = String::from_utf8_lossy(&buf[..buf.len().min(1024)]).trim().to_string();
-                return Err(ConnectError::HttpStatus { status, body });
-            }
-            Ok(httparse::Status::Partial) => {
-                if buf.len() > MAX_RESPONSE_HEAD {
-                    return Err(ConnectError::Http("response head too large".into()));
-                }
-                if s.read_buf(buf).await? == 0 {
-                    return Err(ConnectError::Http("connection closed before the HTTP response".into()));
-                }
-            }
+fn upgrade_request(t: &Transport, fast: bool) -> Vec<u8> {
+    UpgradeRequest {
+        path: &t.path,
+        host: &t.host_header,
+        user_agent: &user_agent(),
+        ideal_node: t.ideal_node.as_deref(),
+        fast_start: fast,
+    }
+    .to_bytes()
+}
+
+/// Reads more bytes into `buf`; the server closing first is an error.
+async fn read_more(s: &mut BoxStream, buf: &mut BytesMut) -> Result<(), ConnectError> {
+    if s.read_buf(buf).await? == 0 {
+        return Err(ConnectError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(())
+}
+
+/// Reads the HTTP response head (status must be 101); returns it, with `buf` holding whatever
+/// followed the head.
+async fn read_upgrade_response(s: &mut BoxStream, buf: &mut BytesMut) -> Result<ResponseHead, ConnectError> {
+    let head = loop {
+        match parse_response_head(buf) {
+            Ok(Some(head)) => break head,
+            Ok(None) => {}
+            Err(UpgradeError::TooLarge) => return Err(ConnectError::Http("response head too large".into())),
+            Err(UpgradeError::Malformed(e)) => return Err(ConnectError::Http(e)),
             Err(e) => return Err(ConnectError::Http(e.to_string())),
         }
+        if s.read_buf(buf).await? == 0 {
+            return Err(ConnectError::Http("connection closed before the HTTP response".into()));
+        }
+    };
+    let _ = buf.split_to(head.len);
+    if head.is_upgrade() {
+        return Ok(head);
     }
+    let content_len = head.content_length().unwrap_or(0).min(1024);
+    while buf.len() < content_len {
+        if s.read_buf(buf).await.unwrap_or(0) == 0 {
+            break;
+        }
+    }
+    let body = String::from_utf8_lossy(&buf[..buf.len().min(1024)]).trim().to_string();
+    Err(ConnectError::HttpStatus { status: head.status, body })
 }
 
 /// Upgrades to a WebSocket with subprotocol `derp`; returns the byte stream over it.
 async fn websocket_upgrade(t: &mut Transport, buf: &mut BytesMut) -> Result<BoxStream, ConnectError> {
     let key = crate::ws::new_key();
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: derpfleet-client/{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
-        t.path,
-        t.host_header,
-        env!("CARGO_PKG_VERSION"),
-        crate::ws::SUBPROTOCOL,
-    );
-    t.stream.write_all(req.as_bytes()).await?;
+    let req = websocket_request(&t.path, &t.host_header, &user_agent(), &key, crate::ws::SUBPROTOCOL);
+    t.stream.write_all(&req).await?;
     t.stream.flush().await?;
-    let headers = read_upgrade_response(&mut t.stream, buf).await?;
-    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.trim().to_string());
-    if get("sec-websocket-accept") != Some(crate::ws::accept_for(&key)) {
+    let head = read_upgrade_response(&mut t.stream, buf).await?;
+    if head.header("sec-websocket-accept") != Some(crate::ws::accept_for(&key).as_str()) {
         return Err(ConnectError::Http("WebSocket upgrade without a valid Sec-WebSocket-Accept".into()));
     }
-    if get("sec-websocket-protocol").as_deref() != Some(crate::ws::SUBPROTOCOL) {
+    if head.header("sec-websocket-protocol") != Some(crate::ws::SUBPROTOCOL) {
         return Err(ConnectError::Http("server did not accept the `derp` WebSocket subprotocol".into()));
     }
     let stream = std::mem::replace(&mut t.stream, Box::new(tokio::io::duplex(1).0));
@@ -439,43 +432,77 @@ async fn websocket_upgrade(t: &mut Transport, buf: &mut BytesMut) -> Result<BoxS
     ))
 }
 
-async fn read_frame(
-    s: &mut BoxStream,
-    buf: &mut BytesMut,
-    dec: &mut FrameDecoder,
-) -> Result<ServerToClient, ConnectError> {
-    loop {
-        if let Some(f) = dec.decode(buf)? {
-            return Ok(ServerToClient::decode(f)?);
-        }
-        buf.reserve(4096);
-        if s.read_buf(buf).await? == 0 {
-            return Err(ConnectError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-    }
-}
-
-fn client_info_frame(opts: &ConnectOptions, server: &NodePublic) -> BytesMut {
-    let info = ClientInfo {
+fn client_info(opts: &ConnectOptions) -> ClientInfo {
+    ClientInfo {
         mesh_key: opts.mesh_key,
         version: PROTOCOL_VERSION as i64,
         can_ack_pings: true,
         is_prober: opts.is_prober,
         app_name: opts.app_name.clone(),
+    }
+}
+
+impl From<ClientHandshakeError> for ConnectError {
+    fn from(e: ClientHandshakeError) -> Self {
+        match e {
+            ClientHandshakeError::NoServerKey(ty) => Self::NoServerKey(ty),
+            ClientHandshakeError::KeyMismatch { got, expected } => {
+                Self::KeyMismatch { frame: got, cert: expected }
+            }
+            ClientHandshakeError::ServerInfo(e) => Self::Handshake(e),
+            other => Self::Io(std::io::Error::other(other.to_string())),
+        }
+    }
+}
+
+impl From<CodecError> for ConnectError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::Io(e) => Self::Io(e),
+            CodecError::Frame(e) => Self::Frame(e),
+            other => Self::Io(std::io::Error::other(other.to_string())),
+        }
+    }
+}
+
+/// Runs `hs` over the stream until ServerInfo, with the frames read by one framed reader that
+/// starts from the bytes already in `buf`. Returns what the handshake established, the bytes
+/// read past it and the codec (for the receiver).
+async fn run_handshake(
+    stream: &mut BoxStream,
+    buf: BytesMut,
+    mut hs: ClientHandshake,
+) -> Result<(Established, BytesMut, ClientCodec), ConnectError> {
+    let mut parts = FramedParts::new::<ClientToServer>(stream, ClientCodec::new());
+    parts.read_buf = buf;
+    let mut framed = Framed::from_parts(parts);
+    let up = loop {
+        let frame = match framed.next().await {
+            Some(f) => f?,
+            None => return Err(ConnectError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+        };
+        match hs.feed(frame)? {
+            Progress::Send(out) => {
+                let s = framed.get_mut();
+                s.write_all(&out).await?;
+                s.flush().await?;
+            }
+            Progress::Pending => {}
+            Progress::Done(up) => break up,
+        }
     };
-    let mut b = BytesMut::new();
-    ClientToServer::ClientInfo(seal_client_info(&opts.private_key, server, &info)).encode(&mut b);
-    b
+    let parts = framed.into_parts();
+    Ok((up, parts.read_buf, parts.codec))
 }
 
 async fn connect_inner(target: &DerpTarget, opts: &ConnectOptions) -> Result<DerpConn, ConnectError> {
-    let Handshaken { stream, buf, dec, info } = handshake(target, opts).await?;
+    let Handshaken { stream, buf, codec, info } = handshake(target, opts).await?;
     let (r, w) = tokio::io::split(stream);
     let (sender, cancel) = spawn_writer(w, opts.send_queue, opts.write_timeout, opts.write_per_frame);
     let receiver = DerpReceiver {
         r,
         buf,
-        dec,
+        codec,
         pong: sender.clone(),
         read_timeout: opts.read_timeout,
         cancel,
@@ -488,27 +515,26 @@ async fn connect_inner(target: &DerpTarget, opts: &ConnectOptions) -> Result<Der
 async fn handshake(target: &DerpTarget, opts: &ConnectOptions) -> Result<Handshaken, ConnectError> {
     let mut t = transport(target, opts).await?;
     let mut buf = BytesMut::with_capacity(4 << 10);
-    let mut dec = FrameDecoder::new(Role::Client);
     if opts.websocket {
         t.stream = websocket_upgrade(&mut t, &mut buf).await?;
     }
     let fast_key = t.meta_key.filter(|_| opts.fast_start && !opts.websocket);
-    let server_key = match fast_key {
+    let hs = match fast_key {
         Some(key) => {
+            let (hs, client_info) =
+                ClientHandshake::with_server_key(opts.private_key.clone(), client_info(opts), key);
             let mut out = upgrade_request(&t, true);
-            out.put_slice(&client_info_frame(opts, &key));
+            out.put_slice(&client_info);
             t.stream.write_all(&out).await?;
             t.stream.flush().await?;
             // A server (or proxy) that ignores fast start still answers 101 first: accept it.
             while buf.len() < 5 {
-                if t.stream.read_buf(&mut buf).await? == 0 {
-                    return Err(ConnectError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-                }
+                read_more(&mut t.stream, &mut buf).await?;
             }
             if buf.starts_with(b"HTTP/") {
                 read_upgrade_response(&mut t.stream, &mut buf).await?;
             }
-            key
+            hs
         }
         None => {
             if !opts.websocket {
@@ -516,40 +542,20 @@ async fn handshake(target: &DerpTarget, opts: &ConnectOptions) -> Result<Handsha
                 t.stream.flush().await?;
                 read_upgrade_response(&mut t.stream, &mut buf).await?;
             }
-            let key = match read_frame(&mut t.stream, &mut buf, &mut dec).await? {
-                ServerToClient::ServerKey(k) => k,
-                other => return Err(ConnectError::NoServerKey(frame_type_of(&other))),
-            };
-            t.stream.write_all(&client_info_frame(opts, &key)).await?;
-            t.stream.flush().await?;
-            key
+            ClientHandshake::new(opts.private_key.clone(), client_info(opts))
         }
     };
     // Up to ServerInfo: a fast-start server still sends ServerKey first; it must agree.
-    let server_info = loop {
-        match read_frame(&mut t.stream, &mut buf, &mut dec).await? {
-            ServerToClient::ServerInfo(p) => break open_server_info(&opts.private_key, &server_key, &p)?,
-            ServerToClient::ServerKey(k) if k != server_key => {
-                return Err(ConnectError::KeyMismatch { frame: k, cert: server_key })
-            }
-            _ => continue,
-        }
-    };
+    let (up, buf, codec) = run_handshake(&mut t.stream, buf, hs).await?;
     tracing::debug!(host = %t.host, remote = %t.remote, fast = fast_key.is_some(), "DERP connected");
     let info = ConnInfo {
-        server_key,
-        server_info,
+        server_key: up.server_key,
+        server_info: up.server_info,
         remote: t.remote,
         node_name: t.node_name,
         fast_start: fast_key.is_some(),
     };
-    Ok(Handshaken { stream: t.stream, buf, dec, info })
-}
-
-fn frame_type_of(m: &ServerToClient) -> u8 {
-    let mut b = BytesMut::new();
-    m.encode(&mut b);
-    b.first().copied().unwrap_or(0)
+    Ok(Handshaken { stream: t.stream, buf, codec, info })
 }
 
 /// Spawns the writer task; returns the sender and a token cancelled when the writer stops.
@@ -737,7 +743,7 @@ impl DerpSender {
 pub struct DerpReceiver {
     r: ReadHalf<BoxStream>,
     buf: BytesMut,
-    dec: FrameDecoder,
+    codec: ClientCodec,
     pong: DerpSender,
     read_timeout: Duration,
     cancel: CancellationToken,
@@ -766,11 +772,7 @@ impl DerpReceiver {
             return Err(ConnError::Closed);
         }
         loop {
-            while let Some(f) = self.dec.decode(&mut self.buf)? {
-                if FrameType::from_u8(f.ty).is_none() {
-                    continue;
-                }
-                let m = ServerToClient::decode(f)?;
+            while let Some(m) = self.codec.decode(&mut self.buf)? {
                 match m {
                     ServerToClient::Ignored(_) => continue,
                     ServerToClient::Ping(d) => {

@@ -29,7 +29,7 @@ fn firing(alerts: &[Value], name: &str, node: &str) -> bool {
 #[test]
 fn prometheus_fires_node_down_when_a_relay_is_killed() {
     let mut fleet = Fleet::start("prom");
-    let dir = fleet.dir.0.clone();
+    let dir = fleet.dir.path().to_path_buf();
     let probe_port = free_tcp_port();
     let probe_addr = std::net::SocketAddr::from(([127, 0, 0, 1], probe_port));
     let log = std::fs::File::create(dir.join("probe.log")).unwrap();

@@ -32,13 +32,13 @@ fn rules_pass_promtool_check_and_their_unit_tests() {
     let (ok, text) = promtool(&["test", "rules", "tests/derpfleet-rules.test.yml"], &dir);
     assert!(ok && text.contains("SUCCESS"), "{text}");
     // The same check refuses a broken rule (so a pass above means something).
-    let tmp = common::TempDir::new("promtool-bad");
+    let tmp = common::temp_dir("promtool-bad");
     let bad = std::fs::read_to_string(dir.join("derpfleet-rules.yml")).unwrap().replace(
         "max by (region, node) (derpprobe_result{class=\"derp\"}) == 0",
         "max by (region, node (derpprobe_result == 0",
     );
-    std::fs::write(tmp.0.join("bad.yml"), bad).unwrap();
-    let (ok, text) = promtool(&["check", "rules", "bad.yml"], &tmp.0);
+    std::fs::write(tmp.path().join("bad.yml"), bad).unwrap();
+    let (ok, text) = promtool(&["check", "rules", "bad.yml"], tmp.path());
     assert!(!ok, "a broken expression must fail: {text}");
 }
 
@@ -71,7 +71,7 @@ fn dashboard_exprs() -> Vec<String> {
 fn every_dashboard_expression_parses() {
     let exprs = dashboard_exprs();
     assert!(exprs.len() >= 20, "relay and prober panels: {exprs:?}");
-    let tmp = common::TempDir::new("dash");
+    let tmp = common::temp_dir("dash");
     let rules = |exprs: &[String]| {
         let mut y = String::from("groups:\n  - name: dashboard\n    rules:\n");
         for (i, e) in exprs.iter().enumerate() {
@@ -82,13 +82,13 @@ fn every_dashboard_expression_parses() {
         }
         y
     };
-    std::fs::write(tmp.0.join("dash.yml"), rules(&exprs)).unwrap();
-    let (ok, text) = promtool(&["check", "rules", "dash.yml"], &tmp.0);
+    std::fs::write(tmp.path().join("dash.yml"), rules(&exprs)).unwrap();
+    let (ok, text) = promtool(&["check", "rules", "dash.yml"], tmp.path());
     assert!(ok && text.contains(&format!("SUCCESS: {} rules found", exprs.len())), "{text}");
     let mut broken = exprs.clone();
     broken.push("rate(derp_packets_received[5m]".into());
-    std::fs::write(tmp.0.join("broken.yml"), rules(&broken)).unwrap();
-    assert!(!promtool(&["check", "rules", "broken.yml"], &tmp.0).0, "an unparsable expression must fail");
+    std::fs::write(tmp.path().join("broken.yml"), rules(&broken)).unwrap();
+    assert!(!promtool(&["check", "rules", "broken.yml"], tmp.path()).0, "an unparsable expression must fail");
 }
 
 #[test]

@@ -214,8 +214,8 @@ fn bad_flags_exit_2_and_a_bad_map_names_the_file_and_field() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("-no-such-flag"));
 
-    let dir = common::TempDir::new("badmap");
-    let map = dir.0.join("map.json");
+    let dir = common::temp_dir("badmap");
+    let map = dir.path().join("map.json");
     std::fs::write(
         &map,
         r#"{"Regions":{"1":{"RegionID":1,"Nodes":[{"Name":"1a","RegionID":1,"HostName":""}]}}}"#,
@@ -278,8 +278,8 @@ fn stun_probes_each_family_the_node_has() {
         .spawn()
         .unwrap();
     let _responder = common::Proc { child: responder, what: "derpfleet-stun".into() };
-    let dir = common::TempDir::new("stun6");
-    let map = dir.0.join("map.json");
+    let dir = common::temp_dir("stun6");
+    let map = dir.path().join("map.json");
     let json = serde_json::json!({"Regions":{"7":{"RegionID":7,"RegionCode":"six","Nodes":[
         {"Name":"7s","RegionID":7,"HostName":"::1","IPv4":"none","STUNPort":port6,"STUNOnly":true}]}}});
     std::fs::write(&map, serde_json::to_vec(&json).unwrap()).unwrap();

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_tcp_port, http_get, wait_until, Fleet, Proc, TempDir};
+use common::{free_tcp_port, http_get, temp_dir, wait_until, Fleet, Proc};
 
 /// Runs chromium headless with `args` for `url`, killed after 90 s; returns stdout.
 fn chromium(profile: &Path, args: &[String], url: &str) -> String {
@@ -83,7 +83,7 @@ fn metrics_series_and_status_page_rendered_in_headless_chromium() {
     let fleet = Fleet::start("page");
     let port = free_tcp_port();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let log = std::fs::File::create(fleet.dir.0.join("probe.log")).unwrap();
+    let log = std::fs::File::create(fleet.dir.path().join("probe.log")).unwrap();
     let child = fleet
         .prober()
         .args(["-derp-map", &fleet.map_url(), "-listen", &format!("127.0.0.1:{port}"), "-spread=false"])
@@ -140,9 +140,9 @@ fn metrics_series_and_status_page_rendered_in_headless_chromium() {
     assert!(metrics.contains("derpprobe_derpmap_ok 1") && metrics.contains("derpprobe_probes 14"));
 
     // The DOM after the page's script ran.
-    let profile = TempDir::new("chromium");
+    let profile = temp_dir("chromium");
     let url = format!("http://127.0.0.1:{port}/");
-    let dom = chromium(&profile.0, &["--dump-dom".into()], &url);
+    let dom = chromium(profile.path(), &["--dump-dom".into()], &url);
     assert!(dom.contains("data-rendered=\"14\""), "the script rendered all 14 probes:\n{dom}");
     assert!(dom.contains("11 good, 3 bad"), "summary:\n{dom}");
     assert!(dom.contains("probing from testlab"), "{dom}");
@@ -164,9 +164,9 @@ fn metrics_series_and_status_page_rendered_in_headless_chromium() {
 
     // The pixels: green and red cells at desktop and phone widths.
     for (w, h) in [(1000, 1000), (390, 844)] {
-        let shot = profile.0.join(format!("shot-{w}.png"));
+        let shot = profile.path().join(format!("shot-{w}.png"));
         chromium(
-            &profile.0,
+            profile.path(),
             &[format!("--window-size={w},{h}"), format!("--screenshot={}", shot.display())],
             &url,
         );

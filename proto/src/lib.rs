@@ -11,9 +11,16 @@
 //! - [`msg`]: [`msg::ClientToServer`] and [`msg::ServerToClient`] messages: decode with the spec's
 //!   validation rules, encode into a buffer.
 //! - [`handshake`]: ServerKey, ClientInfo and ServerInfo, with the NaCl box (`crypto_box`).
+//! - [`client_handshake`]: the client side of the handshake as a state machine (frames in,
+//!   bytes to send out), shared by every client in the workspace.
+//! - [`upgrade`]: the HTTP upgrade request head and the parsing of the response head.
+//! - `codec` (feature `codec`): `tokio_util::codec` decoders/encoders over [`frame::FrameDecoder`].
 //! - [`disco`]: just enough of the disco format for a relay to recognise disco packets.
 //! - [`derpmap`]: Tailscale's DERP map JSON (`tailcfg.DERPMap`) and its validation.
 
+pub mod client_handshake;
+#[cfg(feature = "codec")]
+pub mod codec;
 pub mod consts;
 pub mod derpmap;
 pub mod disco;
@@ -21,6 +28,7 @@ pub mod frame;
 pub mod handshake;
 pub mod key;
 pub mod msg;
+pub mod upgrade;
 
 pub use frame::{FrameDecoder, FrameError, FrameType, RawFrame};
 pub use key::{MeshKey, NodePrivate, NodePublic};

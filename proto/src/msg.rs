@@ -316,6 +316,24 @@ impl ServerToClient {
         })
     }
 
+    /// The frame type byte this message travels as.
+    pub fn frame_type(&self) -> u8 {
+        let t = match self {
+            Self::ServerKey(_) => FrameType::ServerKey,
+            Self::ServerInfo(_) => FrameType::ServerInfo,
+            Self::RecvPacket { .. } => FrameType::RecvPacket,
+            Self::KeepAlive => FrameType::KeepAlive,
+            Self::PeerGone { .. } => FrameType::PeerGone,
+            Self::PeerPresent { .. } => FrameType::PeerPresent,
+            Self::Ping(_) => FrameType::Ping,
+            Self::Pong(_) => FrameType::Pong,
+            Self::Health(_) => FrameType::Health,
+            Self::Restarting { .. } => FrameType::Restarting,
+            Self::Ignored(t) => return *t,
+        };
+        t as u8
+    }
+
     /// Bytes `encode` appends, header included.
     pub fn encoded_len(&self) -> usize {
         FRAME_HEADER_LEN

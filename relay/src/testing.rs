@@ -1,7 +1,8 @@
-//! Test fixtures: an in-process relay speaking raw DERP on loopback TCP, and a raw test client.
+//! Test fixtures: an in-process relay speaking raw DERP on loopback TCP, and the raw test client
+//! every relay test uses.
 //!
-//! Compiled with the `test-utils` feature (and in this crate's unit tests). Used by the core
-//! tests, the HTTP layer's tests and, later, the mesh tests:
+//! Compiled with the `test-utils` feature (and in this crate's unit tests). Used by the core,
+//! HTTP, mesh and operations tests:
 //!
 //! ```ignore
 //! let relay = spawn_core_relay().await;
@@ -23,16 +24,34 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{BufMut, BytesMut};
+use derpfleet_proto::client_handshake::{ClientHandshake, Progress};
+use derpfleet_proto::codec::CodecError;
+use derpfleet_proto::consts::{HANDSHAKE_TIMEOUT, PROTOCOL_VERSION};
 use derpfleet_proto::frame::{put_header, FrameDecoder, FrameType, RawFrame, Role};
-use derpfleet_proto::handshake::{open_server_info, seal_client_info, ClientInfo, ServerInfo};
+use derpfleet_proto::handshake::{open_server_info, ClientInfo, ServerInfo};
 use derpfleet_proto::msg::{ClientToServer, PeerGoneReason, ServerToClient};
 use derpfleet_proto::{MeshKey, NodePrivate, NodePublic};
-use futures_util::FutureExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::{FutureExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_util::codec::FramedRead;
 
 use crate::core::derp_server::{ConnInfo, CoreConfig, DerpServer, DerpServerConfig};
+
+pub use tempfile::TempDir;
+
+/// A fresh directory under the system temp dir named `derpfleet-<tag>-…`, removed on drop.
+/// Mode 0755 (what `create_dir_all` gives), so daemons a test starts that drop privileges
+/// (nginx workers, HAProxy) can read the files the test writes there.
+pub fn temp_dir(tag: &str) -> TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix(&format!("derpfleet-{tag}-"))
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir()
+        .expect("create a temp dir")
+}
 
 /// A default timeout for `want_*` calls in tests.
 pub const WANT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,6 +98,14 @@ impl CoreRelay {
     pub async fn client(&self) -> Result<TestClient> {
         TestClient::connect(self.addr, self.key()).await
     }
+
+    /// Connects a mesh peer with `mesh` that sent WatchConns (its own PeerPresent is still to
+    /// be read).
+    pub async fn watcher(&self, mesh: MeshKey) -> Result<TestClient> {
+        let mut w = TestClient::connect_with(self.addr, NodePrivate::generate(), mesh_info(mesh)).await?;
+        w.send(&ClientToServer::WatchConns).await?;
+        Ok(w)
+    }
 }
 
 impl Drop for CoreRelay {
@@ -91,6 +118,13 @@ impl Drop for CoreRelay {
 /// A relay with derper's defaults and a random key.
 pub async fn spawn_core_relay() -> CoreRelay {
     spawn_core_relay_with(DerpServerConfig::new(NodePrivate::generate()), CoreConfig::default()).await
+}
+
+/// A relay with a fresh mesh key (returned), otherwise derper's defaults.
+pub async fn spawn_mesh_relay() -> (CoreRelay, MeshKey) {
+    let mesh = MeshKey::generate();
+    let config = DerpServerConfig { mesh_key: Some(mesh), ..DerpServerConfig::new(NodePrivate::generate()) };
+    (spawn_core_relay_with(config, CoreConfig::default()).await, mesh)
 }
 
 /// A relay with the given settings.
@@ -120,19 +154,21 @@ pub async fn spawn_core_relay_with(config: DerpServerConfig, options: CoreConfig
     CoreRelay { addr, server, panics, accept_loop }
 }
 
-/// A raw DERP client for tests: it frames by hand with `derpfleet-proto` and checks nothing on
-/// its own, so tests can send anything and observe exactly what the server writes.
-pub struct TestClient {
+/// A raw DERP client for tests, over any byte stream (TCP, TLS, an upgraded HTTP connection).
+///
+/// It frames with `derpfleet-proto` (its frame decoder as a `FramedRead`, its client handshake
+/// machine) and checks nothing else on its own, so tests can send anything and observe exactly
+/// what the server writes. Constructors that take a [`TcpStream`] dial; [`TestClient::new`] and
+/// [`TestClient::over`] take a stream the test has already set up (e.g. after the HTTP upgrade).
+pub struct TestClient<S = TcpStream> {
     /// The client's private key.
     pub key: NodePrivate,
     /// The server key read from ServerKey.
     pub server_key: NodePublic,
-    stream: TcpStream,
-    rbuf: BytesMut,
-    dec: FrameDecoder,
+    framed: FramedRead<S, FrameDecoder>,
 }
 
-impl std::fmt::Debug for TestClient {
+impl<S> std::fmt::Debug for TestClient<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TestClient").field("key", &self.key.public()).finish_non_exhaustive()
     }
@@ -148,7 +184,7 @@ pub fn mesh_info(mesh_key: MeshKey) -> ClientInfo {
     ClientInfo { mesh_key: Some(mesh_key), version: 2, ..Default::default() }
 }
 
-impl TestClient {
+impl TestClient<TcpStream> {
     /// Connects with a fresh key and [`tailscaled_info`], completing the handshake; checks that the
     /// server key is `server_key`.
     pub async fn connect(addr: SocketAddr, server_key: NodePublic) -> Result<Self> {
@@ -178,13 +214,7 @@ impl TestClient {
     pub async fn connect_raw(addr: SocketAddr) -> Result<Self> {
         let stream = TcpStream::connect(addr).await.context("connect")?;
         stream.set_nodelay(true)?;
-        let mut c = Self {
-            key: NodePrivate::generate(),
-            server_key: NodePublic::default(),
-            stream,
-            rbuf: BytesMut::new(),
-            dec: FrameDecoder::new(Role::Client),
-        };
+        let mut c = Self::new(stream, NodePrivate::generate());
         match c.recv_frame(WANT_TIMEOUT).await? {
             ServerToClient::ServerKey(k) => c.server_key = k,
             other => bail!("first frame is not ServerKey: {other:?}"),
@@ -194,21 +224,64 @@ impl TestClient {
 
     async fn handshake_on(stream: TcpStream, key: NodePrivate, info: ClientInfo) -> Result<Self> {
         stream.set_nodelay(true)?;
-        let mut c = Self {
+        let mut c = Self::new(stream, key);
+        c.handshake(info).await?;
+        Ok(c)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TestClient<S> {
+    /// A client over `io` with `key`: nothing is read or sent yet (`server_key` is unset until a
+    /// handshake).
+    pub fn new(io: S, key: NodePrivate) -> Self {
+        Self {
             key,
             server_key: NodePublic::default(),
-            stream,
-            rbuf: BytesMut::new(),
-            dec: FrameDecoder::new(Role::Client),
-        };
-        match c.recv_frame(WANT_TIMEOUT).await? {
-            ServerToClient::ServerKey(k) => c.server_key = k,
-            other => bail!("first frame is not ServerKey: {other:?}"),
+            framed: FramedRead::new(io, FrameDecoder::new(Role::Client)),
         }
-        let payload = seal_client_info(&c.key, &c.server_key, &info);
-        c.send_frame(FrameType::ClientInfo as u8, &payload).await?;
-        c.want_server_info().await?;
+    }
+
+    /// A client over `io` with `key`, handshaken with [`tailscaled_info`]; the server must say
+    /// protocol version 2 in ServerInfo.
+    pub async fn over(io: S, key: NodePrivate) -> Result<Self> {
+        let mut c = Self::new(io, key);
+        let info = c.handshake(tailscaled_info()).await?;
+        if info.version != PROTOCOL_VERSION as i64 {
+            bail!("ServerInfo version {} != {PROTOCOL_VERSION}", info.version);
+        }
         Ok(c)
+    }
+
+    /// Runs the client handshake (proto's [`ClientHandshake`]) with `info`: ServerKey in,
+    /// ClientInfo out, ServerInfo in. Sets `server_key`; returns what ServerInfo said.
+    pub async fn handshake(&mut self, info: ClientInfo) -> Result<ServerInfo> {
+        self.try_handshake(info).await?.ok_or_else(|| anyhow!("server closed instead of sending ServerInfo"))
+    }
+
+    /// [`TestClient::handshake`] for admission tests: `Ok(None)` when the server closes the
+    /// connection after ClientInfo instead of answering (refused); any frame other than ServerInfo
+    /// in its place is an error.
+    pub async fn try_handshake(&mut self, info: ClientInfo) -> Result<Option<ServerInfo>> {
+        let mut hs = ClientHandshake::new(self.key.clone(), info);
+        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(frame) = self.next(left).await.context("DERP handshake")? else {
+                if hs.server_key().is_some() {
+                    return Ok(None);
+                }
+                bail!("server closed before ServerKey");
+            };
+            let shown = format!("{frame:?}");
+            match hs.feed(frame)? {
+                Progress::Send(out) => {
+                    self.server_key = hs.server_key().expect("known once ClientInfo is due");
+                    self.write_raw(&out).await?;
+                }
+                Progress::Pending => bail!("expected ServerInfo or a close, got {shown}"),
+                Progress::Done(up) => return Ok(Some(up.server_info)),
+            }
+        }
     }
 
     /// Reads the next frame, which must be a ServerInfo that opens; returns its content.
@@ -224,14 +297,22 @@ impl TestClient {
         self.key.public()
     }
 
-    /// The underlying socket (e.g. for its local address).
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
+    /// The underlying stream (e.g. for its local address).
+    pub fn stream(&self) -> &S {
+        self.framed.get_ref()
+    }
+
+    /// The underlying stream, for writing by hand (this client buffers no writes, so bytes
+    /// written here go out in order with its own).
+    pub fn stream_mut(&mut self) -> &mut S {
+        self.framed.get_mut()
     }
 
     /// Writes raw bytes.
     pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<()> {
-        self.stream.write_all(bytes).await?;
+        let s = self.framed.get_mut();
+        s.write_all(bytes).await?;
+        s.flush().await?;
         Ok(())
     }
 
@@ -267,26 +348,41 @@ impl TestClient {
 
     /// Reads the next raw frame (any type, nothing skipped except what the client decoder skips).
     pub async fn recv_raw(&mut self, timeout: Duration) -> Result<RawFrame> {
-        tokio::time::timeout(timeout, async {
-            loop {
-                if let Some(f) = self.dec.decode(&mut self.rbuf)? {
-                    return Ok(f);
-                }
-                self.rbuf.reserve(64 << 10);
-                let n = self.stream.read_buf(&mut self.rbuf).await?;
-                if n == 0 {
-                    bail!("connection closed by server");
-                }
-            }
-        })
-        .await
-        .map_err(|_| anyhow!("no frame within {timeout:?}"))?
+        match tokio::time::timeout(timeout, self.framed.next()).await {
+            Err(_) => bail!("no frame within {timeout:?}"),
+            Ok(None) => bail!("connection closed by server"),
+            Ok(Some(f)) => Ok(f?),
+        }
     }
 
     /// Reads and decodes the next frame.
     pub async fn recv_frame(&mut self, timeout: Duration) -> Result<ServerToClient> {
         let f = self.recv_raw(timeout).await?;
         Ok(ServerToClient::decode(f)?)
+    }
+
+    /// The next frame, or `None` once the server closed the connection (a reset, or a close
+    /// inside a frame, counts as closed). Fails on a malformed frame and when nothing arrives
+    /// within `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Result<Option<ServerToClient>> {
+        match tokio::time::timeout(timeout, self.framed.next()).await {
+            Err(_) => bail!("no frame from the server within {timeout:?}"),
+            Ok(None) | Ok(Some(Err(CodecError::Io(_)))) => Ok(None),
+            Ok(Some(Err(e))) => Err(anyhow!("bad frame from the server: {e}")),
+            Ok(Some(Ok(f))) => Ok(Some(ServerToClient::decode(f)?)),
+        }
+    }
+
+    /// [`TestClient::next`], passing over KeepAlives.
+    pub async fn next_data(&mut self, timeout: Duration) -> Result<Option<ServerToClient>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await? {
+                Some(ServerToClient::KeepAlive) => continue,
+                f => return Ok(f),
+            }
+        }
     }
 
     /// Reads frames, skipping KeepAlives, until one `pick` accepts.
@@ -381,7 +477,7 @@ impl TestClient {
         let r = tokio::time::timeout(timeout, async {
             let mut scratch = [0u8; 64 << 10];
             loop {
-                match self.stream.read(&mut scratch).await {
+                match self.framed.get_mut().read(&mut scratch).await {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
                 }
@@ -393,12 +489,12 @@ impl TestClient {
 
     /// The raw socket, for tests that frame by hand after the handshake (bytes already
     /// buffered by this client are discarded).
-    pub fn into_stream(self) -> TcpStream {
-        self.stream
+    pub fn into_stream(self) -> S {
+        self.framed.into_inner()
     }
 
     /// Closes the client's side.
     pub async fn close(mut self) {
-        let _ = self.stream.shutdown().await;
+        let _ = self.framed.get_mut().shutdown().await;
     }
 }

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use derpfleet_proto::derpmap::{AddrUsage, DerpMap, DerpNode, DerpRegion};
+use derpfleet_proto::upgrade::parse_response_head;
 use derpfleet_stun::message::{build_request, parse_response, TxId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
@@ -406,15 +407,14 @@ pub async fn https_latency(region: &DerpRegion, opts: &ConnectOptions) -> Result
     t.stream.flush().await.map_err(|e| e.to_string())?;
     let mut buf = Vec::with_capacity(1024);
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        if let Ok(httparse::Status::Complete(_)) = resp.parse(&buf) {
-            let rtt = start.elapsed();
-            let code = resp.code.unwrap_or(0);
-            return if code > 299 { Err(format!("HTTP status {code}")) } else { Ok(rtt) };
-        }
-        if buf.len() > 16 << 10 {
-            return Err("response head too large".into());
+        match parse_response_head(&buf) {
+            Ok(Some(head)) => {
+                let rtt = start.elapsed();
+                let code = head.status;
+                return if code > 299 { Err(format!("HTTP status {code}")) } else { Ok(rtt) };
+            }
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
         }
         let mut chunk = [0u8; 2048];
         let n = t.stream.read(&mut chunk).await.map_err(|e| e.to_string())?;

@@ -9,15 +9,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use derpfleet_proto::frame::{FrameDecoder, Role};
+use derpfleet_proto::codec::ServerCodec;
 use derpfleet_proto::handshake::{open_client_info, seal_server_info, server_key_frame, ServerInfo};
 use derpfleet_proto::msg::{ClientToServer, ServerToClient};
 use derpfleet_proto::{NodePrivate, NodePublic};
+use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
+use tokio_util::codec::{Framed, FramedParts};
 
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -190,7 +192,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 #[allow(clippy::too_many_arguments)]
 async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
-    mut buf: BytesMut,
+    buf: BytesMut,
     send_101: bool,
     key: NodePrivate,
     _requests: Arc<Mutex<Vec<String>>>,
@@ -208,62 +210,55 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     if s.write_all(&out).await.is_err() || s.flush().await.is_err() {
         return;
     }
-    let mut dec = FrameDecoder::new(Role::Server);
-    let client = loop {
-        match dec.decode(&mut buf) {
-            Ok(Some(f)) => match ClientToServer::decode(f) {
-                Ok(ClientToServer::ClientInfo(p)) => match open_client_info(&key, &p) {
-                    Ok((c, info)) => {
-                        // Recorded as the opened JSON, so tests can check what the client said.
-                        let json = bytes::Bytes::from(info.to_json());
-                        received.lock().unwrap().push(ClientToServer::ClientInfo(json));
-                        break c;
-                    }
-                    Err(_) => return,
-                },
-                _ => return,
-            },
-            Ok(None) => {
-                if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-                    return;
-                }
+    // Frames from the client, starting with what followed the request head.
+    let mut parts = FramedParts::new::<ServerToClient>(s, ServerCodec::new());
+    parts.read_buf = buf;
+    let mut framed = Framed::from_parts(parts);
+    let client = match framed.next().await {
+        Some(Ok(ClientToServer::ClientInfo(p))) => match open_client_info(&key, &p) {
+            Ok((c, info)) => {
+                // Recorded as the opened JSON, so tests can check what the client said.
+                let json = bytes::Bytes::from(info.to_json());
+                received.lock().unwrap().push(ClientToServer::ClientInfo(json));
+                c
             }
             Err(_) => return,
-        }
+        },
+        _ => return,
     };
-    let mut w = BytesMut::new();
-    ServerToClient::ServerInfo(seal_server_info(&key, &client, &ServerInfo::default())).encode(&mut w);
-    if s.write_all(&w).await.is_err() || s.flush().await.is_err() {
+    let info = ServerToClient::ServerInfo(seal_server_info(&key, &client, &ServerInfo::default()));
+    if framed.send(info).await.is_err() {
         return;
     }
     let (tx, mut rx) = mpsc::channel::<ServerToClient>(4096);
     hub.lock().unwrap().insert(client, tx);
     loop {
-        w.clear();
-        tokio::select! {
-            m = rx.recv() => { let Some(m) = m else { break }; m.encode(&mut w); }
-            m = push.recv() => { let Ok(m) = m else { break }; m.encode(&mut w); }
-            r = s.read_buf(&mut buf) => {
-                if r.unwrap_or(0) == 0 { break; }
-                loop {
-                    let f = match dec.decode(&mut buf) { Ok(Some(f)) => f, Ok(None) => break, Err(_) => return };
-                    let Ok(m) = ClientToServer::decode(f) else { return };
-                    match &m {
-                        ClientToServer::SendPacket { dst, data } => {
-                            let tx = hub.lock().unwrap().get(dst).cloned();
-                            if let Some(tx) = tx {
-                                let _ = tx.send(ServerToClient::RecvPacket { src: client, data: data.clone() }).await;
-                            }
-                            continue; // not recorded: tests send many
+        let reply = tokio::select! {
+            m = rx.recv() => { let Some(m) = m else { break }; m }
+            m = push.recv() => { let Ok(m) = m else { break }; m }
+            m = framed.next() => {
+                let Some(Ok(m)) = m else { break };
+                match &m {
+                    ClientToServer::SendPacket { dst, data } => {
+                        let tx = hub.lock().unwrap().get(dst).cloned();
+                        if let Some(tx) = tx {
+                            let _ = tx.send(ServerToClient::RecvPacket { src: client, data: data.clone() }).await;
                         }
-                        ClientToServer::Ping(d) => ServerToClient::Pong(*d).encode(&mut w),
-                        _ => {}
+                        continue; // not recorded: tests send many
                     }
-                    received.lock().unwrap().push(m);
+                    ClientToServer::Ping(d) => {
+                        let pong = ServerToClient::Pong(*d);
+                        received.lock().unwrap().push(m);
+                        pong
+                    }
+                    _ => {
+                        received.lock().unwrap().push(m);
+                        continue;
+                    }
                 }
             }
-        }
-        if !w.is_empty() && (s.write_all(&w).await.is_err() || s.flush().await.is_err()) {
+        };
+        if framed.send(reply).await.is_err() {
             break;
         }
     }

@@ -14,26 +14,17 @@ use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
-/// A temporary directory removed on drop.
-pub struct TempDir(pub PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("dfprobe-{tag}-{}-{}", std::process::id(), rand_u32()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rand_u32() -> u32 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-    t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(7)
+/// A fresh directory under the system temp dir named `dfprobe-<tag>-…`, removed on drop
+/// (mode 0755, as `create_dir_all` would make it).
+pub fn temp_dir(tag: &str) -> TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix(&format!("dfprobe-{tag}-"))
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir()
+        .expect("create a temp dir")
 }
 
 /// A binary of the workspace, next to this test's profile directory.
@@ -216,20 +207,20 @@ impl Fleet {
 
     /// With `allowlist`, every relay runs with an empty `-allowlist`: only mesh-key holders get in.
     pub fn start_custom(tag: &str, valid_days: [Option<u64>; 3], allowlist: bool) -> Fleet {
-        let dir = TempDir::new(tag);
-        std::fs::write(dir.0.join("allowlist"), "# nobody but mesh-key holders\n").unwrap();
+        let dir = temp_dir(tag);
+        std::fs::write(dir.path().join("allowlist"), "# nobody but mesh-key holders\n").unwrap();
         let (ca_pem, ca) = test_ca();
-        let ca_path = dir.0.join("ca.pem");
+        let ca_path = dir.path().join("ca.pem");
         std::fs::write(&ca_path, ca_pem).unwrap();
         let mesh_key = derpfleet_proto::MeshKey::generate().to_hex();
-        std::fs::write(dir.0.join("mesh.key"), format!("{mesh_key}\n")).unwrap();
+        std::fs::write(dir.path().join("mesh.key"), format!("{mesh_key}\n")).unwrap();
         let ports: Vec<(u16, u16, u16)> =
             (0..3).map(|_| (free_tcp_port(), free_udp_port(), free_tcp_port())).collect();
         let with = format!("127.0.0.1:{},127.0.0.1:{}", ports[0].0, ports[1].0);
         let relays = vec![
-            start_relay(&dir.0, &ca, "1a", ports[0], Some(&with), valid_days[0], allowlist),
-            start_relay(&dir.0, &ca, "1b", ports[1], Some(&with), valid_days[1], allowlist),
-            start_relay(&dir.0, &ca, "2a", ports[2], None, valid_days[2], allowlist),
+            start_relay(dir.path(), &ca, "1a", ports[0], Some(&with), valid_days[0], allowlist),
+            start_relay(dir.path(), &ca, "1b", ports[1], Some(&with), valid_days[1], allowlist),
+            start_relay(dir.path(), &ca, "2a", ports[2], None, valid_days[2], allowlist),
         ];
         let dead = (free_tcp_port(), free_udp_port());
         let map = format!(
@@ -242,7 +233,7 @@ impl Fleet {
             node_json("2a", 2, ports[2].0, ports[2].1),
             node_json("3a", 3, dead.0, dead.1),
         );
-        let map_path = dir.0.join("derpmap.json");
+        let map_path = dir.path().join("derpmap.json");
         std::fs::write(&map_path, map).unwrap();
         let fleet = Fleet { dir, ca_pem: ca_path, map_path, relays, dead };
         for r in &fleet.relays {
@@ -262,7 +253,7 @@ impl Fleet {
 
     /// The region mesh key file the relays use.
     pub fn mesh_key_path(&self) -> PathBuf {
-        self.dir.0.join("mesh.key")
+        self.dir.path().join("mesh.key")
     }
 
     /// `file://` URL of the map.

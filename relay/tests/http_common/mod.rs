@@ -1,25 +1,26 @@
-//! Shared fixtures for the HTTP/TLS/interop tests: an in-process relay on loopback, a raw DERP
-//! client built from the proto crate, raw HTTP requests, and a `sha256-raw` pinning TLS verifier.
+//! Shared fixtures for the HTTP/TLS/interop tests: an in-process relay on loopback, the upgrade
+//! to DERP for the raw test client (`derpfleet_relay::testing::TestClient`), raw HTTP requests,
+//! and a `sha256-raw` pinning TLS verifier.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use derpfleet_proto::frame::Role;
-use derpfleet_proto::handshake::{open_server_info, seal_client_info, ClientInfo};
-use derpfleet_proto::msg::{ClientToServer, ServerToClient};
-use derpfleet_proto::{FrameDecoder, NodePrivate, NodePublic};
+use derpfleet_proto::handshake::seal_client_info;
+use derpfleet_proto::msg::ClientToServer;
+use derpfleet_proto::{NodePrivate, NodePublic};
 use derpfleet_relay::core::derp_server::DerpServerConfig;
 use derpfleet_relay::http::HomePage;
 use derpfleet_relay::server::{Server, ServerConfig, TcpConfig};
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use derpfleet_relay::testing::{tailscaled_info, temp_dir, TempDir, TestClient};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Every wait in these tests is bounded by this.
@@ -43,30 +44,10 @@ pub async fn plain_relay() -> (Server, NodePrivate) {
     (Server::spawn(config(key.clone())).await.unwrap(), key)
 }
 
-/// A fresh temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("derpfleet-{tag}-{}-{}", std::process::id(), rand_u64()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-pub fn rand_u64() -> u64 {
-    let k = NodePrivate::generate().to_bytes();
-    u64::from_le_bytes(k[..8].try_into().unwrap())
-}
-
 /// A TLS relay (certmode manual, IP hostname → self-signed) with the plain-HTTP port on.
 pub async fn tls_relay(dir: &TempDir) -> (Server, NodePrivate, derpfleet_relay::http::tls::TlsSetup) {
     let key = NodePrivate::generate();
-    let setup = derpfleet_relay::http::tls::manual(&dir.0, "127.0.0.1", &key.public()).unwrap();
+    let setup = derpfleet_relay::http::tls::manual(dir.path(), "127.0.0.1", &key.public()).unwrap();
     let mut cfg = config(key.clone());
     cfg.tls = Some(setup.config.clone());
     cfg.http_port = Some(0);
@@ -119,87 +100,9 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, extra: &str) -> Ht
     parse_response(&raw_exchange(addr, req.as_bytes()).await)
 }
 
-/// A minimal DERP client over any stream, built from the proto crate.
-pub struct RawDerp<S> {
-    pub io: S,
-    buf: BytesMut,
-    dec: FrameDecoder,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> RawDerp<S> {
-    pub fn new(io: S) -> Self {
-        Self::with_buffered(io, BytesMut::new())
-    }
-    pub fn with_buffered(io: S, buf: BytesMut) -> Self {
-        Self { io, buf, dec: FrameDecoder::new(Role::Client) }
-    }
-
-    /// The next frame, or None on EOF. Panics after [`STEP`].
-    pub async fn next(&mut self) -> Option<ServerToClient> {
-        tokio::time::timeout(STEP, async {
-            loop {
-                if let Some(f) = self.dec.decode(&mut self.buf).expect("bad frame from server") {
-                    return Some(ServerToClient::decode(f).expect("undecodable frame"));
-                }
-                if self.io.read_buf(&mut self.buf).await.ok()? == 0 {
-                    return None;
-                }
-            }
-        })
-        .await
-        .expect("no frame from the server in time")
-    }
-
-    /// Next frame that is not a KeepAlive.
-    pub async fn next_data(&mut self) -> Option<ServerToClient> {
-        loop {
-            match self.next().await? {
-                ServerToClient::KeepAlive => continue,
-                f => return Some(f),
-            }
-        }
-    }
-
-    pub async fn send(&mut self, msg: ClientToServer) {
-        let mut b = BytesMut::new();
-        msg.encode(&mut b);
-        self.io.write_all(&b).await.unwrap();
-        self.io.flush().await.unwrap();
-    }
-
-    /// Expects ServerKey, sends ClientInfo, expects ServerInfo version 2.
-    pub async fn handshake(&mut self, key: &NodePrivate) -> NodePublic {
-        let server = match self.next().await {
-            Some(ServerToClient::ServerKey(k)) => k,
-            other => panic!("expected ServerKey, got {other:?}"),
-        };
-        self.send(client_info_frame(key, &server)).await;
-        self.expect_server_info(key, &server).await;
-        server
-    }
-
-    pub async fn expect_server_info(&mut self, key: &NodePrivate, server: &NodePublic) {
-        match self.next().await {
-            Some(ServerToClient::ServerInfo(p)) => {
-                let info = open_server_info(key, server, &p).unwrap();
-                assert_eq!(info.version, 2);
-            }
-            other => panic!("expected ServerInfo, got {other:?}"),
-        }
-    }
-
-    /// Waits for a RecvPacket and returns (source, data).
-    pub async fn recv_packet(&mut self) -> (NodePublic, Vec<u8>) {
-        match self.next_data().await {
-            Some(ServerToClient::RecvPacket { src, data }) => (src, data.to_vec()),
-            other => panic!("expected RecvPacket, got {other:?}"),
-        }
-    }
-}
-
+/// The ClientInfo frame tailscaled sends to `server`, for tests that write it by hand.
 pub fn client_info_frame(key: &NodePrivate, server: &NodePublic) -> ClientToServer {
-    let info = ClientInfo { version: 2, can_ack_pings: true, ..Default::default() };
-    ClientToServer::ClientInfo(seal_client_info(key, server, &info))
+    ClientToServer::ClientInfo(seal_client_info(key, server, &tailscaled_info()))
 }
 
 pub fn encode(msg: &ClientToServer) -> Vec<u8> {
@@ -234,10 +137,9 @@ pub async fn derp_upgrade(addr: SocketAddr) -> TcpStream {
 }
 
 /// A connected, handshaken raw DERP client on a plain relay.
-pub async fn derp_client(addr: SocketAddr) -> (RawDerp<TcpStream>, NodePrivate) {
+pub async fn derp_client(addr: SocketAddr) -> (TestClient, NodePrivate) {
     let key = NodePrivate::generate();
-    let mut c = RawDerp::new(derp_upgrade(addr).await);
-    c.handshake(&key).await;
+    let c = TestClient::over(derp_upgrade(addr).await, key.clone()).await.unwrap();
     (c, key)
 }
 
@@ -254,14 +156,71 @@ fn common_name(der: &[u8]) -> Option<String> {
     Some(cn)
 }
 
-/// Tailscale's `sha256-raw:` rule (spec §2.6): ignore `derpkey*` certificates; exactly one other
-/// certificate; its SHA-256 must match; it must be within its validity dates. No chain.
-#[derive(Debug)]
-pub struct Sha256RawVerifier {
-    pub pin: [u8; 32],
+/// The one certificate verifier of the relay tests. [`TestVerifier::pinned`] applies Tailscale's
+/// `sha256-raw:` rule (spec §2.6): ignore `derpkey*` certificates; exactly one other certificate;
+/// its SHA-256 must match; it must be within its validity dates; no chain.
+/// [`TestVerifier::accept_any`] accepts whatever is shown. Both keep the chain they were shown
+/// ([`TestVerifier::seen`]) and check handshake signatures with the ring provider.
+#[derive(Debug, Default)]
+pub struct TestVerifier {
+    pin: Option<[u8; 32]>,
+    seen: std::sync::Mutex<Vec<CertificateDer<'static>>>,
 }
 
-impl ServerCertVerifier for Sha256RawVerifier {
+impl TestVerifier {
+    /// The `sha256-raw:` pin check.
+    pub fn pinned(pin: [u8; 32]) -> Arc<Self> {
+        Arc::new(Self { pin: Some(pin), ..Default::default() })
+    }
+
+    /// No check at all (the test inspects [`TestVerifier::seen`] instead).
+    pub fn accept_any() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The chain (end entity first) of the last handshake.
+    pub fn seen(&self) -> Vec<CertificateDer<'static>> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// A client config using this verifier, with `versions` and no ALPN (like tailscaled).
+    pub fn client_config(
+        self: &Arc<Self>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> rustls::ClientConfig {
+        rustls::ClientConfig::builder_with_provider(ring())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(self.clone())
+            .with_no_client_auth()
+    }
+
+    fn check_pin(
+        pin: &[u8; 32],
+        chain: &[CertificateDer<'static>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let others: Vec<&CertificateDer<'_>> =
+            chain.iter().filter(|c| !common_name(c).is_some_and(|cn| cn.starts_with("derpkey"))).collect();
+        if others.len() != 1 {
+            return Err(rustls::Error::General(format!("{} non-meta certificates", others.len())));
+        }
+        let der = others[0].as_ref();
+        if Sha256::digest(der).as_slice() != pin {
+            return Err(rustls::Error::General("sha256-raw mismatch".into()));
+        }
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| rustls::Error::General(format!("parse: {e}")))?;
+        let t = now.as_secs() as i64;
+        if t < cert.validity().not_before.timestamp() || t > cert.validity().not_after.timestamp() {
+            return Err(rustls::Error::General("certificate outside its validity".into()));
+        }
+        Ok(())
+    }
+}
+
+impl ServerCertVerifier for TestVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -270,22 +229,11 @@ impl ServerCertVerifier for Sha256RawVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let others: Vec<&CertificateDer<'_>> = std::iter::once(end_entity)
-            .chain(intermediates)
-            .filter(|c| !common_name(c).is_some_and(|cn| cn.starts_with("derpkey")))
-            .collect();
-        if others.len() != 1 {
-            return Err(rustls::Error::General(format!("{} non-meta certificates", others.len())));
-        }
-        let der = others[0].as_ref();
-        if Sha256::digest(der).as_slice() != self.pin {
-            return Err(rustls::Error::General("sha256-raw mismatch".into()));
-        }
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| rustls::Error::General(format!("parse: {e}")))?;
-        let t = now.as_secs() as i64;
-        if t < cert.validity().not_before.timestamp() || t > cert.validity().not_after.timestamp() {
-            return Err(rustls::Error::General("certificate outside its validity".into()));
+        let chain: Vec<CertificateDer<'static>> =
+            std::iter::once(end_entity).chain(intermediates).map(|c| c.clone().into_owned()).collect();
+        *self.seen.lock().unwrap() = chain.clone();
+        if let Some(pin) = &self.pin {
+            Self::check_pin(pin, &chain, now)?;
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -323,12 +271,7 @@ pub fn pinned_client(
     pin: [u8; 32],
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> rustls::ClientConfig {
-    rustls::ClientConfig::builder_with_provider(ring())
-        .with_protocol_versions(versions)
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Sha256RawVerifier { pin }))
-        .with_no_client_auth()
+    TestVerifier::pinned(pin).client_config(versions)
 }
 
 /// TLS-connects to `addr` with no SNI (IP-literal hostname, as tailscaled).
