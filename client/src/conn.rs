@@ -12,6 +12,8 @@
 //! and a [`DerpReceiver`]. Frames to send go through a bounded queue to a writer task that encodes
 //! everything queued into one buffer and writes it at once, so a burst of packets becomes a few
 //! TLS records instead of one record per packet. The receiver answers server Pings itself.
+//! [`ConnectOptions::write_per_frame`] turns the batching off (one write per frame, as Tailscale's
+//! client writes); [`DerpConn::connect_bare`] keeps only the socket (load generators).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,6 +89,11 @@ pub struct ConnectOptions {
     /// Deadline for each batched write; on expiry the connection closes (None = no deadline).
     /// Mesh links use 5 s, as derper's forwarding writes.
     pub write_timeout: Option<Duration>,
+    /// Write each frame on its own (one write and flush per frame, no coalescing of queued
+    /// frames), as Tailscale's Go client does: it writes header and payload through a
+    /// `bufio.Writer` and flushes on every send. Load generators use it to offer a relay the
+    /// syscall pattern real clients produce. Off by default (batched writes).
+    pub write_per_frame: bool,
 }
 
 impl ConnectOptions {
@@ -107,6 +114,7 @@ impl ConnectOptions {
             read_timeout: CLIENT_READ_TIMEOUT,
             connect_timeout: HANDSHAKE_TIMEOUT,
             write_timeout: None,
+            write_per_frame: false,
         }
     }
 }
@@ -213,6 +221,16 @@ impl DerpConn {
             .unwrap_or(Err(ConnectError::Timeout(opts.connect_timeout)))
     }
 
+    /// As [`Self::connect`], but keeps nothing past the handshake except the byte stream: no
+    /// writer task, no queue, no read buffer. For holding many idle connections (load
+    /// generators); the caller reads and writes raw DERP frames itself, if at all.
+    pub async fn connect_bare(target: &DerpTarget, opts: &ConnectOptions) -> Result<BareConn, ConnectError> {
+        let h = tokio::time::timeout(opts.connect_timeout, handshake(target, opts))
+            .await
+            .unwrap_or(Err(ConnectError::Timeout(opts.connect_timeout)))?;
+        Ok(BareConn { stream: h.stream, info: h.info, pending: h.buf })
+    }
+
     /// Facts about the connection.
     pub fn info(&self) -> &ConnInfo {
         &self.info
@@ -224,6 +242,24 @@ impl DerpConn {
     pub fn split(self) -> (DerpSender, DerpReceiver) {
         (self.sender, self.receiver)
     }
+}
+
+/// A handshaken connection reduced to its byte stream (see [`DerpConn::connect_bare`]).
+pub struct BareConn {
+    /// TCP, TLS or WebSocket, positioned after ServerInfo.
+    pub stream: Box<dyn DerpStream>,
+    /// Facts about the connection.
+    pub info: ConnInfo,
+    /// Bytes already read past ServerInfo (usually none).
+    pub pending: BytesMut,
+}
+
+/// A connection right after ServerInfo, before the halves exist.
+struct Handshaken {
+    stream: BoxStream,
+    buf: BytesMut,
+    dec: FrameDecoder,
+    info: ConnInfo,
 }
 
 /// What the dial + TLS step produced.
@@ -433,6 +469,23 @@ fn client_info_frame(opts: &ConnectOptions, server: &NodePublic) -> BytesMut {
 }
 
 async fn connect_inner(target: &DerpTarget, opts: &ConnectOptions) -> Result<DerpConn, ConnectError> {
+    let Handshaken { stream, buf, dec, info } = handshake(target, opts).await?;
+    let (r, w) = tokio::io::split(stream);
+    let (sender, cancel) = spawn_writer(w, opts.send_queue, opts.write_timeout, opts.write_per_frame);
+    let receiver = DerpReceiver {
+        r,
+        buf,
+        dec,
+        pong: sender.clone(),
+        read_timeout: opts.read_timeout,
+        cancel,
+        closed: false,
+        read_chunk: MIN_READ_CHUNK,
+    };
+    Ok(DerpConn { sender, receiver, info })
+}
+
+async fn handshake(target: &DerpTarget, opts: &ConnectOptions) -> Result<Handshaken, ConnectError> {
     let mut t = transport(target, opts).await?;
     let mut buf = BytesMut::with_capacity(4 << 10);
     let mut dec = FrameDecoder::new(Role::Client);
@@ -490,19 +543,7 @@ async fn connect_inner(target: &DerpTarget, opts: &ConnectOptions) -> Result<Der
         node_name: t.node_name,
         fast_start: fast_key.is_some(),
     };
-    let (r, w) = tokio::io::split(t.stream);
-    let (sender, cancel) = spawn_writer(w, opts.send_queue, opts.write_timeout);
-    let receiver = DerpReceiver {
-        r,
-        buf,
-        dec,
-        pong: sender.clone(),
-        read_timeout: opts.read_timeout,
-        cancel,
-        closed: false,
-        read_chunk: MIN_READ_CHUNK,
-    };
-    Ok(DerpConn { sender, receiver, info })
+    Ok(Handshaken { stream: t.stream, buf, dec, info })
 }
 
 fn frame_type_of(m: &ServerToClient) -> u8 {
@@ -516,22 +557,26 @@ fn spawn_writer(
     w: WriteHalf<BoxStream>,
     depth: usize,
     write_timeout: Option<Duration>,
+    per_frame: bool,
 ) -> (DerpSender, CancellationToken) {
     let (tx, rx) = mpsc::channel(depth.max(1));
     let cancel = CancellationToken::new();
     let stats = Arc::new(SendStats::default());
-    tokio::spawn(writer_loop(w, rx, cancel.clone(), stats.clone(), write_timeout));
+    let batch_bytes = if per_frame { 0 } else { WRITE_BATCH_BYTES };
+    tokio::spawn(writer_loop(w, rx, cancel.clone(), stats.clone(), write_timeout, batch_bytes));
     (DerpSender { tx, stats, cancel: cancel.clone() }, cancel)
 }
 
-/// Encodes everything queued into one buffer, writes it, and repeats; exits on a write error, when
-/// every sender is gone, or when the connection is cancelled.
+/// Encodes everything queued (up to `batch_bytes`; 0 = one frame per write) into one buffer,
+/// writes it, and repeats; exits on a write error, when every sender is gone, or when the
+/// connection is cancelled.
 async fn writer_loop(
     mut w: WriteHalf<BoxStream>,
     mut rx: mpsc::Receiver<ClientToServer>,
     cancel: CancellationToken,
     stats: Arc<SendStats>,
     write_timeout: Option<Duration>,
+    batch_bytes: usize,
 ) {
     let mut buf = BytesMut::new();
     loop {
@@ -542,7 +587,7 @@ async fn writer_loop(
         let Some(first) = first else { break };
         first.encode(&mut buf);
         let mut frames = 1u64;
-        while buf.len() < WRITE_BATCH_BYTES {
+        while buf.len() < batch_bytes {
             match rx.try_recv() {
                 Ok(m) => {
                     m.encode(&mut buf);

@@ -34,9 +34,13 @@ pub struct Common {
     /// Skip TLS certificate verification (https URLs).
     #[arg(long, global = true)]
     pub insecure: bool,
-    /// DERP over WebSocket (subprotocol `derp`); connections and churn only for now.
+    /// DERP over WebSocket (subprotocol `derp`) instead of `Upgrade: DERP`.
     #[arg(long, global = true)]
     pub websocket: bool,
+    /// Write like Tailscale's client: each frame its own write and flush, no coalescing of
+    /// queued frames (`many` always does).
+    #[arg(long, global = true)]
+    pub tailscale_writes: bool,
     /// Print one JSON document (fields in loadtest/README.md) instead of the table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -44,8 +48,17 @@ pub struct Common {
     #[arg(long, global = true, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
     /// The relay's process ID (same host): report its CPU time (and, for connections, its memory).
-    #[arg(long, global = true, value_name = "PID")]
-    pub relay_pid: Option<u32>,
+    /// Repeat for a mesh: the CPU of every process is added up.
+    #[arg(long = "relay-pid", global = true, value_name = "PID")]
+    pub relay_pids: Vec<u32>,
+    /// The relay's Prometheus text (`http://127.0.0.1:PORT/debug/varz` or its `/metrics`): read
+    /// `derp_packets_dropped` before and after and report the difference. Repeat for a mesh.
+    #[arg(long = "metrics-url", global = true, value_name = "URL")]
+    pub metrics_urls: Vec<crate::drops::MetricsUrl>,
+    /// With --relay-pid: how long to measure the floor (one write + one read of a 1205-byte
+    /// message over loopback TCP) before a packet run; 0 skips it.
+    #[arg(long, global = true, default_value = "1s", value_parser = parse_duration)]
+    pub floor_time: Duration,
     /// Tokio worker threads (the tool shares the CPU with the relay under test).
     #[arg(long, global = true, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
@@ -66,6 +79,10 @@ pub enum Scenario {
     Mesh(FlowArgs),
     /// Throughput with senders and receivers spread over a DERP map's regions.
     Fleet(FlowArgs),
+    /// Thousands of paced pairs in one process, Tailscale-like writes: relay CPU per packet.
+    Many(ManyArgs),
+    /// CPU cost of one write + one read of a message over loopback TCP (the per-packet floor).
+    Floor(FloorArgs),
     /// STUN Binding request rate and latency against a responder.
     Stun(StunArgs),
 }
@@ -109,6 +126,14 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_floor_size(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if !(1..=65_536).contains(&n) {
+        return Err("must be between 1 and 65536 bytes".into());
+    }
+    Ok(n)
+}
+
 fn parse_rate(s: &str) -> Result<u64, String> {
     let n: u64 = s.parse().map_err(|_| format!("{s:?} is not a whole number per second"))?;
     if n == 0 || n > 100_000_000 {
@@ -135,6 +160,43 @@ pub struct FlowArgs {
     /// Traffic before the measurement starts (not counted).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub warmup: Duration,
+}
+
+/// Many-clients scenario: like throughput, but many slow senders, each its own paced schedule.
+#[derive(Args, Debug, Clone)]
+pub struct ManyArgs {
+    /// Sender→receiver pairs (each is two DERP connections).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=50_000))]
+    pub pairs: u32,
+    /// Packets per second per sender.
+    #[arg(long, default_value = "20", value_parser = parse_rate)]
+    pub rate: u64,
+    /// Payload bytes per packet (our 20-byte header included).
+    #[arg(long, default_value = "1200", value_parser = parse_size)]
+    pub size: usize,
+    /// Measurement length.
+    #[arg(long, default_value = "20s", value_parser = parse_positive_duration)]
+    pub duration: Duration,
+    /// Traffic before the measurement starts (not counted).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Local source addresses to spread connections over (past ~28k per source address).
+    #[arg(long, value_parser = parse_source_ips, value_name = "IP-IP|IP,IP")]
+    pub source_ips: Option<SourceIps>,
+    /// Handshakes in flight at once while connecting.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+}
+
+/// Floor benchmark.
+#[derive(Args, Debug, Clone)]
+pub struct FloorArgs {
+    /// How long to measure.
+    #[arg(long, default_value = "3s", value_parser = parse_positive_duration)]
+    pub duration: Duration,
+    /// Bytes per message (default: a 1200-byte packet behind a 5-byte DERP frame header).
+    #[arg(long, default_value_t = crate::floor::MESSAGE_LEN, value_parser = parse_floor_size)]
+    pub size: usize,
 }
 
 /// Round-trip scenario.
@@ -278,6 +340,17 @@ mod tests {
             vec!["mesh", "--pairs", "2"],
             vec!["fleet"],
             vec!["stun", "--server", "127.0.0.1:3478", "--rate", "10"],
+            vec!["many", "--pairs", "20", "--rate", "5", "--tailscale-writes"],
+            vec![
+                "--relay-pid",
+                "1",
+                "--relay-pid",
+                "2",
+                "mesh",
+                "--metrics-url",
+                "http://127.0.0.1:1/metrics",
+            ],
+            vec!["floor", "--duration", "1s"],
         ] {
             let mut v = vec!["derpfleet-loadtest"];
             v.extend(args.iter().copied());

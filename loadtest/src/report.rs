@@ -17,6 +17,24 @@ impl Fields {
         self
     }
 
+    /// Moves the named fields (those present, in the order given) to the front: a scenario's
+    /// headline figures come first in the table and the JSON.
+    pub fn promote(&mut self, names: &[&str]) {
+        let mut front = Vec::new();
+        for n in names {
+            if let Some(i) = self.0.iter().position(|(k, _)| k == n) {
+                front.push(self.0.remove(i));
+            }
+        }
+        front.append(&mut self.0);
+        self.0 = front;
+    }
+
+    /// The value of `name` as a number, if set and numeric.
+    pub fn num(&self, name: &str) -> Option<f64> {
+        self.get(name).and_then(Value::as_f64)
+    }
+
     /// The value of `name`, if set.
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v)
@@ -68,6 +86,13 @@ pub struct Report {
     /// (percentile, µs) points of the latency distribution (for `--plot`; not in the JSON).
     #[serde(skip)]
     pub distribution: Vec<(f64, f64)>,
+    /// Start and end of the measurement window in seconds of the timeline (packet runs; for
+    /// `--plot`; the JSON has `warmup_s` and `duration_s` in `config`).
+    #[serde(skip)]
+    pub window_s: Option<(f64, f64)>,
+    /// Packet runs: the relays' CPU seconds from the start of traffic to the end of the drain.
+    #[serde(skip)]
+    pub relay_cpu_traffic_s: Option<f64>,
 }
 
 impl Report {
@@ -88,6 +113,8 @@ impl Report {
             timeline: Vec::new(),
             notes: Vec::new(),
             distribution: Vec::new(),
+            window_s: None,
+            relay_cpu_traffic_s: None,
         }
     }
 
@@ -150,5 +177,10 @@ mod tests {
         let t = r.table();
         assert!(t.contains("alpha") && t.contains("2.50"), "{t}");
         assert!(!j.contains("distribution"));
+        r.results.put("headline", 7);
+        r.results.promote(&["headline", "missing", "alpha"]);
+        let keys: Vec<&str> = r.results.0.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["headline", "alpha", "zeta"]);
+        assert_eq!(r.results.num("headline"), Some(7.0));
     }
 }

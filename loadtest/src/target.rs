@@ -1,8 +1,6 @@
 //! Turns `--url` / `--derp-map` + `--region` into the DERP targets a scenario connects to.
 
-use std::net::SocketAddr;
-
-use derpfleet_client::derpmap::{AddrUsage, CertCheck, DerpMap, DerpRegion};
+use derpfleet_client::derpmap::{CertCheck, DerpMap, DerpRegion};
 use derpfleet_client::{DerpTarget, DerpUrl};
 
 use crate::cli::Common;
@@ -105,32 +103,6 @@ pub fn resolve(c: &Common, spread: Spread) -> Result<Vec<(String, DerpTarget)>, 
                 return err("the DERP map has no regions".into());
             }
             Ok(out)
-        }
-    }
-}
-
-/// A plain URL for a target (for the lean connections, which dial one address): a region becomes
-/// its first node over TLS with the node's certificate rules.
-pub fn as_url(t: &DerpTarget) -> DerpUrl {
-    match t {
-        DerpTarget::Url(u) => u.clone(),
-        DerpTarget::Region(r) => {
-            let n = &r.nodes[0];
-            let dial_addr = match n.ipv4_usage() {
-                AddrUsage::Fixed(ip) => Some(SocketAddr::from((ip, n.derp_port()))),
-                _ => match n.ipv6_usage() {
-                    AddrUsage::Fixed(ip) => Some(SocketAddr::from((ip, n.derp_port()))),
-                    _ => None,
-                },
-            };
-            DerpUrl {
-                https: true,
-                host: n.host_name.clone(),
-                port: n.derp_port(),
-                path: "/derp".into(),
-                cert_check: n.cert_check(),
-                dial_addr,
-            }
         }
     }
 }

@@ -9,19 +9,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use derpfleet_client::DerpTarget;
-use derpfleet_proto::NodePrivate;
+use derpfleet_client::{DerpConn, DerpTarget};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::connections::Failures;
+use super::connections::{bare_options, Failures};
 use crate::cli::ChurnArgs;
-use crate::lean::LeanTarget;
 use crate::progress::Progress;
 use crate::report::{r3, Report};
 use crate::stats::{LatencyHist, Timeline};
-use crate::target::as_url;
 
 /// A handshake slower than this is a failure.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,7 +36,7 @@ pub async fn run(
     targets: &[(String, DerpTarget)],
     stop: CancellationToken,
 ) -> Result<Report> {
-    let target = LeanTarget::new(&as_url(&targets[0].1), websocket).await?;
+    let target = targets[0].1.clone();
     let _ = crate::sys::raise_nofile_limit();
     let sources: Vec<Option<IpAddr>> = match &a.source_ips {
         Some(v) => v.0.iter().copied().map(Some).collect(),
@@ -75,15 +72,14 @@ pub async fn run(
         let (t, sh, tl, ok) = (target.clone(), shared.clone(), timeline.clone(), ok_all.clone());
         let src = sources[(attempted % sources.len() as u64) as usize];
         tokio::spawn(async move {
-            let key = NodePrivate::generate();
+            let mut opts = bare_options(src, websocket);
+            opts.connect_timeout = CONNECT_TIMEOUT;
             let t0 = Instant::now();
-            let r = tokio::time::timeout(CONNECT_TIMEOUT, t.connect(src, &key)).await;
+            let r = DerpConn::connect_bare(&t, &opts).await;
             let took = t0.elapsed();
-            let r =
-                r.unwrap_or_else(|_| Err(anyhow::anyhow!("handshake timed out after {CONNECT_TIMEOUT:?}")));
             match r {
-                Ok(mut s) => {
-                    let _ = s.shutdown().await;
+                Ok(mut c) => {
+                    let _ = c.stream.shutdown().await;
                     let mut g = sh.lock().unwrap_or_else(|p| p.into_inner());
                     g.hist.record_ns(took.as_nanos() as u64);
                     drop(g);

@@ -1,6 +1,10 @@
 //! connections: open N idle DERP connections (handshake complete) as fast as `--concurrency`
 //! allows, spreading source addresses over `--source-ips`, hold them, then close them all.
 //! With `--relay-pid` the relay's resident memory is read before opening and after the hold.
+//!
+//! Connections come from the client crate's [`DerpConn::connect_bare`]: the full handshake
+//! (TLS, fast start, WebSocket as asked), after which only the byte stream is kept, so one
+//! process holds about as many connections as it may open files.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -9,23 +13,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use derpfleet_client::DerpTarget;
+use derpfleet_client::conn::DerpStream;
+use derpfleet_client::{ConnectOptions, DerpConn, DerpTarget};
 use derpfleet_proto::NodePrivate;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ConnArgs;
-use crate::lean::{LeanTarget, Stream};
 use crate::progress::Progress;
 use crate::report::{r3, Report};
 use crate::stats::{LatencyHist, Timeline};
 use crate::sys;
-use crate::target::as_url;
 
 /// Sockets kept free for everything else the process needs (runtime, stdio, ...).
 const SPARE_FDS: u64 = 64;
 /// Roughly how many ephemeral ports one source address offers (Linux default 32768-60999).
-const PORTS_PER_SOURCE: u64 = 28_000;
+pub const PORTS_PER_SOURCE: u64 = 28_000;
 
 /// Counts failures by message, for the report.
 #[derive(Default)]
@@ -38,7 +41,7 @@ pub struct Failures {
 
 impl Failures {
     /// Notes one failure.
-    pub fn add(&mut self, e: &anyhow::Error) {
+    pub fn add(&mut self, e: &dyn std::fmt::Display) {
         self.count += 1;
         *self.by_message.entry(format!("{e:#}")).or_default() += 1;
     }
@@ -54,13 +57,13 @@ impl Failures {
 /// Runs the scenario.
 pub async fn run(
     a: &ConnArgs,
-    relay_pid: Option<u32>,
+    relay_pids: &[u32],
     websocket: bool,
     targets: &[(String, DerpTarget)],
     stop: CancellationToken,
 ) -> Result<Report> {
     let mut rep = Report::new("connections", targets.iter().map(|(n, _)| n.clone()).take(1).collect());
-    let target = LeanTarget::new(&as_url(&targets[0].1), websocket).await?;
+    let target = targets[0].1.clone();
     let mut count = a.count as u64;
     match sys::raise_nofile_limit() {
         Ok(limit) if count + SPARE_FDS > limit => {
@@ -85,7 +88,7 @@ pub async fn run(
             sources.len()
         ));
     }
-    let rss_before = relay_pid.map(sys::rss_kib).transpose()?;
+    let rss_before = relay_rss(relay_pids)?;
     let own_before = sys::rss_kib(std::process::id()).ok();
 
     let started = Instant::now();
@@ -94,7 +97,8 @@ pub async fn run(
     let o = opened_all.clone();
     let progress =
         Progress::start(count, "handshakes", move || o.load(Ordering::Relaxed), opened_all.clone());
-    let mut held: Vec<Box<dyn Stream>> = Vec::with_capacity(count as usize);
+    let mut held: Vec<Box<dyn DerpStream>> = Vec::with_capacity(count as usize);
+    let mut remote = None;
     let mut hist = LatencyHist::default();
     let mut failures = Failures::default();
     let mut set = JoinSet::new();
@@ -104,17 +108,17 @@ pub async fn run(
             let t = target.clone();
             let src = sources[(next % sources.len() as u64) as usize];
             set.spawn(async move {
-                let key = NodePrivate::generate();
                 let t0 = Instant::now();
-                let r = t.connect(src, &key).await;
+                let r = DerpConn::connect_bare(&t, &bare_options(src, websocket)).await;
                 (r, t0.elapsed())
             });
             next += 1;
         }
         let Some(joined) = set.join_next().await else { break };
         match joined {
-            Ok((Ok(s), took)) => {
-                held.push(s);
+            Ok((Ok(c), took)) => {
+                remote.get_or_insert(c.info.remote);
+                held.push(c.stream);
                 hist.record_ns(took.as_nanos() as u64);
                 timeline.add(started.elapsed().as_nanos() as u64, 1);
                 opened_all.fetch_add(1, Ordering::Relaxed);
@@ -129,7 +133,7 @@ pub async fn run(
         _ = tokio::time::sleep(a.hold) => {}
         _ = stop.cancelled() => {}
     }
-    let rss_after = relay_pid.map(sys::rss_kib).transpose()?;
+    let rss_after = relay_rss(relay_pids)?;
     let own_after = sys::rss_kib(std::process::id()).ok();
     let opened = held.len() as u64;
     drop(held);
@@ -140,10 +144,10 @@ pub async fn run(
         .put("source_ips", sources.iter().flatten().count() as u64)
         .put("hold_s", a.hold.as_secs_f64())
         .put("websocket", websocket)
-        .put("relay_pid", relay_pid.map(serde_json::Value::from).unwrap_or_default());
+        .put("relay_pid", relay_pids.first().map(|&p| serde_json::Value::from(p)).unwrap_or_default());
     rep.elapsed_s = r3(open_secs);
     rep.results
-        .put("target_addr", target.addr().to_string())
+        .put("target_addr", remote.map(|a| a.to_string()).unwrap_or_default())
         .put("opened", opened)
         .put("failed", failures.count)
         .put("handshakes_per_s", r3(opened as f64 / open_secs));
@@ -167,4 +171,24 @@ pub async fn run(
         rep.notes.push("interrupted: figures cover the connections opened".into());
     }
     Ok(rep)
+}
+
+/// Options for one idle connection: a fresh key, from `source` if given.
+pub fn bare_options(source: Option<IpAddr>, websocket: bool) -> ConnectOptions {
+    let mut opts = ConnectOptions::new(NodePrivate::generate());
+    opts.bind_addr = source;
+    opts.websocket = websocket;
+    opts
+}
+
+/// Resident memory of the relay processes together (KiB), if any were named.
+fn relay_rss(pids: &[u32]) -> Result<Option<u64>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    let mut sum = 0;
+    for &p in pids {
+        sum += sys::rss_kib(p)?;
+    }
+    Ok(Some(sum))
 }

@@ -15,24 +15,29 @@ use anyhow::Result;
 use derpfleet_client::{DerpReceiver, DerpSender, DerpTarget};
 use derpfleet_proto::msg::ServerToClient;
 use derpfleet_proto::NodePublic;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::connect_all;
+use super::{connect_all, Client, ClientSetup};
 use crate::cli::FlowArgs;
 use crate::payload::{Clock, Header, PayloadArena};
 use crate::progress::Progress;
 use crate::report::{r3, Report};
 use crate::stats::{LatencyHist, Timeline};
+use crate::sys::CpuMeter;
 
 /// The measurement window, in ns of the run's clock.
 #[derive(Clone, Copy)]
-struct Window {
-    start: u64,
-    end: u64,
+pub struct Window {
+    /// first counted send time (end of the warmup)
+    pub start: u64,
+    /// first send time no longer counted
+    pub end: u64,
 }
 
 impl Window {
-    fn contains(&self, ns: u64) -> bool {
+    /// A send time inside the window.
+    pub fn contains(&self, ns: u64) -> bool {
         ns >= self.start && ns < self.end
     }
 }
@@ -41,6 +46,8 @@ impl Window {
 pub async fn run(
     name: &str,
     a: &FlowArgs,
+    setup: &ClientSetup,
+    relay_pids: &[u32],
     targets: &[(String, DerpTarget)],
     stop: CancellationToken,
 ) -> Result<Report> {
@@ -51,44 +58,27 @@ pub async fn run(
         which.push(i % t);
         which.push((i + 1) % t);
     }
-    let clients = connect_all(targets, which).await?;
+    let clients = connect_all(targets, which, setup).await?;
     // Let the relay(s) settle registrations before traffic starts (mesh peers learn of receivers).
     tokio::time::sleep(Duration::from_millis(if t > 1 { 500 } else { 100 })).await;
 
-    let clock = Clock::start();
-    let warm = a.warmup.as_nanos() as u64;
-    let win = Window { start: warm, end: warm + a.duration.as_nanos() as u64 };
-    let timeline = Arc::new(Timeline::new((win.end / 1_000_000_000) as usize + 8));
-    let received_all = Arc::new(AtomicU64::new(0));
-    let sent_all = Arc::new(AtomicU64::new(0));
-
+    let mut run = Pairs::start(clients, a.warmup, a.duration, relay_pids);
+    let (clock, win) = (run.clock, run.win);
     let mut senders = Vec::new();
-    let mut receivers = Vec::new();
-    let mut closers: Vec<DerpSender> = Vec::new();
-    let mut it = clients.into_iter();
-    for i in 0..pairs {
-        let (Some(s), Some(r)) = (it.next(), it.next()) else { break };
-        closers.push(s.tx.clone());
-        closers.push(r.tx.clone());
-        // The sender's receiving half must stay read (dropping it closes the connection).
-        tokio::spawn(drain(s.rx));
+    for (i, (tx, dst)) in run.take_senders().into_iter().enumerate() {
         senders.push(tokio::spawn(send_loop(
-            s.tx,
-            r.public,
+            tx,
+            dst,
             i as u32,
             a.size,
             a.rate,
             clock,
             win,
             stop.clone(),
-            sent_all.clone(),
+            run.sent_all.clone(),
         )));
-        receivers.push(tokio::spawn(recv_loop(r.rx, clock, win, timeline.clone(), received_all.clone())));
     }
-
-    let total_secs = win.end.div_ceil(1_000_000_000);
-    let progress =
-        Progress::start(total_secs, "pkt", move || clock.now_ns() / 1_000_000_000, received_all.clone());
+    let progress = run.progress();
     let mut sent = 0u64;
     let mut lag = LatencyHist::default();
     for s in senders {
@@ -97,88 +87,185 @@ pub async fn run(
             lag.merge(&h);
         }
     }
-    // Drain: packets still in flight may arrive; wait until the count stops moving (≤ 2 s).
-    let drain_end = tokio::time::Instant::now() + Duration::from_secs(2);
-    let mut last = received_all.load(Ordering::Relaxed);
-    while tokio::time::Instant::now() < drain_end && !stop.is_cancelled() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = received_all.load(Ordering::Relaxed);
-        if now == last {
-            break;
-        }
-        last = now;
-    }
+    let mut rep = run.finish(name, targets, sent, a.size, a.rate.is_some().then_some(&lag), &stop).await;
     progress.finish();
-    let end_ns = clock.now_ns().min(win.end).max(win.start + 1);
-    let stopped_early = stop.is_cancelled();
-    for c in &closers {
-        c.close();
-    }
-    let mut hist = LatencyHist::default();
-    let (mut received, mut reordered, mut foreign, mut last_ns) = (0u64, 0u64, 0u64, 0u64);
-    for r in receivers {
-        if let Ok(res) = r.await {
-            received += res.received;
-            last_ns = last_ns.max(res.last_ns);
-            reordered += res.reordered;
-            foreign += res.foreign;
-            hist.merge(&res.hist);
-        }
-    }
-
-    // Rates are over the window, or over the time the window's packets really took to get through
-    // when the senders fell behind their schedule (or the relay held them back).
-    let window_s = a.duration.as_secs_f64();
-    let through_s = last_ns.saturating_sub(win.start) as f64 / 1e9;
-    let elapsed = if stopped_early { (end_ns - win.start) as f64 / 1e9 } else { window_s.max(through_s) };
-    let mut rep = Report::new(name, targets.iter().map(|(n, _)| n.clone()).collect());
     rep.config
         .put("pairs", a.pairs)
         .put("size", a.size as u64)
         .put("rate_per_sender", a.rate.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null))
         .put("duration_s", a.duration.as_secs_f64())
-        .put("warmup_s", a.warmup.as_secs_f64());
-    rep.elapsed_s = r3(elapsed);
-    let loss = if sent == 0 { 0.0 } else { 100.0 * sent.saturating_sub(received) as f64 / sent as f64 };
-    rep.results
-        .put("sent_packets", sent)
-        .put("received_packets", received)
-        .put("sent_pps", r3(sent as f64 / elapsed))
-        .put("received_pps", r3(received as f64 / elapsed))
-        .put("sent_mbps", r3(sent as f64 * a.size as f64 * 8.0 / elapsed / 1e6))
-        .put("received_mbps", r3(received as f64 * a.size as f64 * 8.0 / elapsed / 1e6))
-        .put("loss_pct", r3(loss))
-        .put("reordered_packets", reordered)
-        .put(
-            "reordered_pct",
-            r3(if received == 0 { 0.0 } else { 100.0 * reordered as f64 / received as f64 }),
-        );
-    if foreign > 0 {
-        rep.results.put("unexpected_frames", foreign);
-    }
-    rep.latency_us = hist.summary();
-    rep.distribution = hist.distribution();
-    rep.timeline = timeline.counts();
-    if let (Some(_), Some(l)) = (a.rate, lag.summary()) {
-        // How late the sender ran behind its schedule (timer granularity, backpressure): this is
-        // included in the one-way latency.
-        rep.results.put("send_lag_p50_us", l.p50_us).put("send_lag_p99_us", l.p99_us);
-        rep.notes.push(
-            "one-way latency measured from the intended send time (coordinated omission corrected)".into(),
-        );
-    }
-    if stopped_early {
-        rep.notes.push("interrupted: figures cover the time run".into());
-    } else if through_s > window_s * 1.05 + 0.05 {
-        rep.notes.push(format!(
-            "the window's packets took {through_s:.2} s to get through instead of {window_s:.2} s: \
-             the offered load was not sustained; rates are over {through_s:.2} s"
-        ));
-    }
-    if received > sent {
-        rep.notes.push("more packets received than sent in the window (duplicates?)".into());
-    }
+        .put("warmup_s", a.warmup.as_secs_f64())
+        .put("tailscale_writes", setup.per_frame)
+        .put("websocket", setup.websocket);
     Ok(rep)
+}
+
+/// Sender→receiver pairs with their receiving tasks running: the part of a packet run that
+/// `throughput`/`mesh`/`fleet` and `many` share (windows, counting, the drain, the report).
+pub struct Pairs {
+    /// the run's clock (started by [`Pairs::start`])
+    pub clock: Clock,
+    /// the measurement window
+    pub win: Window,
+    /// packets sent inside the window so far (for the progress bar)
+    pub sent_all: Arc<AtomicU64>,
+    senders: Vec<(DerpSender, NodePublic)>,
+    timeline: Arc<Timeline>,
+    received_all: Arc<AtomicU64>,
+    receivers: Vec<JoinHandle<RecvResult>>,
+    closers: Vec<DerpSender>,
+    relay_cpu: Vec<CpuMeter>,
+}
+
+impl Pairs {
+    /// Pairs up `clients` (sender, receiver, sender, receiver, ...), starts reading on every
+    /// connection and the clock, with the window after `warmup` for `duration`. The CPU of
+    /// `relay_pids` is metered from here to the end of [`Pairs::finish`]: traffic only, without
+    /// the connection set-up (thousands of handshakes would otherwise count as packet cost).
+    pub fn start(clients: Vec<Client>, warmup: Duration, duration: Duration, relay_pids: &[u32]) -> Self {
+        let clock = Clock::start();
+        let warm = warmup.as_nanos() as u64;
+        let win = Window { start: warm, end: warm + duration.as_nanos() as u64 };
+        let timeline = Arc::new(Timeline::new((win.end / 1_000_000_000) as usize + 8));
+        let received_all = Arc::new(AtomicU64::new(0));
+        let mut run = Pairs {
+            clock,
+            win,
+            sent_all: Arc::new(AtomicU64::new(0)),
+            senders: Vec::new(),
+            timeline,
+            received_all,
+            receivers: Vec::new(),
+            closers: Vec::new(),
+            relay_cpu: relay_pids.iter().filter_map(|&p| CpuMeter::start(p)).collect(),
+        };
+        let mut it = clients.into_iter();
+        while let (Some(s), Some(r)) = (it.next(), it.next()) {
+            run.closers.push(s.tx.clone());
+            run.closers.push(r.tx.clone());
+            // The sender's receiving half must stay read (dropping it closes the connection).
+            tokio::spawn(drain(s.rx));
+            run.senders.push((s.tx, r.public));
+            run.receivers.push(tokio::spawn(recv_loop(
+                r.rx,
+                clock,
+                win,
+                run.timeline.clone(),
+                run.received_all.clone(),
+            )));
+        }
+        run
+    }
+
+    /// The sending halves with the key of each one's receiver, in pair order.
+    pub fn take_senders(&mut self) -> Vec<(DerpSender, NodePublic)> {
+        std::mem::take(&mut self.senders)
+    }
+
+    /// A progress bar over the run's seconds, counting received packets.
+    pub fn progress(&self) -> Progress {
+        let clock = self.clock;
+        Progress::start(
+            self.win.end.div_ceil(1_000_000_000),
+            "pkt",
+            move || clock.now_ns() / 1_000_000_000,
+            self.received_all.clone(),
+        )
+    }
+
+    /// After the senders stopped: waits for packets in flight (≤ 2 s, until the count stops
+    /// moving), closes every connection and reports. `sent` counts packets sent inside the
+    /// window; `lag` (paced runs) how late the senders ran behind their schedule.
+    pub async fn finish(
+        self,
+        name: &str,
+        targets: &[(String, DerpTarget)],
+        sent: u64,
+        size: usize,
+        lag: Option<&LatencyHist>,
+        stop: &CancellationToken,
+    ) -> Report {
+        let (clock, win) = (self.clock, self.win);
+        let drain_end = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut last = self.received_all.load(Ordering::Relaxed);
+        while tokio::time::Instant::now() < drain_end && !stop.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = self.received_all.load(Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let relay_cpu_s: Option<f64> =
+            if self.relay_cpu.is_empty() { None } else { self.relay_cpu.iter().map(CpuMeter::seconds).sum() };
+        let end_ns = clock.now_ns().min(win.end).max(win.start + 1);
+        let stopped_early = stop.is_cancelled();
+        for c in &self.closers {
+            c.close();
+        }
+        let mut hist = LatencyHist::default();
+        let (mut received, mut reordered, mut foreign, mut last_ns) = (0u64, 0u64, 0u64, 0u64);
+        for r in self.receivers {
+            if let Ok(res) = r.await {
+                received += res.received;
+                last_ns = last_ns.max(res.last_ns);
+                reordered += res.reordered;
+                foreign += res.foreign;
+                hist.merge(&res.hist);
+            }
+        }
+
+        // Rates are over the window, or over the time the window's packets really took to get
+        // through when the senders fell behind their schedule (or the relay held them back).
+        let window_s = (win.end - win.start) as f64 / 1e9;
+        let through_s = last_ns.saturating_sub(win.start) as f64 / 1e9;
+        let elapsed = if stopped_early { (end_ns - win.start) as f64 / 1e9 } else { window_s.max(through_s) };
+        let mut rep = Report::new(name, targets.iter().map(|(n, _)| n.clone()).collect());
+        rep.elapsed_s = r3(elapsed);
+        rep.window_s = Some((win.start as f64 / 1e9, win.end as f64 / 1e9));
+        rep.relay_cpu_traffic_s = relay_cpu_s;
+        let loss = if sent == 0 { 0.0 } else { 100.0 * sent.saturating_sub(received) as f64 / sent as f64 };
+        rep.results
+            .put("sent_packets", sent)
+            .put("received_packets", received)
+            .put("sent_pps", r3(sent as f64 / elapsed))
+            .put("received_pps", r3(received as f64 / elapsed))
+            .put("sent_mbps", r3(sent as f64 * size as f64 * 8.0 / elapsed / 1e6))
+            .put("received_mbps", r3(received as f64 * size as f64 * 8.0 / elapsed / 1e6))
+            .put("loss_pct", r3(loss))
+            .put("reordered_packets", reordered)
+            .put(
+                "reordered_pct",
+                r3(if received == 0 { 0.0 } else { 100.0 * reordered as f64 / received as f64 }),
+            );
+        if foreign > 0 {
+            rep.results.put("unexpected_frames", foreign);
+        }
+        rep.latency_us = hist.summary();
+        rep.distribution = hist.distribution();
+        rep.timeline = self.timeline.counts();
+        if let Some(l) = lag.and_then(|l| l.summary()) {
+            // How late the sender ran behind its schedule (timer granularity, backpressure): this
+            // is included in the one-way latency.
+            rep.results.put("send_lag_p50_us", l.p50_us).put("send_lag_p99_us", l.p99_us);
+            rep.notes.push(
+                "one-way latency measured from the intended send time (coordinated omission corrected)"
+                    .into(),
+            );
+        }
+        if stopped_early {
+            rep.notes.push("interrupted: figures cover the time run".into());
+        } else if through_s > window_s * 1.05 + 0.05 {
+            rep.notes.push(format!(
+                "the window's packets took {through_s:.2} s to get through instead of {window_s:.2} s: \
+                 the offered load was not sustained; rates are over {through_s:.2} s"
+            ));
+        }
+        if received > sent {
+            rep.notes.push("more packets received than sent in the window (duplicates?)".into());
+        }
+        rep
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -261,7 +348,8 @@ pub async fn drain(mut rx: DerpReceiver) {
     while rx.recv().await.is_ok() {}
 }
 
-struct RecvResult {
+/// What one receiving connection counted.
+pub struct RecvResult {
     received: u64,
     reordered: u64,
     foreign: u64,

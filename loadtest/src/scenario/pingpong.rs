@@ -10,7 +10,7 @@ use derpfleet_proto::msg::ServerToClient;
 use derpfleet_proto::NodePublic;
 use tokio_util::sync::CancellationToken;
 
-use super::connect_all;
+use super::{connect_all, ClientSetup};
 use crate::cli::PingArgs;
 use crate::payload::{Clock, Header, PayloadArena};
 use crate::progress::Progress;
@@ -18,9 +18,14 @@ use crate::report::{r3, Report};
 use crate::stats::{LatencyHist, Timeline};
 
 /// Runs the scenario.
-pub async fn run(a: &PingArgs, targets: &[(String, DerpTarget)], stop: CancellationToken) -> Result<Report> {
+pub async fn run(
+    a: &PingArgs,
+    setup: &ClientSetup,
+    targets: &[(String, DerpTarget)],
+    stop: CancellationToken,
+) -> Result<Report> {
     let pairs = a.pairs as usize;
-    let clients = connect_all(targets, vec![0; 2 * pairs]).await?;
+    let clients = connect_all(targets, vec![0; 2 * pairs], setup).await?;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let clock = Clock::start();
     let warm = a.warmup.as_nanos() as u64;
@@ -74,7 +79,9 @@ pub async fn run(a: &PingArgs, targets: &[(String, DerpTarget)], stop: Cancellat
         .put("size", a.size as u64)
         .put("duration_s", a.duration.as_secs_f64())
         .put("warmup_s", a.warmup.as_secs_f64())
-        .put("timeout_s", a.timeout.as_secs_f64());
+        .put("timeout_s", a.timeout.as_secs_f64())
+        .put("tailscale_writes", setup.per_frame)
+        .put("websocket", setup.websocket);
     rep.elapsed_s = r3(elapsed);
     rep.results
         .put("round_trips", rounds)
