@@ -31,6 +31,7 @@ use crate::core::outbox::SeenSources;
 use crate::core::reader::Reader;
 use crate::core::recv_limit::SharedRecvRate;
 use crate::core::registry::Registry;
+use crate::core::write_side::{SharedWriteSide, WriteSide};
 use crate::core::writer::{self, WriterConfig};
 
 /// How long a closing connection may take to shut its write side down.
@@ -242,7 +243,12 @@ impl DerpServer {
             },
             keepalive: self.options.keepalive_interval + jitter(self.options.keepalive_jitter),
         };
-        let mut seen = SeenSources::default();
+        let side: SharedWriteSide<_> = Arc::new(tokio::sync::Mutex::new(WriteSide {
+            io: w,
+            seen: SeenSources::default(),
+            unfinished: None,
+        }));
+        conn.set_direct(side.clone());
         let reader = async {
             let limit = match &self.options.recv_rate {
                 Some(rate) if !conn.can_mesh => Some(rate.client()),
@@ -256,20 +262,20 @@ impl DerpServer {
             r
         };
         let sender = async {
-            let r =
-                writer::run_writer(&mut w, &conn, &self.registry, &self.metrics, settings, &mut seen).await;
+            let r = writer::run_writer(&side, &conn, &self.registry, &self.metrics, settings).await;
             conn.cancel.cancel();
             r
         };
         let (read_result, write_result) = tokio::join!(reader, sender);
         conn.out.close();
-        self.registry.unregister(&conn, &seen);
+        let mut side = side.lock().await;
+        self.registry.unregister(&conn, &side.seen);
         if info.not_ideal {
             self.metrics.current_notideal_connections.decrement(1.0);
         }
         if write_result.is_ok() {
             // A polite close (TLS close_notify), but never wait on a peer that stopped reading.
-            let _ = tokio::time::timeout(SHUTDOWN_WRITE_TIMEOUT, w.shutdown()).await;
+            let _ = tokio::time::timeout(SHUTDOWN_WRITE_TIMEOUT, side.io.shutdown()).await;
         }
         match (read_result, write_result) {
             (Err(e), _) => {

@@ -72,6 +72,9 @@ pub(crate) struct Reader<'a> {
 struct RecvTally {
     packets: [u64; 2],
     bytes: u64,
+    /// Packets (and their data bytes) this reader wrote straight to destinations' sockets.
+    sent: u64,
+    sent_bytes: u64,
     /// Packets routed since the reader last yielded to the scheduler.
     since_yield: u32,
 }
@@ -84,6 +87,12 @@ impl RecvTally {
         self.since_yield += 1;
     }
 
+    #[inline]
+    fn sent(&mut self, bytes: usize) {
+        self.sent += 1;
+        self.sent_bytes += bytes as u64;
+    }
+
     fn publish(&mut self, m: &Metrics) {
         if self.packets != [0, 0] {
             for kind in PacketKind::ALL {
@@ -92,6 +101,12 @@ impl RecvTally {
             m.bytes_received.increment(self.bytes);
             self.packets = [0, 0];
             self.bytes = 0;
+        }
+        if self.sent > 0 {
+            m.packets_sent.increment(self.sent);
+            m.bytes_sent.increment(self.sent_bytes);
+            self.sent = 0;
+            self.sent_bytes = 0;
         }
     }
 }
@@ -232,10 +247,14 @@ impl<'a> Reader<'a> {
     fn handle_send_packet(&mut self, dst: NodePublic, data: Bytes) {
         let kind = PacketKind::of(&data);
         self.tally.add(kind, data.len());
-        if let Routed::Unknown = self.registry.route(self.conn.key, dst, data, kind, true) {
-            if kind == PacketKind::Disco && self.allow_not_here() {
-                self.conn.out.send_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
+        match self.registry.route(self.conn.key, dst, data, kind, true) {
+            Routed::Written(bytes) => self.tally.sent(bytes),
+            Routed::Unknown => {
+                if kind == PacketKind::Disco && self.allow_not_here() {
+                    self.conn.out.send_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
+                }
             }
+            _ => {}
         }
     }
 
@@ -250,7 +269,9 @@ impl<'a> Reader<'a> {
         let kind = PacketKind::of(&data);
         self.tally.add(kind, data.len());
         self.metrics.packets_forwarded_in.increment(1);
-        self.registry.route(src, dst, data, kind, false);
+        if let Routed::Written(bytes) = self.registry.route(src, dst, data, kind, false) {
+            self.tally.sent(bytes);
+        }
         Ok(())
     }
 
