@@ -247,6 +247,7 @@ impl DerpServer {
             io: w,
             seen: SeenSources::default(),
             unfinished: None,
+            sampled: 0,
         }));
         conn.set_direct(side.clone());
         let reader = async {
