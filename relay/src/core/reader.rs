@@ -249,8 +249,10 @@ impl<'a> Reader<'a> {
         self.tally.add(kind, data.len());
         match self.registry.route(self.conn.key, dst, data, kind, true) {
             Routed::Written(bytes) => self.tally.sent(bytes),
-            Routed::Unknown if kind == PacketKind::Disco && self.allow_not_here() => {
-                self.conn.out.send_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
+            Routed::Unknown => {
+                if kind == PacketKind::Disco && self.allow_not_here() {
+                    self.conn.out.send_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
+                }
             }
             _ => {}
         }
