@@ -247,7 +247,6 @@ impl DerpServer {
             io: w,
             seen: SeenSources::default(),
             unfinished: None,
-            sampled: 0,
         }));
         conn.set_direct(side.clone());
         let reader = async {

@@ -96,10 +96,6 @@ impl PacketKind {
     }
 }
 
-/// One sent packet in this many has its queue delay recorded in `derp_queue_delay_seconds` (zero
-/// for a packet written directly to an idle socket).
-pub(crate) const QUEUE_DELAY_SAMPLE_MASK: u64 = 15;
-
 /// Bucket bounds of `derp_buffered_write_frames` (frames per flush).
 const FRAME_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 /// Bucket bounds (seconds) of the handshake and queue-delay histograms.

@@ -28,7 +28,6 @@ use derpfleet_proto::msg::recv_packet_prefix;
 use derpfleet_proto::NodePublic;
 use tokio::io::AsyncWrite;
 
-use crate::core::metrics::QUEUE_DELAY_SAMPLE_MASK;
 use crate::core::outbox::{Outbox, SeenSources};
 
 thread_local! {
@@ -49,8 +48,6 @@ pub(crate) struct WriteSide<W> {
     /// Bytes of a directly written frame the socket did not take yet (the send loop writes them
     /// before anything else), or an empty slice when only a flush is owed.
     pub(crate) unfinished: Option<Bytes>,
-    /// Packets sent so far, for sampling `derp_queue_delay_seconds`.
-    pub(crate) sampled: u64,
 }
 
 /// A [`WriteSide`] behind the lock the send loop and direct writers share.
@@ -130,10 +127,6 @@ where
                     out.wake_writer();
                 }
             }
-        }
-        side.sampled += 1;
-        if side.sampled & QUEUE_DELAY_SAMPLE_MASK == 1 {
-            out.metrics.queue_delay_seconds.record(0.0);
         }
         Direct::Written { new_source: side.seen.note(src) }
     }

@@ -16,7 +16,7 @@ use derpfleet_proto::msg::{encode_recv_packet, PeerGoneReason, ServerToClient};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::core::metrics::{DropReason, Metrics, PacketKind, QUEUE_DELAY_SAMPLE_MASK};
+use crate::core::metrics::{DropReason, Metrics, PacketKind};
 use crate::core::outbox::{Control, Packet};
 use crate::core::registry::{Conn, Registry};
 use crate::core::write_side::{SharedWriteSide, WriteSide};
@@ -25,6 +25,8 @@ use crate::core::write_side::{SharedWriteSide, WriteSide};
 const WRITE_CHUNK: usize = 64 << 10;
 /// After a flush, a write buffer that grew beyond this is released rather than kept.
 const WRITE_BUF_KEEP: usize = 4 << 10;
+/// One packet in this many has its queue delay recorded.
+const QUEUE_DELAY_SAMPLE_MASK: u64 = 15;
 
 /// Why a send loop ended with an error.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +92,7 @@ where
     let out = &conn.out;
     let mut buf = BytesMut::new();
     let mut in_flight = InFlight::default();
+    let mut sampled: u64 = 0;
     let keepalive = tokio::time::sleep(settings.keepalive);
     tokio::pin!(keepalive);
     let mut keepalive_due = false;
@@ -97,7 +100,7 @@ where
     let mut restarting = false;
     loop {
         let mut guard = side.lock().await;
-        let WriteSide { io: w, seen, unfinished, sampled } = &mut *guard;
+        let WriteSide { io: w, seen, unfinished } = &mut *guard;
         if let Some(rest) = unfinished.take() {
             // The rest of a directly written frame (empty: only its flush is owed).
             write_buf(w, &rest, conn, settings, metrics, &mut in_flight, true).await?;
@@ -126,8 +129,8 @@ where
             }
             for (queue, kind) in [(&out.disco, PacketKind::Disco), (&out.data, PacketKind::Other)] {
                 if let Some(p) = queue.pop() {
-                    *sampled += 1;
-                    if *sampled & QUEUE_DELAY_SAMPLE_MASK == 1 {
+                    sampled += 1;
+                    if sampled & QUEUE_DELAY_SAMPLE_MASK == 1 {
                         metrics.queue_delay_seconds.record(p.enqueued.elapsed().as_secs_f64());
                     }
                     encode_packet(&mut buf, &p);
