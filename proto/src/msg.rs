@@ -397,31 +397,11 @@ pub fn encode_recv_packet(buf: &mut BytesMut, src: &NodePublic, data: &[u8]) {
     buf.put_slice(data);
 }
 
-/// The RecvPacket frame header and source key that go in front of `data_len` data bytes, for a
-/// vectored write that leaves the data where it is.
-pub fn recv_packet_prefix(src: &NodePublic, data_len: usize) -> [u8; FRAME_HEADER_LEN + KEY_LEN] {
-    let mut prefix = [0u8; FRAME_HEADER_LEN + KEY_LEN];
-    let mut b = &mut prefix[..];
-    put_header(&mut b, FrameType::RecvPacket, KEY_LEN + data_len);
-    b.put_slice(&src.0);
-    prefix
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::frame::{FrameDecoder, Role};
     use proptest::prelude::*;
-
-    #[test]
-    fn recv_packet_prefix_is_the_start_of_the_encoded_frame() {
-        let src = NodePublic([7; 32]);
-        let mut whole = BytesMut::new();
-        encode_recv_packet(&mut whole, &src, b"hello");
-        let prefix = recv_packet_prefix(&src, 5);
-        assert_eq!(&whole[..prefix.len()], &prefix[..]);
-        assert_eq!(&whole[prefix.len()..], b"hello");
-    }
 
     fn round_trip_s2c(m: ServerToClient) -> ServerToClient {
         let mut b = BytesMut::new();

@@ -31,7 +31,6 @@ use crate::core::outbox::SeenSources;
 use crate::core::reader::Reader;
 use crate::core::recv_limit::SharedRecvRate;
 use crate::core::registry::Registry;
-use crate::core::write_side::{SharedWriteSide, WriteSide};
 use crate::core::writer::{self, WriterConfig};
 
 /// How long a closing connection may take to shut its write side down.
@@ -243,12 +242,7 @@ impl DerpServer {
             },
             keepalive: self.options.keepalive_interval + jitter(self.options.keepalive_jitter),
         };
-        let side: SharedWriteSide<_> = Arc::new(tokio::sync::Mutex::new(WriteSide {
-            io: w,
-            seen: SeenSources::default(),
-            unfinished: None,
-        }));
-        conn.set_direct(side.clone());
+        let mut seen = SeenSources::default();
         let reader = async {
             let limit = match &self.options.recv_rate {
                 Some(rate) if !conn.can_mesh => Some(rate.client()),
@@ -262,20 +256,20 @@ impl DerpServer {
             r
         };
         let sender = async {
-            let r = writer::run_writer(&side, &conn, &self.registry, &self.metrics, settings).await;
+            let r =
+                writer::run_writer(&mut w, &conn, &self.registry, &self.metrics, settings, &mut seen).await;
             conn.cancel.cancel();
             r
         };
         let (read_result, write_result) = tokio::join!(reader, sender);
         conn.out.close();
-        let mut side = side.lock().await;
-        self.registry.unregister(&conn, &side.seen);
+        self.registry.unregister(&conn, &seen);
         if info.not_ideal {
             self.metrics.current_notideal_connections.decrement(1.0);
         }
         if write_result.is_ok() {
             // A polite close (TLS close_notify), but never wait on a peer that stopped reading.
-            let _ = tokio::time::timeout(SHUTDOWN_WRITE_TIMEOUT, side.io.shutdown()).await;
+            let _ = tokio::time::timeout(SHUTDOWN_WRITE_TIMEOUT, w.shutdown()).await;
         }
         match (read_result, write_result) {
             (Err(e), _) => {

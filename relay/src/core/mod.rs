@@ -9,8 +9,6 @@
 //! - [`outbox`]: what other tasks hand one connection: packets, Pongs, control frames (never
 //!   blocking), and the sources it has been sent packets from.
 //! - [`writer`]: one connection's drain-then-flush send loop.
-//! - [`write_side`]: a connection's write half, shared with other readers for direct writes to
-//!   an idle socket.
 //! - [`queue`]: the bounded head-drop queue the outbox is made of.
 //! - [`recv_limit`]: the per-client receive byte rate the reader waits on.
 //! - [`metrics`]: every DERP series with derper's names, and the drop reasons.
@@ -23,5 +21,4 @@ pub(crate) mod queue;
 pub(crate) mod reader;
 pub mod recv_limit;
 pub mod registry;
-pub(crate) mod write_side;
 pub(crate) mod writer;

@@ -134,22 +134,6 @@ impl Outbox {
         refused
     }
 
-    /// True when nothing at all waits to be written and the connection is open: a packet may
-    /// then bypass the queues without overtaking anything ([`crate::core::write_side`]).
-    #[inline]
-    pub(crate) fn is_idle(&self) -> bool {
-        !self.closed.load(Ordering::Acquire)
-            && self.data.is_empty()
-            && self.disco.is_empty()
-            && self.control.is_empty()
-            && self.pong.lock().is_none()
-    }
-
-    /// Wakes the send loop (it has a directly written frame to finish).
-    pub(crate) fn wake_writer(&self) {
-        self.notify.notify_one();
-    }
-
     /// True once the connection is closing: nothing more will be written.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)

@@ -75,7 +75,7 @@ impl<T> BoundedQueue<T> {
     }
 
     /// True when nothing is queued.
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.items.lock().is_empty()
     }

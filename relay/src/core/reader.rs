@@ -72,9 +72,6 @@ pub(crate) struct Reader<'a> {
 struct RecvTally {
     packets: [u64; 2],
     bytes: u64,
-    /// Packets (and their data bytes) this reader wrote straight to destinations' sockets.
-    sent: u64,
-    sent_bytes: u64,
     /// Packets routed since the reader last yielded to the scheduler.
     since_yield: u32,
 }
@@ -87,12 +84,6 @@ impl RecvTally {
         self.since_yield += 1;
     }
 
-    #[inline]
-    fn sent(&mut self, bytes: usize) {
-        self.sent += 1;
-        self.sent_bytes += bytes as u64;
-    }
-
     fn publish(&mut self, m: &Metrics) {
         if self.packets != [0, 0] {
             for kind in PacketKind::ALL {
@@ -101,12 +92,6 @@ impl RecvTally {
             m.bytes_received.increment(self.bytes);
             self.packets = [0, 0];
             self.bytes = 0;
-        }
-        if self.sent > 0 {
-            m.packets_sent.increment(self.sent);
-            m.bytes_sent.increment(self.sent_bytes);
-            self.sent = 0;
-            self.sent_bytes = 0;
         }
     }
 }
@@ -247,14 +232,10 @@ impl<'a> Reader<'a> {
     fn handle_send_packet(&mut self, dst: NodePublic, data: Bytes) {
         let kind = PacketKind::of(&data);
         self.tally.add(kind, data.len());
-        match self.registry.route(self.conn.key, dst, data, kind, true) {
-            Routed::Written(bytes) => self.tally.sent(bytes),
-            Routed::Unknown => {
-                if kind == PacketKind::Disco && self.allow_not_here() {
-                    self.conn.out.send_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
-                }
+        if let Routed::Unknown = self.registry.route(self.conn.key, dst, data, kind, true) {
+            if kind == PacketKind::Disco && self.allow_not_here() {
+                self.conn.out.send_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
             }
-            _ => {}
         }
     }
 
@@ -269,9 +250,7 @@ impl<'a> Reader<'a> {
         let kind = PacketKind::of(&data);
         self.tally.add(kind, data.len());
         self.metrics.packets_forwarded_in.increment(1);
-        if let Routed::Written(bytes) = self.registry.route(src, dst, data, kind, false) {
-            self.tally.sent(bytes);
-        }
+        self.registry.route(src, dst, data, kind, false);
         Ok(())
     }
 

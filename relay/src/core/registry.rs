@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
@@ -29,9 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::metrics::{DropReason, Metrics, PacketKind};
 use crate::core::outbox::{Control, Outbox, SeenSources};
-use crate::core::write_side::{Direct, DirectWrite};
 
 /// One accepted, handshaken connection as the rest of the server sees it.
+#[derive(Debug)]
 pub struct Conn {
     /// Unique per server, increasing.
     pub id: u64,
@@ -48,9 +48,6 @@ pub struct Conn {
     /// Cancelled to close the connection (ClosePeer, server shutdown, or either loop ending).
     pub cancel: CancellationToken,
     dup: AtomicBool,
-    /// Its write side, for packets written straight to an idle socket (set once the send loop
-    /// exists; until then packets are queued).
-    direct: OnceLock<Arc<dyn DirectWrite>>,
 }
 
 impl Conn {
@@ -64,22 +61,7 @@ impl Conn {
         out: Outbox,
         cancel: CancellationToken,
     ) -> Self {
-        Self {
-            id,
-            key,
-            remote,
-            present_flags,
-            can_mesh,
-            out,
-            cancel,
-            dup: AtomicBool::new(false),
-            direct: OnceLock::new(),
-        }
-    }
-
-    /// Lets other connections' readers write to this connection's socket while it is idle.
-    pub(crate) fn set_direct(&self, side: Arc<dyn DirectWrite>) {
-        let _ = self.direct.set(side);
+        Self { id, key, remote, present_flags, can_mesh, out, cancel, dup: AtomicBool::new(false) }
     }
 
     /// True while another connection with the same key exists.
@@ -90,12 +72,6 @@ impl Conn {
 
     fn present(&self) -> Control {
         Control::PeerPresent(self.key, self.remote, self.present_flags)
-    }
-}
-
-impl std::fmt::Debug for Conn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").field("id", &self.id).field("key", &self.key).finish_non_exhaustive()
     }
 }
 
@@ -149,9 +125,6 @@ impl Forwarders {
 pub enum Routed {
     /// Queued for a local connection (possibly evicting an older packet, counted).
     Local,
-    /// Written straight to an idle local connection's socket; the caller counts these data
-    /// bytes as sent.
-    Written(usize),
     /// Handed to a mesh forwarder.
     Forwarded,
     /// The key has connections but none is active (counted as `dup_client`).
@@ -340,22 +313,6 @@ impl Registry {
         if let Some(set) = self.clients.get(&dst) {
             return match set.active() {
                 Some(c) => {
-                    if let Some(direct) = c.direct.get() {
-                        match direct.try_write(&c.out, src, &data) {
-                            Direct::Written { new_source } => {
-                                if new_source {
-                                    self.note_sent(src, c);
-                                }
-                                return Routed::Written(data.len());
-                            }
-                            Direct::Failed => {
-                                c.cancel.cancel();
-                                self.metrics.drop_packet(DropReason::WriteError, kind, data.len());
-                                return Routed::Local;
-                            }
-                            Direct::Busy => {}
-                        }
-                    }
                     c.out.send_packet(src, data, kind);
                     Routed::Local
                 }

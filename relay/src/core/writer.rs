@@ -17,9 +17,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::core::metrics::{DropReason, Metrics, PacketKind};
-use crate::core::outbox::{Control, Packet};
+use crate::core::outbox::{Control, Packet, SeenSources};
 use crate::core::registry::{Conn, Registry};
-use crate::core::write_side::{SharedWriteSide, WriteSide};
 
 /// Write out the buffer (without flushing) once it holds this much, while still draining.
 const WRITE_CHUNK: usize = 64 << 10;
@@ -76,15 +75,15 @@ impl InFlight {
 }
 
 /// The send loop of one connection. Returns when the connection is cancelled (Ok) or a write
-/// fails. It holds the write side (`side`) from the moment it takes anything out of the queues
-/// until that is written, so a direct write never overtakes a queued frame; the sources it sends
-/// packets from go into the side's `seen` (and, the first time, into `registry`).
+/// fails; `seen` collects the source keys this connection was sent packets from (and tells
+/// `registry` the first time).
 pub(crate) async fn run_writer<W>(
-    side: &SharedWriteSide<W>,
+    w: &mut W,
     conn: &Arc<Conn>,
     registry: &Registry,
     metrics: &Metrics,
     settings: WriterConfig,
+    seen: &mut SeenSources,
 ) -> Result<(), WriteError>
 where
     W: AsyncWrite + Unpin,
@@ -99,12 +98,6 @@ where
 
     let mut restarting = false;
     loop {
-        let mut guard = side.lock().await;
-        let WriteSide { io: w, seen, unfinished } = &mut *guard;
-        if let Some(rest) = unfinished.take() {
-            // The rest of a directly written frame (empty: only its flush is owed).
-            write_buf(w, &rest, conn, settings, metrics, &mut in_flight, true).await?;
-        }
         let mut frames: u64 = 0;
         loop {
             let mut progressed = false;
@@ -163,7 +156,6 @@ where
                 buf = BytesMut::new();
             }
         }
-        drop(guard);
         if out.is_closed() || restarting {
             return Ok(());
         }
