@@ -15,9 +15,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Why a packet was dropped (the `reason` label of `derp_packets_dropped`).
 ///
-/// Where each is counted, so every loss has one owner: [`crate::core::registry::Registry::route`]
+/// Where each is counted, so every loss has one owner: `Registry::route`
 /// for packets that cannot be routed (`unknown_dest`, `unknown_dest_on_fwd`, `dup_client`);
-/// [`crate::core::outbox::Outbox`] for packets lost in a destination's queue (`queue_head`, and
+/// the `Outbox` for packets lost in a destination's queue (`queue_head`, and
 /// `gone_disconnected` for a closed one); the send loop for a failed write (`write_error`); the
 /// mesh forwarder for its link queue (`queue_tail`, `gone_disconnected`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

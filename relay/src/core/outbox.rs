@@ -6,7 +6,7 @@
 //! arriving while it is full is dropped), PeerGone/PeerPresent into a bounded control queue
 //! (refused and counted when full). Every push is followed by `Notify::notify_one`, whose stored
 //! permit means a wakeup is never lost between "queues look empty" and "wait". The registry and
-//! the send loop ([`crate::core::writer`]) both build on this module, which imports neither.
+//! the send loop (`core::writer`) both build on this module, which imports neither.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

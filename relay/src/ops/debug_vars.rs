@@ -1,6 +1,6 @@
 //! derper's debug pages: `/debug/` (an index) and `/debug/vars` (expvar-style JSON), next to the
 //! Prometheus text of `/debug/varz` and `/metrics`. The HTTP layer serves them to loopback clients
-//! only, never through a proxy ([`crate::http::debug_allowed`]), as derper limits debug access.
+//! only, never through a proxy (`http::debug_allowed`), as derper limits debug access.
 //!
 //! `/debug/vars` has derper's top-level names (`derp`, `tls_listener`, `stun`,
 //! `counter_bootstrap_dns_*`, `process_start_unix_time`, `counter_uptime_sec`, `version`,

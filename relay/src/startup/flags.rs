@@ -1,5 +1,5 @@
 //! derper-compatible flag definitions (spec §4), in Go flag syntax: names, defaults, parse-time
-//! checks (a bad value exits 2 naming the flag as typed). [`crate::startup::cli`] turns them into a
+//! checks (a bad value exits 2 naming the flag as typed). `startup::cli` turns them into a
 //! running configuration.
 //!
 //! Flag names, defaults and meanings follow derper so an existing derper command line or systemd
