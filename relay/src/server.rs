@@ -636,20 +636,30 @@ fn within_limits(limiter: Option<&AcceptLimiter>, ops: &OpsMetrics, remote: Sock
     }
 }
 
+/// Serves one accepted connection by its listener's kind.
+///
+/// Each path is boxed: a future is as large as its largest state, so without the boxes every
+/// connection's task would be sized for the TLS path (the handshake and the TLS stream inline) and a
+/// plain-HTTP client would carry that for its whole life. Boxed, an idle connection holds only the
+/// state of the path it took.
 async fn serve(stream: TcpStream, remote: SocketAddr, kind: &Listener, ctx: Arc<HttpContext>) {
     match kind {
-        Listener::Http80 => http::serve_port80_connection(stream, remote, ctx).await,
-        Listener::Main(None) => http::serve_connection(stream, remote, ctx).await,
-        Listener::Main(Some(acceptor)) => {
-            // The ACME resolver picks an IP certificate by the connection's local address.
-            let local_ip = stream.local_addr().ok().map(|a| a.ip());
-            let accept = crate::ops::acme::with_local_ip(local_ip, acceptor.accept(stream));
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-                Ok(Ok(tls)) => http::serve_connection(tls, remote, ctx).await,
-                Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake: {e}"),
-                Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
-            }
-        }
+        Listener::Http80 => Box::pin(http::serve_port80_connection(stream, remote, ctx)).await,
+        Listener::Main(None) => Box::pin(http::serve_connection(stream, remote, ctx)).await,
+        Listener::Main(Some(acceptor)) => Box::pin(serve_tls(stream, remote, acceptor, ctx)).await,
+    }
+}
+
+/// The TLS handshake (with its deadline), then the connection over TLS.
+async fn serve_tls(stream: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor, ctx: Arc<HttpContext>) {
+    // The ACME resolver picks an IP certificate by the connection's local address.
+    let local_ip = stream.local_addr().ok().map(|a| a.ip());
+    let accept = crate::ops::acme::with_local_ip(local_ip, acceptor.accept(stream));
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        // Not boxed: the TLS stream then moves within this one allocation instead of into a second.
+        Ok(Ok(tls)) => http::serve_connection(tls, remote, ctx).await,
+        Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake: {e}"),
+        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
     }
 }
 

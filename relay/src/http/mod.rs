@@ -276,13 +276,23 @@ where
                 _ => return,
             }
             tracing::debug!(remote = %client, "DERP WebSocket upgrade");
-            let ws = websocket::server_byte_stream(PrefixedIo::new(buf.freeze(), io)).await;
-            ctx.derp.accept(ws, info).await;
+            // The WebSocket session and the HTTP server are boxed: inline, their larger states would
+            // size every connection's future, raw DERP ones included.
+            Box::pin(serve_websocket_derp(PrefixedIo::new(buf.freeze(), io), ctx, info)).await;
         }
         Route::Http => {
-            serve_http(PrefixedIo::new(buf.freeze(), io), remote, ctx, Port::Main).await;
+            Box::pin(serve_http(PrefixedIo::new(buf.freeze(), io), remote, ctx, Port::Main)).await;
         }
     }
+}
+
+/// DERP over WebSocket on an upgraded connection.
+async fn serve_websocket_derp<S>(io: PrefixedIo<S>, ctx: Arc<HttpContext>, info: ConnInfo)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let ws = websocket::server_byte_stream(io).await;
+    ctx.derp.accept(ws, info).await;
 }
 
 /// Serves one connection on the plain-HTTP port (`-http-port`, only when TLS is on).
