@@ -11,6 +11,7 @@
 //! region (incremental) answered, or, once 3 regions answered, after twice the slowest latency
 //! seen); the whole report gets 5 s.
 
+pub mod family;
 pub mod home;
 pub mod plan;
 pub mod report;
@@ -30,8 +31,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::conn::{transport, ConnectOptions, DerpTarget};
+pub use family::Family;
 pub use home::{choose_home, HomeHistory, HomeState};
-pub use plan::{Family, Probe};
+pub use plan::Probe;
 pub use report::Report;
 
 /// Budget for the whole report.

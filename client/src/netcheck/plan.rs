@@ -4,16 +4,8 @@ use std::time::Duration;
 
 use derpfleet_proto::derpmap::{AddrUsage, DerpMap, DerpNode, DerpRegion};
 
+pub use super::family::Family;
 use super::report::Report;
-
-/// Address family of a probe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Family {
-    /// IPv4
-    V4,
-    /// IPv6
-    V6,
-}
 
 /// One STUN probe: send to `region.nodes[node]` over `family`, `delay` after the report starts.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-use super::plan::Family;
+use super::family::Family;
 
 fn ser_dur_map<S: Serializer>(m: &BTreeMap<i64, Duration>, s: S) -> Result<S::Ok, S::Error> {
     // Go marshals time.Duration as integer nanoseconds.
