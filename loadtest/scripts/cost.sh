@@ -30,6 +30,18 @@ stop_relays() {
 }
 trap 'stop_relays; rm -rf "$work"' EXIT
 
+# wait_running LOG: waits (5 s) for the relay $pid to log "running"; stops the script if it does not.
+wait_running() {
+  for _ in $(seq 50); do
+    grep -q "running" "$1" 2>/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "relay did not start:" >&2
+  cat "$1" >&2
+  exit 1
+}
+
 # start_relay BINARY tls|plain [MESH-PEERS]: sets port, url, pid, murl; below the ephemeral range.
 start_relay() {
   local exe=$1 mode=$2 mesh=${3:-}
@@ -52,14 +64,7 @@ start_relay() {
   pid=$!
   pids+=("$pid")
   murl="http://127.0.0.1:$((port + 5000))/metrics"
-  for _ in $(seq 50); do
-    grep -q "running" "$dir/log" 2>/dev/null && return 0
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  echo "relay did not start:" >&2
-  cat "$dir/log" >&2
-  exit 1
+  wait_running "$dir/log"
 }
 
 run() { # round row name args...
@@ -123,14 +128,7 @@ start_relay_at() {
   pids+=("$pid")
   url="https://127.0.0.1:$p/derp"
   murl="http://127.0.0.1:$((p + 5000))/metrics"
-  for _ in $(seq 50); do
-    grep -q "running" "$dir/log" 2>/dev/null && return 0
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  echo "relay did not start:" >&2
-  cat "$dir/log" >&2
-  exit 1
+  wait_running "$dir/log"
 }
 
 echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC'); $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'); relays: $relays" | tee -a "$out/LOG"
