@@ -274,6 +274,15 @@ pub fn pinned_client(
     TestVerifier::pinned(pin).client_config(versions)
 }
 
+/// A client config that verifies the server against `roots` (webpki, with the name check).
+pub fn trusting_client(roots: rustls::RootCertStore) -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(ring())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 /// TLS-connects to `addr` with no SNI (IP-literal hostname, as tailscaled).
 pub async fn tls_connect(
     addr: SocketAddr,

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use derpfleet_proto::NodePrivate;
-use http_common::{read_head, ring, temp_dir, TempDir, TestClient};
+use http_common::{read_head, temp_dir, trusting_client, TempDir, TestClient};
 use ops_common::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -190,11 +190,7 @@ impl Pebble {
         let mut roots = rustls::RootCertStore::empty();
         let ca = std::fs::read(&self.api_ca).unwrap();
         roots.add_parsable_certificates(rustls_pemfile::certs(&mut &ca[..]).map(Result::unwrap));
-        let config = rustls::ClientConfig::builder_with_provider(ring())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = trusting_client(roots);
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.mgmt_port)).await.unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
@@ -242,11 +238,7 @@ async fn verified_derp_handshake(
 ) -> Vec<CertificateDer<'static>> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(ring())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = trusting_client(roots);
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(name.to_owned()).unwrap(), tcp)
@@ -452,11 +444,7 @@ async fn acme_ip_certs_orders_on_demand_for_the_local_address_next_to_the_hostna
     // By IP: no certificate yet, so this handshake is refused and the order starts.
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(ring())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = trusting_client(roots);
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let first = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(IP).unwrap(), tcp)
