@@ -109,6 +109,8 @@ pub struct SendBatch<const N: usize> {
     lens: [usize; BATCH],
     to: [Option<SocketAddr>; BATCH],
     from: [Option<LocalAddr>; BATCH],
+    /// Room for each datagram's packet-info message, kept with the batch (not rebuilt per send).
+    ctrl: Vec<Ctrl>,
     count: usize,
 }
 
@@ -119,6 +121,7 @@ impl<const N: usize> Default for SendBatch<N> {
             lens: [0; BATCH],
             to: [None; BATCH],
             from: [None; BATCH],
+            ctrl: vec![Ctrl([0; CTRL_LEN]); BATCH],
             count: 0,
         }
     }
@@ -264,11 +267,10 @@ mod sys {
             iov.iov_base = buf.as_mut_ptr().cast();
             iov.iov_len = *len;
         }
-        let mut ctrls: [Ctrl; BATCH] = [Ctrl([0; CTRL_LEN]); BATCH];
         // SAFETY: plain old data, all-zero is valid.
         let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
         for ((((hdr, addr), iov), ctrl), from) in
-            hdrs.iter_mut().zip(&addrs).zip(iovs.iter_mut()).zip(ctrls.iter_mut()).zip(&batch.from)
+            hdrs.iter_mut().zip(&addrs).zip(iovs.iter_mut()).zip(batch.ctrl.iter_mut()).zip(&batch.from)
         {
             hdr.msg_hdr.msg_name = addr.as_ptr().cast_mut().cast();
             hdr.msg_hdr.msg_namelen = addr.len();
@@ -279,7 +281,7 @@ mod sys {
             }
         }
         // SAFETY: the first `count` headers point at live addresses (`addrs`), iovecs (`iovs`),
-        // control buffers (`ctrls`) and buffers (`batch.bufs`, exclusively borrowed) with correct
+        // control buffers and buffers (`batch.ctrl`, `batch.bufs`, exclusively borrowed) with correct
         // lengths; the kernel only reads.
         let n = unsafe {
             libc::sendmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), count as libc::c_uint, libc::MSG_DONTWAIT)
