@@ -218,6 +218,13 @@ pub struct CaFileError {
     reason: String,
 }
 
+impl CaFileError {
+    /// A CA file that read fine but holds something the caller cannot use.
+    pub(crate) fn new(path: &Path, reason: impl Into<String>) -> Self {
+        CaFileError { path: path.to_owned(), reason: reason.into() }
+    }
+}
+
 /// Reads every certificate of a PEM bundle.
 pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaFileError> {
     let err = |reason: String| CaFileError { path: path.to_owned(), reason };

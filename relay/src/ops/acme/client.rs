@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Uri};
 use hyper_util::rt::TokioIo;
 use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::AcmeError;
@@ -32,10 +32,10 @@ impl CaClient {
     pub(super) fn new(extra_roots: Option<&Path>) -> Result<Self, AcmeError> {
         let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
         if let Some(path) = extra_roots {
-            for cert in read_pem_certs(path)? {
+            for cert in crate::mesh::load_ca_file(path).map_err(AcmeError::CaFile)? {
                 roots
                     .add(cert)
-                    .map_err(|e| AcmeError::CaFile { path: path.to_owned(), reason: e.to_string() })?;
+                    .map_err(|e| AcmeError::CaFile(crate::mesh::CaFileError::new(path, e.to_string())))?;
             }
         }
         let tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -45,17 +45,6 @@ impl CaClient {
             .with_no_client_auth();
         Ok(Self { tls: Arc::new(tls) })
     }
-}
-
-fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, AcmeError> {
-    let err = |reason: String| AcmeError::CaFile { path: path.to_owned(), reason };
-    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let certs: Vec<_> =
-        rustls_pemfile::certs(&mut &pem[..]).collect::<Result<_, _>>().map_err(|e| err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(err("no PEM certificate found".to_owned()));
-    }
-    Ok(certs)
 }
 
 impl HttpClient for CaClient {

@@ -83,8 +83,8 @@ pub enum AcmeError {
         "-acme-eab-key: invalid base64 encoding for EAB key (base64url without padding, or standard base64)"
     )]
     EabKey,
-    #[error("-acme-ca-file {path}: {reason}")]
-    CaFile { path: PathBuf, reason: String },
+    #[error("-acme-ca-file: {0}")]
+    CaFile(crate::mesh::CaFileError),
     #[error(transparent)]
     Tls(#[from] TlsError),
 }
