@@ -18,6 +18,8 @@ pub mod node;
 #[cfg(feature = "node")]
 pub mod portmap;
 pub mod region;
+#[cfg(feature = "node")]
+pub mod route_table;
 pub mod tls;
 pub mod ws;
 

@@ -3,25 +3,13 @@
 //! role, every frame decoded as a server-to-client message. Nothing may panic.
 #![no_main]
 
-use bytes::BytesMut;
-use derpfleet_proto::frame::{FrameDecoder, Role};
+use derpfleet_fuzz::feed_frames;
+use derpfleet_proto::frame::Role;
 use derpfleet_proto::msg::ServerToClient;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&step, rest)) = data.split_first() else { return };
-    let mut dec = FrameDecoder::new(Role::Client);
-    let mut buf = BytesMut::new();
-    for piece in rest.chunks(step as usize % 64 + 1) {
-        buf.extend_from_slice(piece);
-        loop {
-            match dec.decode(&mut buf) {
-                Ok(Some(f)) => {
-                    let _ = ServerToClient::decode(f);
-                }
-                Ok(None) => break,
-                Err(_) => return,
-            }
-        }
-    }
+    feed_frames(data, Role::Client, |f| {
+        let _ = ServerToClient::decode(f);
+    });
 });

@@ -4,28 +4,15 @@
 //! server closes the connection there.
 #![no_main]
 
-use bytes::BytesMut;
+use derpfleet_fuzz::feed_frames;
 use derpfleet_proto::consts::{KEY_LEN, MAX_CLIENT_INFO_LEN, MAX_PACKET_SIZE};
-use derpfleet_proto::frame::{FrameDecoder, Role};
+use derpfleet_proto::frame::Role;
 use derpfleet_proto::msg::ClientToServer;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    // The first byte chooses the read size, so frames get split across reads in many ways.
-    let Some((&step, rest)) = data.split_first() else { return };
-    let mut dec = FrameDecoder::new(Role::Server);
-    let mut buf = BytesMut::new();
-    for piece in rest.chunks(step as usize % 64 + 1) {
-        buf.extend_from_slice(piece);
-        loop {
-            match dec.decode(&mut buf) {
-                Ok(Some(f)) => {
-                    assert!(f.payload.len() <= MAX_CLIENT_INFO_LEN.max(2 * KEY_LEN + MAX_PACKET_SIZE));
-                    let _ = ClientToServer::decode(f);
-                }
-                Ok(None) => break,
-                Err(_) => return,
-            }
-        }
-    }
+    feed_frames(data, Role::Server, |f| {
+        assert!(f.payload.len() <= MAX_CLIENT_INFO_LEN.max(2 * KEY_LEN + MAX_PACKET_SIZE));
+        let _ = ClientToServer::decode(f);
+    });
 });

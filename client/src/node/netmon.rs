@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::magicsock::local_ips;
+use crate::route_table::{read_default_routes, DefaultRoute};
 
 /// How long a burst of netlink messages may take before the snapshot is compared.
 pub const SETTLE: Duration = Duration::from_millis(100);
@@ -32,8 +33,8 @@ pub const POLL_FALLBACK: Duration = Duration::from_secs(2);
 pub struct NetState {
     /// Usable local addresses (up, not loopback, not our TUN), sorted.
     pub addrs: Vec<IpAddr>,
-    /// Default routes as `family iface gateway`, sorted.
-    pub default_routes: Vec<String>,
+    /// Default routes, sorted.
+    pub default_routes: Vec<DefaultRoute>,
 }
 
 impl NetState {
@@ -42,12 +43,8 @@ impl NetState {
         let mut addrs = local_ips(exclude_iface);
         addrs.sort();
         addrs.dedup();
-        let mut default_routes =
-            default_routes_v4(&std::fs::read_to_string("/proc/net/route").unwrap_or_default(), exclude_iface);
-        default_routes.extend(default_routes_v6(
-            &std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default(),
-            exclude_iface,
-        ));
+        let mut default_routes = read_default_routes();
+        default_routes.retain(|r| r.iface != exclude_iface);
         default_routes.sort();
         Self { addrs, default_routes }
     }
@@ -156,52 +153,9 @@ fn drain(s: &TokioSocket, buf: &mut Vec<u8>) {
     }
 }
 
-/// Default IPv4 routes from `/proc/net/route` text (`Iface Destination Gateway ... Mask ...`, hex).
-pub fn default_routes_v4(text: &str, exclude_iface: &str) -> Vec<String> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (iface, dst, gw, mask) = (f.first()?, f.get(1)?, f.get(2)?, f.get(7)?);
-            (*dst == "00000000" && *mask == "00000000" && *iface != exclude_iface)
-                .then(|| format!("4 {iface} {gw}"))
-        })
-        .collect()
-}
-
-/// Default IPv6 routes from `/proc/net/ipv6_route` text (dst, dst len, src, src len, next hop, ...,
-/// iface last).
-pub fn default_routes_v6(text: &str, exclude_iface: &str) -> Vec<String> {
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (dst, len, hop, iface) = (f.first()?, f.get(1)?, f.get(4)?, f.last()?);
-            let zero = dst.bytes().all(|b| b == b'0');
-            (zero && *len == "00" && *iface != exclude_iface && *iface != "lo")
-                .then(|| format!("6 {iface} {hop}"))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_routes_are_parsed_from_proc() {
-        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                  h1\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-                  h1\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-                  df0\t00000000\t00000000\t0001\t0\t0\t0\t00000000\t0\t0\t0\n";
-        assert_eq!(default_routes_v4(v4, "df0"), vec!["4 h1 0101A8C0".to_string()]);
-        let z = "00000000000000000000000000000000";
-        let v6 = format!(
-            "{z} 00 {z} 00 fd000001000000000000000000000001 00000400 00000001 00000000 00000003 h1\n\
-             fd000001000000000000000000000000 40 {z} 00 {z} 00000100 00000001 00000000 00000001 h1\n\
-             {z} 00 {z} 00 {z} ffffffff 00000001 00000000 00200200 lo\n"
-        );
-        assert_eq!(default_routes_v6(&v6, "df0"), vec!["6 h1 fd000001000000000000000000000001".to_string()]);
-    }
 
     #[test]
     fn publish_only_on_a_real_change() {

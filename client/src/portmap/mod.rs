@@ -150,26 +150,7 @@ impl Mapping {
 /// The IPv4 default gateway from `/proc/net/route` (lowest metric).
 pub fn default_gateway() -> Option<Ipv4Addr> {
     let text = std::fs::read_to_string("/proc/net/route").ok()?;
-    parse_default_gateway(&text)
-}
-
-/// The default route's gateway in `/proc/net/route` text.
-pub fn parse_default_gateway(text: &str) -> Option<Ipv4Addr> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (dest, gw, metric) = (f.get(1)?, f.get(2)?, f.get(6)?.parse::<u32>().ok()?);
-            if *dest != "00000000" {
-                return None;
-            }
-            // Little-endian hex, as the kernel prints it.
-            let gw = u32::from_str_radix(gw, 16).ok()?;
-            Some((metric, Ipv4Addr::from(gw.swap_bytes())))
-        })
-        .filter(|(_, gw)| !gw.is_unspecified())
-        .min()
-        .map(|(_, gw)| gw)
+    crate::route_table::ipv4_gateway(&crate::route_table::default_routes_v4(&text))
 }
 
 /// The gateway and our address towards it.
@@ -302,20 +283,4 @@ pub async fn map_port(
         }
     }
     Err(PortmapError::Failed(why.join("; ")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_gateway_is_the_lowest_metric_default_route() {
-        let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                 h0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-                 h0\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
-                 h1\t00000000\t0102A8C0\t0003\t0\t0\t50\t00000000\t0\t0\t0\n";
-        assert_eq!(parse_default_gateway(t), Some(Ipv4Addr::new(192, 168, 2, 1)));
-        assert_eq!(parse_default_gateway("Iface\n"), None);
-        assert_eq!(parse_default_gateway("x\nh0 00000000 zz 3 0 0 0\n"), None);
-    }
 }
