@@ -26,10 +26,8 @@ use derpfleet_proto::handshake::ClientInfo;
 use derpfleet_proto::NodePublic;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use metrics::Counter;
 use parking_lot::RwLock;
-use tokio::net::TcpStream;
 
 use crate::core::derp_server::{Admission, AdmissionCheck, AdmissionHook, ConnInfo};
 use crate::ops::ratelimit::unmap;
@@ -135,24 +133,19 @@ pub enum VerifyUrlError {
 #[derive(Clone, Debug)]
 pub struct VerifyUrl {
     uri: Uri,
-    https: bool,
-    host: String,
-    port: u16,
 }
 
 impl VerifyUrl {
     /// Parses an `http://` or `https://` URL.
     pub fn parse(s: &str) -> Result<Self, VerifyUrlError> {
         let uri: Uri = s.parse().map_err(|_| VerifyUrlError::Invalid(s.to_owned()))?;
-        let https = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => return Err(VerifyUrlError::Scheme(s.to_owned())),
-        };
-        let host = uri.host().ok_or_else(|| VerifyUrlError::Invalid(s.to_owned()))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        Ok(Self { uri, https, host, port })
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(VerifyUrlError::Scheme(s.to_owned()));
+        }
+        if uri.host().is_none() {
+            return Err(VerifyUrlError::Invalid(s.to_owned()));
+        }
+        Ok(Self { uri })
     }
 }
 
@@ -170,16 +163,17 @@ pub enum Verdict {
 /// Asks the admission controller about `key` arriving from `source`.
 pub async fn ask_controller(url: &VerifyUrl, key: &NodePublic, source: std::net::IpAddr) -> Verdict {
     let body = serde_json::json!({ "NodePublic": key.to_string(), "Source": unmap(source).to_string() });
-    // Origin-form target (`POST /verify`), as Go's client sends to a server directly.
-    let target = url.uri.path_and_query().map_or("/", |p| p.as_str());
-    let request = match Request::post(target)
-        .header(http::header::HOST, authority(url))
-        .body(Full::new(Bytes::from(body.to_string())))
-    {
+    // http_client sends it in origin form (`POST /verify`) with the URL's Host, as Go's client does.
+    let request = match Request::post(url.uri.clone()).body(Full::new(Bytes::from(body.to_string()))) {
         Ok(r) => r,
         Err(e) => return Verdict::Unreachable(format!("building the request: {e}")),
     };
-    let response = match tokio::time::timeout(VERIFY_TIMEOUT, send(url, request)).await {
+    let response = match tokio::time::timeout(
+        VERIFY_TIMEOUT,
+        crate::ops::http_client::send(&url.uri, crate::ops::http_client::web_pki(), request),
+    )
+    .await
+    {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Verdict::Unreachable(e),
         Err(_) => return Verdict::Unreachable(format!("no answer within {VERIFY_TIMEOUT:?}")),
@@ -217,10 +211,6 @@ pub async fn ask_controller(url: &VerifyUrl, key: &NodePublic, source: std::net:
     }
 }
 
-fn authority(url: &VerifyUrl) -> String {
-    url.uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_else(|| url.host.clone())
-}
-
 /// Reads `Allow` from the first JSON value in `body` (Go decodes one value and ignores the rest;
 /// field names match case-insensitively; a missing field is false).
 fn allow_field(body: &[u8]) -> Result<bool, String> {
@@ -238,48 +228,6 @@ fn allow_field(body: &[u8]) -> Result<bool, String> {
         }
     }
     Ok(allow)
-}
-
-type Answer = http::Response<hyper::body::Incoming>;
-
-async fn send(url: &VerifyUrl, request: Request<Full<Bytes>>) -> Result<Answer, String> {
-    let tcp = TcpStream::connect((url.host.as_str(), url.port))
-        .await
-        .map_err(|e| format!("connecting to {}:{}: {e}", url.host, url.port))?;
-    let _ = tcp.set_nodelay(true);
-    if url.https {
-        let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-            .map_err(|e| format!("bad TLS name {:?}: {e}", url.host))?;
-        let tls = tokio_rustls::TlsConnector::from(https_client_config()?)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS with {}: {e}", url.host))?;
-        exchange(TokioIo::new(tls), request).await
-    } else {
-        exchange(TokioIo::new(tcp), request).await
-    }
-}
-
-async fn exchange<S>(io: TokioIo<S>, request: Request<Full<Bytes>>) -> Result<Answer, String>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("HTTP handshake: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    sender.send_request(request).await.map_err(|e| format!("HTTP request: {e}"))
-}
-
-fn https_client_config() -> Result<Arc<rustls::ClientConfig>, String> {
-    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    let config = rustls::ClientConfig::builder_with_provider(crate::http::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 /// Counters of admission decisions (`derp_admission{result}`).
@@ -428,9 +376,13 @@ mod tests {
     #[test]
     fn verify_urls() {
         let u = VerifyUrl::parse("http://127.0.0.1:8080/verify").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.https), ("127.0.0.1", 8080, false));
+        assert_eq!(
+            (u.uri.host(), u.uri.port_u16(), u.uri.scheme_str()),
+            (Some("127.0.0.1"), Some(8080), Some("http"))
+        );
         let u = VerifyUrl::parse("https://[::1]/verify").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.https), ("::1", 443, true));
+        assert_eq!((u.uri.host(), u.uri.scheme_str()), (Some("[::1]"), Some("https")));
+        assert!(VerifyUrl::parse("http:///verify").is_err());
         assert!(VerifyUrl::parse("ftp://x/").is_err());
         assert!(VerifyUrl::parse("not a url").is_err());
     }

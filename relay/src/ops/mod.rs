@@ -14,6 +14,7 @@ pub mod acme;
 pub mod admission;
 pub mod bootstrap_dns;
 pub(crate) mod debug_vars;
+pub(crate) mod http_client;
 pub(crate) mod metrics_http;
 pub(crate) mod ops_metrics;
 pub mod ratelimit;

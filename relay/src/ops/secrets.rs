@@ -25,8 +25,6 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 /// The secret name under the prefix (derper's `setecMeshKeyName`).
 pub(crate) const MESH_KEY_NAME: &str = "meshkey";
@@ -242,51 +240,18 @@ pub(crate) async fn get(server: &str, name: &str) -> Result<SecretValue, FetchEr
         .unwrap_or_else(|_| Err(FetchError::Transport(format!("no answer within {REQUEST_TIMEOUT:?}"))))
 }
 
+/// One request to setec; the answer's status and body (up to [`BODY_LIMIT`]).
 async fn send(uri: &Uri, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), FetchError> {
-    let https = uri.scheme_str() == Some("https");
-    let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_owned();
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| {
-        FetchError::Transport(format!("making HTTP request: connecting to {host}:{port}: {e}"))
-    })?;
-    if https {
-        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        let config = rustls::ClientConfig::builder_with_provider(crate::http::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| FetchError::Transport(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| FetchError::Transport(format!("bad TLS name {host:?}: {e}")))?;
-        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| FetchError::Transport(format!("TLS with {host}: {e}")))?;
-        exchange(TokioIo::new(tls), request).await
-    } else {
-        exchange(TokioIo::new(tcp), request).await
-    }
-}
-
-async fn exchange<S>(io: TokioIo<S>, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), FetchError>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+    let transport = |e: String| FetchError::Transport(format!("making HTTP request: {e}"));
+    let response = crate::ops::http_client::send(uri, crate::ops::http_client::web_pki(), request)
         .await
-        .map_err(|e| FetchError::Transport(format!("HTTP handshake: {e}")))?;
-    let conn = tokio::spawn(conn);
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| FetchError::Transport(format!("HTTP request: {e}")))?;
+        .map_err(transport)?;
     let status = response.status();
     let body = Limited::new(response.into_body(), BODY_LIMIT)
         .collect()
         .await
         .map_err(|e| FetchError::Transport(format!("reading the answer: {e}")))?
         .to_bytes();
-    conn.abort();
     Ok((status, body))
 }
 

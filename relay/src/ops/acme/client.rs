@@ -9,14 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Uri};
-use hyper_util::rt::TokioIo;
+use http::Request;
 use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
-use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 
 use super::AcmeError;
-use crate::http::tls::{provider, TlsError};
+use crate::http::tls::TlsError;
+use crate::ops::http_client;
 
 /// Longest wait for one request (connect, TLS, answer).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,7 +28,7 @@ pub(super) struct CaClient {
 impl CaClient {
     /// Trusts the web PKI roots and, when given, the PEM certificates of `extra_roots`.
     pub(super) fn new(extra_roots: Option<&Path>) -> Result<Self, AcmeError> {
-        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let mut roots = http_client::web_pki_roots();
         if let Some(path) = extra_roots {
             for cert in crate::mesh::load_ca_file(path).map_err(AcmeError::CaFile)? {
                 roots
@@ -38,12 +36,8 @@ impl CaClient {
                     .map_err(|e| AcmeError::CaFile(crate::mesh::CaFileError::new(path, e.to_string())))?;
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(TlsError::from)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(Self { tls: Arc::new(tls) })
+        let tls = http_client::config_with_roots(roots).map_err(TlsError::from)?;
+        Ok(Self { tls })
     }
 }
 
@@ -67,32 +61,12 @@ impl HttpClient for CaClient {
 
 async fn send(
     tls: Arc<rustls::ClientConfig>,
-    mut req: Request<BodyWrapper<Bytes>>,
+    req: Request<BodyWrapper<Bytes>>,
 ) -> Result<BytesResponse, String> {
     let uri = req.uri().clone();
     if uri.scheme_str() != Some("https") {
         return Err("the ACME directory must be an https:// URL".to_owned());
     }
-    let host =
-        uri.host().ok_or("no host in the URL")?.trim_start_matches('[').trim_end_matches(']').to_owned();
-    let port = uri.port_u16().unwrap_or(443);
-    let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("connecting: {e}"))?;
-    let name = ServerName::try_from(host.clone()).map_err(|e| format!("bad TLS name {host:?}: {e}"))?;
-    let stream =
-        tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
-    // A connection-level hyper client sends the request target as given: make it origin-form
-    // and name the host, as HTTP/1.1 requires.
-    let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or(host);
-    let host_value = HeaderValue::from_str(&authority).map_err(|e| format!("bad host: {e}"))?;
-    req.headers_mut().insert(header::HOST, host_value);
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    *req.uri_mut() = path.parse::<Uri>().map_err(|e| format!("bad path: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let response = sender.send_request(req).await.map_err(|e| format!("HTTP: {e}"))?;
+    let response = http_client::send(&uri, tls, req).await?;
     Ok(BytesResponse::from(response))
 }
