@@ -3,14 +3,14 @@
 //! head/tail, unknown destination, write errors, ...). Works with derpfleet-relay's
 //! `/debug/varz` and `/metrics` and with Go derper's `/debug/varz` (same metric name).
 //!
-//! Plain `http://` only (the metrics listeners are loopback HTTP); a minimal HTTP/1.1 GET with
-//! `Connection: close`, accepting a `Content-Length` or chunked body.
+//! Plain `http://` only (the metrics listeners are loopback HTTP), one hyper GET per page.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
 
 /// The counter read.
 pub const METRIC: &str = "derp_packets_dropped";
@@ -100,48 +100,23 @@ pub fn parse_drops(page: &str) -> BTreeMap<String, f64> {
 }
 
 async fn fetch(u: &MetricsUrl) -> Result<String> {
-    let mut s = tokio::net::TcpStream::connect(&u.host_port).await.context("connecting")?;
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: derpfleet-loadtest\r\nConnection: close\r\n\r\n",
-        u.path, u.host_port
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut raw = Vec::new();
-    (&mut s).take(MAX_PAGE as u64).read_to_end(&mut raw).await?;
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head = match resp.parse(&raw).context("bad HTTP response")? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial => bail!("truncated HTTP response"),
-    };
-    if resp.code != Some(200) {
-        bail!("HTTP {}", resp.code.unwrap_or(0));
+    let tcp = tokio::net::TcpStream::connect(&u.host_port).await.context("connecting")?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get(u.path.as_str())
+        .header(http::header::HOST, u.host_port.as_str())
+        .header(http::header::USER_AGENT, "derpfleet-loadtest")
+        .body(Empty::<bytes::Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    if resp.status() != http::StatusCode::OK {
+        bail!("HTTP {}", resp.status());
     }
-    let chunked = resp.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("transfer-encoding")
-            && String::from_utf8_lossy(h.value).to_ascii_lowercase().contains("chunked")
-    });
-    let body = &raw[head..];
-    let body = if chunked { dechunk(body)? } else { body.to_vec() };
+    let body = Limited::new(resp.into_body(), MAX_PAGE)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the page: {e}"))?
+        .to_bytes();
     Ok(String::from_utf8_lossy(&body).into_owned())
-}
-
-fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = b.windows(2).position(|w| w == b"\r\n").context("bad chunked body")?;
-        let size_text = std::str::from_utf8(&b[..line_end])?.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).context("bad chunk size")?;
-        b = &b[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if b.len() < size + 2 {
-            bail!("truncated chunk");
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
 }
 
 #[cfg(test)]
@@ -166,12 +141,10 @@ mod tests {
     }
 
     #[test]
-    fn urls_and_chunks() {
+    fn metrics_urls() {
         assert!("https://x:1/m".parse::<MetricsUrl>().is_err());
         assert!("http://nohost/m".parse::<MetricsUrl>().is_err());
         let u: MetricsUrl = "http://127.0.0.1:9090".parse().unwrap();
         assert_eq!(u.path, "/metrics");
-        assert_eq!(dechunk(b"3\r\nabc\r\n2;x\r\nde\r\n0\r\n\r\n").unwrap(), b"abcde");
-        assert!(dechunk(b"5\r\nab").is_err());
     }
 }
