@@ -80,7 +80,7 @@ fn netcheck_prints_a_tailscale_style_report() {
 
 #[tokio::test]
 async fn connect_trusts_the_system_store_via_ssl_cert_file() {
-    let tls = support::Tls { enabled: true, meta_cert: true, tls12_only: false, ignore_fast_start: false };
+    let tls = support::Tls::tls13();
     let s = support::TestServer::start(tls).await;
     let ca = std::env::temp_dir().join(format!("derpfleet-cli-{}-ca.pem", std::process::id()));
     std::fs::write(&ca, s.leaf_pem.as_ref().unwrap()).unwrap();

@@ -33,6 +33,16 @@ async fn recv_packet(r: &mut derpfleet_client::DerpReceiver) -> ServerToClient {
     }
 }
 
+/// A ping on `tx` is answered by the pong on `rx`.
+async fn ping_pong(
+    tx: &derpfleet_client::DerpSender,
+    rx: &mut derpfleet_client::DerpReceiver,
+    data: [u8; 8],
+) {
+    tx.send_ping(data).await.unwrap();
+    assert_eq!(tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(), ServerToClient::Pong(data));
+}
+
 #[tokio::test]
 async fn plain_http_relays_between_two_clients_and_pings() {
     let s = TestServer::start(Tls::default()).await;
@@ -56,9 +66,7 @@ async fn plain_http_relays_between_two_clients_and_pings() {
         }
         _ => unreachable!(),
     }
-    sa.send_ping(*b"12345678").await.unwrap();
-    let m = tokio::time::timeout(T, ra.recv()).await.unwrap().unwrap();
-    assert_eq!(m, ServerToClient::Pong(*b"12345678"));
+    ping_pong(&sa, &mut ra, *b"12345678").await;
     let head = s.requests.lock().unwrap()[0].clone();
     assert!(head.starts_with("GET /derp HTTP/1.1\r\n"), "{head}");
     assert!(head.contains("Upgrade: DERP\r\n") && head.contains("Connection: Upgrade\r\n"), "{head}");
@@ -99,13 +107,7 @@ async fn many_packets_arrive_in_order_and_writes_are_batched() {
 
 #[tokio::test]
 async fn tls13_meta_cert_gives_fast_start_with_pinned_cert() {
-    let s = TestServer::start(Tls {
-        enabled: true,
-        meta_cert: true,
-        tls12_only: false,
-        ignore_fast_start: false,
-    })
-    .await;
+    let s = TestServer::start(Tls::tls13()).await;
     let k = NodePrivate::generate();
     let c = DerpConn::connect(&url(&s, true, pin(&s)), &ConnectOptions::new(k)).await.unwrap();
     assert!(c.info().fast_start);
@@ -114,19 +116,12 @@ async fn tls13_meta_cert_gives_fast_start_with_pinned_cert() {
     assert!(head.contains("Derp-Fast-Start: 1\r\n"), "{head}");
     // And the connection works.
     let (tx, mut rx) = c.split();
-    tx.send_ping(*b"fastfast").await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(),
-        ServerToClient::Pong(*b"fastfast")
-    );
+    ping_pong(&tx, &mut rx, *b"fastfast").await;
 }
 
 #[tokio::test]
 async fn tls12_or_no_meta_cert_means_no_fast_start() {
-    for tls in [
-        Tls { enabled: true, meta_cert: true, tls12_only: true, ignore_fast_start: false },
-        Tls { enabled: true, meta_cert: false, tls12_only: false, ignore_fast_start: false },
-    ] {
+    for tls in [Tls { tls12_only: true, ..Tls::tls13() }, Tls { meta_cert: false, ..Tls::tls13() }] {
         let s = TestServer::start(tls).await;
         let c = DerpConn::connect(&url(&s, true, pin(&s)), &ConnectOptions::new(NodePrivate::generate()))
             .await
@@ -138,13 +133,7 @@ async fn tls12_or_no_meta_cert_means_no_fast_start() {
 
 #[tokio::test]
 async fn wrong_pin_and_web_pki_reject_self_signed() {
-    let s = TestServer::start(Tls {
-        enabled: true,
-        meta_cert: true,
-        tls12_only: false,
-        ignore_fast_start: false,
-    })
-    .await;
+    let s = TestServer::start(Tls::tls13()).await;
     let opts = ConnectOptions::new(NodePrivate::generate());
     let e = DerpConn::connect(&url(&s, true, CertCheck::Sha256Raw([0; 32])), &opts).await.err().unwrap();
     assert!(matches!(e, ConnectError::Tls { .. }), "{e}");
@@ -156,13 +145,7 @@ async fn wrong_pin_and_web_pki_reject_self_signed() {
 
 #[tokio::test]
 async fn region_target_falls_over_to_second_node_and_sends_ideal_node() {
-    let s = TestServer::start(Tls {
-        enabled: true,
-        meta_cert: false,
-        tls12_only: false,
-        ignore_fast_start: false,
-    })
-    .await;
+    let s = TestServer::start(Tls { meta_cert: false, ..Tls::tls13() }).await;
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_port = dead.local_addr().unwrap().port();
     drop(dead);
@@ -265,9 +248,7 @@ async fn connect_to_nothing_fails_fast_with_a_clear_error() {
 
 #[tokio::test]
 async fn websocket_transport_relays_and_pings() {
-    for tls in
-        [Tls::default(), Tls { enabled: true, meta_cert: true, tls12_only: false, ignore_fast_start: false }]
-    {
+    for tls in [Tls::default(), Tls::tls13()] {
         let s = TestServer::start(tls).await;
         let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
         let check = if tls.enabled { pin(&s) } else { CertCheck::HostName };
@@ -294,11 +275,7 @@ async fn websocket_transport_relays_and_pings() {
                 _ => unreachable!(),
             }
         }
-        sa.send_ping(*b"wsping!!").await.unwrap();
-        assert_eq!(
-            tokio::time::timeout(T, ra.recv()).await.unwrap().unwrap(),
-            ServerToClient::Pong(*b"wsping!!")
-        );
+        ping_pong(&sa, &mut ra, *b"wsping!!").await;
     }
 }
 
@@ -346,29 +323,19 @@ async fn mesh_peer_frames_and_watcher_messages() {
 
 #[tokio::test]
 async fn fast_start_tolerates_a_server_that_still_sends_101() {
-    let tls = Tls { enabled: true, meta_cert: true, tls12_only: false, ignore_fast_start: true };
+    let tls = Tls { ignore_fast_start: true, ..Tls::tls13() };
     let s = TestServer::start(tls).await;
     let c = DerpConn::connect(&url(&s, true, pin(&s)), &ConnectOptions::new(NodePrivate::generate()))
         .await
         .unwrap();
     assert!(c.info().fast_start);
     let (tx, mut rx) = c.split();
-    tx.send_ping(*b"after101").await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap(),
-        ServerToClient::Pong(*b"after101")
-    );
+    ping_pong(&tx, &mut rx, *b"after101").await;
 }
 
 #[tokio::test]
 async fn web_pki_with_extra_root_checks_host_and_cert_name() {
-    let s = TestServer::start(Tls {
-        enabled: true,
-        meta_cert: true,
-        tls12_only: false,
-        ignore_fast_start: false,
-    })
-    .await;
+    let s = TestServer::start(Tls::tls13()).await;
     let root = rustls::pki_types::CertificateDer::from(s.leaf_der.clone().unwrap());
     let opts = ConnectOptions { extra_roots: vec![root], ..ConnectOptions::new(NodePrivate::generate()) };
     // The leaf carries SANs 127.0.0.1 and localhost.
@@ -416,13 +383,7 @@ async fn connect_proxy() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mut
 
 #[tokio::test]
 async fn https_through_a_connect_proxy() {
-    let s = TestServer::start(Tls {
-        enabled: true,
-        meta_cert: true,
-        tls12_only: false,
-        ignore_fast_start: false,
-    })
-    .await;
+    let s = TestServer::start(Tls::tls13()).await;
     let (paddr, seen) = connect_proxy().await;
     let mut proxy = derpfleet_client::dial::HttpProxy::parse(&format!("http://u:p@{paddr}")).unwrap();
     let opts = ConnectOptions { proxy: Some(proxy.clone()), ..ConnectOptions::new(NodePrivate::generate()) };

@@ -93,16 +93,8 @@ async fn three_regions_latencies_measured_and_fastest_chosen() {
 
 #[tokio::test]
 async fn udp_blocked_falls_back_to_https_latency() {
-    let fast = TestServer::start_delayed(
-        Tls { enabled: true, meta_cert: true, tls12_only: false, ignore_fast_start: false },
-        Duration::from_millis(5),
-    )
-    .await;
-    let slow = TestServer::start_delayed(
-        Tls { enabled: true, meta_cert: true, tls12_only: false, ignore_fast_start: false },
-        Duration::from_millis(60),
-    )
-    .await;
+    let fast = TestServer::start_delayed(Tls::tls13(), Duration::from_millis(5)).await;
+    let slow = TestServer::start_delayed(Tls::tls13(), Duration::from_millis(60)).await;
     // STUN "ports" that swallow every datagram, as an nft drop rule would.
     let black_hole = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let hole = black_hole.local_addr().unwrap();
