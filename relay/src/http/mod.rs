@@ -623,6 +623,9 @@ fn plain_error(status: StatusCode, msg: &str) -> Resp {
 }
 
 /// A stream whose first reads return `prefix` (bytes already read from `inner` while sniffing).
+///
+/// The prefix is a slice of the sniffing buffer (2 KiB): once it is read (or if it starts empty)
+/// it is dropped, so a long-lived connection does not keep that buffer pinned.
 pub struct PrefixedIo<S> {
     prefix: Bytes,
     inner: S,
@@ -631,6 +634,7 @@ pub struct PrefixedIo<S> {
 impl<S> PrefixedIo<S> {
     /// Wraps `inner` so that `prefix` is read first.
     pub fn new(prefix: Bytes, inner: S) -> Self {
+        let prefix = if prefix.is_empty() { Bytes::new() } else { prefix };
         Self { prefix, inner }
     }
 }
@@ -645,6 +649,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for PrefixedIo<S> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
