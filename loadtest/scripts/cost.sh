@@ -7,7 +7,7 @@
 #      RELAYS    space-separated NAME=PATH relay binaries to compare; each row runs once per relay
 #                per round, alternating (default "relay=$BIN/derpfleet-relay")
 #      ROWS      rows to run (default: all): floor tp8x5000 many2000x20 many1000x40 many2000x2 tls8x5000
-#                mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws
+#                ws8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws
 #      SECS      measurement window of the packet rows (default 20)
 #      PORT_BASE, PORT_SPAN  relay ports are picked in [PORT_BASE, PORT_BASE+PORT_SPAN) and their
 #                metrics ports 5000 above (default 20000 and 5000); give concurrent runs disjoint
@@ -19,7 +19,7 @@ rounds=${1:-2}
 out=${2:-/tmp/derpfleet-cost}
 bin=${BIN:-target/release}
 relays=${RELAYS:-relay=$bin/derpfleet-relay}
-rows=${ROWS:-floor tp8x5000 many2000x20 many1000x40 many2000x2 tls8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws}
+rows=${ROWS:-floor tp8x5000 many2000x20 many1000x40 many2000x2 tls8x5000 ws8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws}
 secs=${SECS:-20}
 port_base=${PORT_BASE:-20000}
 port_span=${PORT_SPAN:-5000}
@@ -96,6 +96,9 @@ row() { # round row name exe
     tls8x5000)
       start_relay "$exe" tls
       run "$round" "$row" "$name" throughput --url "$url" --insecure "${flow[@]}" --relay-pid "$pid" --metrics-url "$murl" ;;
+    ws8x5000)
+      start_relay "$exe" plain
+      run "$round" "$row" "$name" throughput --url "$url" --websocket "${flow[@]}" --relay-pid "$pid" --metrics-url "$murl" ;;
     mesh_tls8x5000)
       [ -f "$work/certs/127.0.0.1.crt" ] || { start_relay "$exe" tls; sleep 0.5; stop_relays; }
       head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/mesh.key"
