@@ -322,3 +322,44 @@ impl<'a> Reader<'a> {
             .is_ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_quiet_read_holds_no_buffer_while_waiting_and_then_exactly_what_arrived() {
+        let (mut peer, mut conn) = tokio::io::duplex(64 << 10);
+        let mut buf = BytesMut::new();
+        // Nothing to read: the read is pending and no buffer was allocated for it.
+        assert!(read_quiet(&mut conn, &mut buf).now_or_never().is_none());
+        assert_eq!(buf.capacity(), 0);
+
+        peer.write_all(&[7u8; 100]).await.unwrap();
+        assert_eq!(read_quiet(&mut conn, &mut buf).await.unwrap(), 100);
+        assert_eq!(&buf[..], &[7u8; 100][..]);
+        assert!(buf.capacity() < READ_SMALL, "sized to what arrived, not to the read room");
+
+        // More than the quiet room: the first READ_SMALL bytes, in order; the rest stays unread.
+        let burst: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        peer.write_all(&burst).await.unwrap();
+        let mut buf = BytesMut::new();
+        assert_eq!(read_quiet(&mut conn, &mut buf).await.unwrap(), READ_SMALL);
+        assert_eq!(&buf[..], &burst[..READ_SMALL]);
+        let mut rest = BytesMut::with_capacity(8192);
+        let n = conn.read_buf(&mut rest).await.unwrap();
+        assert_eq!(&rest[..n], &burst[READ_SMALL..READ_SMALL + n]);
+
+        // EOF reads as 0 and leaves the buffer empty.
+        drop(peer);
+        let mut buf = BytesMut::new();
+        let mut n = read_quiet(&mut conn, &mut buf).await.unwrap();
+        while n != 0 {
+            buf.clear();
+            n = read_quiet(&mut conn, &mut buf).await.unwrap();
+        }
+        assert!(buf.is_empty());
+    }
+}

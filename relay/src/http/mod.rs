@@ -718,6 +718,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn prefixed_io_reads_the_prefix_then_the_stream_and_releases_the_sniff_buffer() {
+        use tokio::io::AsyncReadExt;
+        let sniff = Bytes::from(vec![9u8; 2048]);
+        let keep = sniff.clone();
+        let prefix = sniff.slice(2040..);
+        drop(sniff);
+        let mut io = PrefixedIo::new(prefix, &b"after"[..]);
+        let mut got = Vec::new();
+        io.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"\x09\x09\x09\x09\x09\x09\x09\x09after");
+        assert!(keep.is_unique(), "the connection still pins the sniff buffer");
+
+        // An empty prefix (nothing read past the head) holds nothing from the start.
+        let mut sniff = Bytes::from(vec![9u8; 2048]);
+        let keep = sniff.clone();
+        sniff.advance(2048);
+        let _io = PrefixedIo::new(sniff, &b""[..]);
+        assert!(keep.is_unique());
+    }
+
+    #[tokio::test]
     async fn sniffs_fast_start_with_trailing_bytes() {
         let req = b"GET /derp?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\
                     Derp-Fast-Start: 1\r\nIdeal-Node: n1\r\n\r\n\x02\x00\x00";
