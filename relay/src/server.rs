@@ -662,15 +662,13 @@ async fn serve_tls(stream: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor
     // The ACME resolver picks an IP certificate by the connection's local address.
     let local_ip = stream.local_addr().ok().map(|a| a.ip());
     let accept = crate::ops::acme::with_local_ip(local_ip, acceptor.accept(stream));
-    let handshake =
-        Box::pin(
-            async move { tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await.map(|r| r.map(Box::new)) },
-        );
-    match handshake.await {
-        Ok(Ok(tls)) => http::serve_connection(tls, remote, ctx).await,
-        Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake: {e}"),
-        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
-    }
+    // The stream is boxed in its own statement, so no temporary of it outlives the handshake.
+    let tls = match Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)).await {
+        Ok(Ok(tls)) => Box::new(tls),
+        Ok(Err(e)) => return tracing::debug!(%remote, "TLS handshake: {e}"),
+        Err(_) => return tracing::debug!(%remote, "TLS handshake timed out"),
+    };
+    http::serve_connection(tls, remote, ctx).await
 }
 
 /// Polls the certificate files and swaps in a changed pair.

@@ -249,7 +249,6 @@ impl DerpServer {
                 _ => None,
             };
             let mut reader = Reader::new(&conn, &self.registry, &self.metrics).with_recv_limit(limit);
-            let (mut buf, mut dec) = (buf, dec);
             let r = reader.run(&mut r, &mut buf, &mut dec).await;
             conn.cancel.cancel();
             r
