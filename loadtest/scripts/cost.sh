@@ -7,8 +7,11 @@
 #      RELAYS    space-separated NAME=PATH relay binaries to compare; each row runs once per relay
 #                per round, alternating (default "relay=$BIN/derpfleet-relay")
 #      ROWS      rows to run (default: all): floor tp8x5000 many2000x20 many1000x40 many2000x2 tls8x5000
-#                mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws
+#                ws8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws
 #      SECS      measurement window of the packet rows (default 20)
+#      PORT_BASE, PORT_SPAN  relay ports are picked in [PORT_BASE, PORT_BASE+PORT_SPAN) and their
+#                metrics ports 5000 above (default 20000 and 5000); give concurrent runs disjoint
+#                ranges, and keep PORT_BASE+PORT_SPAN+5000 below the ephemeral range (32768)
 # Every run gets a fresh relay; its JSON lands in OUTDIR/ROUND-ROW-NAME.json and the command,
 # start time and load average in OUTDIR/LOG. A Markdown table is printed at the end.
 set -euo pipefail
@@ -16,8 +19,10 @@ rounds=${1:-2}
 out=${2:-/tmp/derpfleet-cost}
 bin=${BIN:-target/release}
 relays=${RELAYS:-relay=$bin/derpfleet-relay}
-rows=${ROWS:-floor tp8x5000 many2000x20 many1000x40 many2000x2 tls8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws}
+rows=${ROWS:-floor tp8x5000 many2000x20 many1000x40 many2000x2 tls8x5000 ws8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws}
 secs=${SECS:-20}
+port_base=${PORT_BASE:-20000}
+port_span=${PORT_SPAN:-5000}
 lt="$bin/derpfleet-loadtest"
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 mkdir -p "$out"
@@ -45,7 +50,7 @@ wait_running() {
 # start_relay BINARY tls|plain [MESH-PEERS]: sets port, url, pid, murl; below the ephemeral range.
 start_relay() {
   local exe=$1 mode=$2 mesh=${3:-}
-  port=$((20000 + RANDOM % 5000))
+  port=$((port_base + RANDOM % port_span))
   local dir="$work/r$port" args
   mkdir -p "$dir"
   args=(-a "127.0.0.1:$port" -c "$dir/key.json" -stun=false -metrics-addr "127.0.0.1:$((port + 5000))")
@@ -91,10 +96,13 @@ row() { # round row name exe
     tls8x5000)
       start_relay "$exe" tls
       run "$round" "$row" "$name" throughput --url "$url" --insecure "${flow[@]}" --relay-pid "$pid" --metrics-url "$murl" ;;
+    ws8x5000)
+      start_relay "$exe" plain
+      run "$round" "$row" "$name" throughput --url "$url" --websocket "${flow[@]}" --relay-pid "$pid" --metrics-url "$murl" ;;
     mesh_tls8x5000)
       [ -f "$work/certs/127.0.0.1.crt" ] || { start_relay "$exe" tls; sleep 0.5; stop_relays; }
       head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/mesh.key"
-      local a=$((20000 + RANDOM % 5000)) b
+      local a=$((port_base + RANDOM % port_span)) b
       b=$((a + 1))
       local peers="https://127.0.0.1:$a,https://127.0.0.1:$b"
       # Fixed ports for the pair (each lists both; a node skips itself by its key).

@@ -607,7 +607,8 @@ async fn accept_loop(listener: TcpListener, kind: Listener, l: AcceptLoop) {
                 let mut stream = stream;
                 let remote = match &proxy {
                     None => remote,
-                    Some(p) => match p.read(&mut stream, remote).await {
+                    // Boxed: inline, the header reader's room would stay in every connection's task.
+                    Some(p) => match Box::pin(p.read(&mut stream, remote)).await {
                         Some(client) if within_limits(limiter.as_deref(), &ops, client) => client,
                         _ => return,
                     },
@@ -651,16 +652,23 @@ async fn serve(stream: TcpStream, remote: SocketAddr, kind: &Listener, ctx: Arc<
 }
 
 /// The TLS handshake (with its deadline), then the connection over TLS.
+///
+/// The handshake future is boxed, so its room (it holds the TLS connection state inline) is freed
+/// when the handshake ends instead of sizing this future for the connection's life. The TLS stream
+/// (about 1.2 KB of rustls state) is boxed too and the layers above hold only the pointer: held by
+/// value, each layer that takes it (this future, `serve_connection`, the DERP session, the
+/// reader/writer split) keeps room for a copy of its own.
 async fn serve_tls(stream: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor, ctx: Arc<HttpContext>) {
     // The ACME resolver picks an IP certificate by the connection's local address.
     let local_ip = stream.local_addr().ok().map(|a| a.ip());
     let accept = crate::ops::acme::with_local_ip(local_ip, acceptor.accept(stream));
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-        // Not boxed: the TLS stream then moves within this one allocation instead of into a second.
-        Ok(Ok(tls)) => http::serve_connection(tls, remote, ctx).await,
-        Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake: {e}"),
-        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
-    }
+    // The stream is boxed in its own statement, so no temporary of it outlives the handshake.
+    let tls = match Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)).await {
+        Ok(Ok(tls)) => Box::new(tls),
+        Ok(Err(e)) => return tracing::debug!(%remote, "TLS handshake: {e}"),
+        Err(_) => return tracing::debug!(%remote, "TLS handshake timed out"),
+    };
+    http::serve_connection(tls, remote, ctx).await
 }
 
 /// Polls the certificate files and swaps in a changed pair.

@@ -248,10 +248,8 @@ impl DerpServer {
                 Some(rate) if !conn.can_mesh => Some(rate.client()),
                 _ => None,
             };
-            let r = Reader::new(&conn, &self.registry, &self.metrics)
-                .with_recv_limit(limit)
-                .run(&mut r, buf, dec)
-                .await;
+            let mut reader = Reader::new(&conn, &self.registry, &self.metrics).with_recv_limit(limit);
+            let r = reader.run(&mut r, &mut buf, &mut dec).await;
             conn.cancel.cancel();
             r
         };

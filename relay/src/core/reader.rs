@@ -2,20 +2,26 @@
 //! [`crate::core::handshake`].
 //!
 //! The loop decodes frames from a read buffer and dispatches them to `handle_*`; packets go to
-//! [`Registry::route`], which counts every packet it cannot deliver. Packets leave as `Bytes` slices of the read buffer (no copy here). The buffer is
-//! sized adaptively: 64 KiB while reads keep filling it, a fresh 2 KiB one when the connection
-//! goes quiet, so idle connections hold little memory and no shared block stays pinned.
+//! [`Registry::route`], which counts every packet it cannot deliver. Packets leave as `Bytes`
+//! slices of the read buffer (no copy here). The buffer is sized adaptively: 64 KiB while reads
+//! keep filling it, and none at all while the connection is quiet: a quiet reader waits with an
+//! empty buffer and reads into room on the stack of the poll that finds data, then copies what
+//! arrived (at most 2 KiB) into a buffer of exactly that size. So an idle connection holds no read
+//! buffer and no shared block stays pinned, for every transport (plain TCP, TLS, WebSocket).
 //! Malformed known frames end only this connection (an `Err` from the loop).
 
+use std::mem::MaybeUninit;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Poll};
 
 use bytes::{Bytes, BytesMut};
 use derpfleet_proto::frame::{FrameDecoder, FrameError, RawFrame};
 use derpfleet_proto::msg::{ClientToServer, PeerGoneReason};
 use derpfleet_proto::NodePublic;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::core::metrics::{Metrics, PacketKind};
@@ -27,7 +33,7 @@ use crate::core::registry::{Conn, Registry, Routed};
 const READ_LARGE: usize = 64 << 10;
 /// A busy reader yields to the scheduler after routing this many packets (half a queue depth).
 const YIELD_EVERY_PACKETS: u32 = 16;
-/// Read buffer of a quiet connection.
+/// Most a quiet connection's first read takes (on the stack; then copied to the heap).
 const READ_SMALL: usize = 2 << 10;
 
 /// Why a reader loop ended with an error. Only this connection closes.
@@ -46,6 +52,36 @@ pub(crate) enum SessionError {
 
 /// derper ignores NotePreferred changes this soon after connecting when counting home moves.
 const HOME_MOVE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One read: [`read_quiet`] when the connection is quiet, else into `buf`'s spare capacity.
+async fn read_some<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    quiet: bool,
+) -> std::io::Result<usize> {
+    if quiet {
+        read_quiet(r, buf).await
+    } else {
+        r.read_buf(buf).await
+    }
+}
+
+/// Reads at most [`READ_SMALL`] bytes into stack room that lives only during one poll, and puts
+/// what arrived into `buf` (empty on entry) as an allocation of exactly that size. While the
+/// transport is not ready, nothing is held: a pending `poll_read` keeps no buffer of ours.
+async fn read_quiet<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut room = [MaybeUninit::<u8>::uninit(); READ_SMALL];
+        let mut rb = ReadBuf::uninit(&mut room);
+        ready!(Pin::new(&mut *r).poll_read(cx, &mut rb))?;
+        let got = rb.filled();
+        if !got.is_empty() {
+            *buf = BytesMut::from(got);
+        }
+        Poll::Ready(Ok(got.len()))
+    })
+    .await
+}
 
 /// The reader side of one connection.
 pub(crate) struct Reader<'a> {
@@ -119,16 +155,20 @@ impl<'a> Reader<'a> {
 
     /// Reads and handles frames until EOF (Ok), cancellation (Ok) or an error. `buf` may hold
     /// bytes already read during the handshake.
+    ///
+    /// Everything is borrowed: an `async fn` keeps room for its by-value arguments and for the
+    /// locals they move into, so taking the reader (248 bytes) by value held it twice for the
+    /// connection's life.
     pub(crate) async fn run<R>(
-        mut self,
+        &mut self,
         r: &mut R,
-        mut buf: BytesMut,
-        mut dec: FrameDecoder,
+        buf: &mut BytesMut,
+        dec: &mut FrameDecoder,
     ) -> Result<(), SessionError>
     where
         R: AsyncRead + Unpin,
     {
-        let result = self.read_loop(r, &mut buf, &mut dec).await;
+        let result = self.read_loop(r, buf, dec).await;
         self.tally.publish(self.metrics);
         if self.preferred {
             self.metrics.current_home_connections.decrement(1.0);
@@ -160,11 +200,10 @@ impl<'a> Reader<'a> {
                 }
             }
             self.tally.publish(self.metrics);
-            if buf.is_empty() && !last_read_filled {
-                // Quiet: a fresh small buffer, so no large (possibly shared) block stays pinned.
-                if buf.capacity() != READ_SMALL {
-                    *buf = BytesMut::with_capacity(READ_SMALL);
-                }
+            let quiet = buf.is_empty() && !last_read_filled;
+            if quiet {
+                // No buffer while waiting, so no large (possibly shared) block stays pinned.
+                *buf = BytesMut::new();
             } else {
                 buf.reserve(READ_LARGE);
             }
@@ -177,11 +216,11 @@ impl<'a> Reader<'a> {
                     }
                 }
             }
-            let room = buf.capacity() - buf.len();
+            let room = if quiet { READ_SMALL } else { buf.capacity() - buf.len() };
             let n = tokio::select! {
                 biased;
                 _ = self.conn.cancel.cancelled() => return Ok(()),
-                n = r.read_buf(buf) => n?,
+                n = read_some(r, buf, quiet) => n?,
             };
             if n == 0 {
                 return Ok(());
@@ -281,5 +320,46 @@ impl<'a> Reader<'a> {
             })
             .check()
             .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_quiet_read_holds_no_buffer_while_waiting_and_then_exactly_what_arrived() {
+        let (mut peer, mut conn) = tokio::io::duplex(64 << 10);
+        let mut buf = BytesMut::new();
+        // Nothing to read: the read is pending and no buffer was allocated for it.
+        assert!(read_quiet(&mut conn, &mut buf).now_or_never().is_none());
+        assert_eq!(buf.capacity(), 0);
+
+        peer.write_all(&[7u8; 100]).await.unwrap();
+        assert_eq!(read_quiet(&mut conn, &mut buf).await.unwrap(), 100);
+        assert_eq!(&buf[..], &[7u8; 100][..]);
+        assert!(buf.capacity() < READ_SMALL, "sized to what arrived, not to the read room");
+
+        // More than the quiet room: the first READ_SMALL bytes, in order; the rest stays unread.
+        let burst: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        peer.write_all(&burst).await.unwrap();
+        let mut buf = BytesMut::new();
+        assert_eq!(read_quiet(&mut conn, &mut buf).await.unwrap(), READ_SMALL);
+        assert_eq!(&buf[..], &burst[..READ_SMALL]);
+        let mut rest = BytesMut::with_capacity(8192);
+        let n = conn.read_buf(&mut rest).await.unwrap();
+        assert_eq!(&rest[..n], &burst[READ_SMALL..READ_SMALL + n]);
+
+        // EOF reads as 0 and leaves the buffer empty.
+        drop(peer);
+        let mut buf = BytesMut::new();
+        let mut n = read_quiet(&mut conn, &mut buf).await.unwrap();
+        while n != 0 {
+            buf.clear();
+            n = read_quiet(&mut conn, &mut buf).await.unwrap();
+        }
+        assert!(buf.is_empty());
     }
 }

@@ -227,21 +227,51 @@ where
 }
 
 /// Serves one accepted connection (plain TCP or TLS) on the main port until it closes.
-pub async fn serve_connection<S>(mut io: S, remote: SocketAddr, ctx: Arc<HttpContext>)
+///
+/// Two phases, each in its own allocation: the sniff (read the request head, answer the upgrade)
+/// is boxed and freed when it ends, and then the connection's path is boxed on its own. A future
+/// is as large as its largest state, so inline the sniff's room, the raw DERP session's and the
+/// WebSocket session's would all size this one future, and every connection would carry the
+/// largest of them for its whole life; this way an idle connection holds only its own path.
+pub async fn serve_connection<S>(io: S, remote: SocketAddr, ctx: Arc<HttpContext>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let Some(next) = Box::pin(sniff(io, remote, &ctx)).await else { return };
+    match next {
+        Sniffed::RawDerp(io, info) => Box::pin(ctx.derp.accept(io, info)).await,
+        Sniffed::WebSocketDerp(io, info) => Box::pin(serve_websocket_derp(io, ctx, info)).await,
+        Sniffed::Http(io) => Box::pin(serve_http(io, remote, ctx, Port::Main)).await,
+    }
+}
+
+/// Where a sniffed connection goes next, with the bytes read past its request head.
+enum Sniffed<S> {
+    /// The 101 is written (unless fast start): DERP frames follow.
+    RawDerp(PrefixedIo<S>, ConnInfo),
+    /// The WebSocket 101 is written.
+    WebSocketDerp(PrefixedIo<S>, ConnInfo),
+    /// Ordinary HTTP: the request head is still in the prefix, for the HTTP server.
+    Http(PrefixedIo<S>),
+}
+
+/// Reads the request head and answers a DERP upgrade; None when the connection is done (closed,
+/// rejected, timed out).
+async fn sniff<S>(mut io: S, remote: SocketAddr, ctx: &HttpContext) -> Option<Sniffed<S>>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_request_head(&mut io)).await {
         Ok(Ok(Some(first))) => first,
-        Ok(Ok(None)) => return,
+        Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
             tracing::debug!(%remote, "bad first request: {e}");
             reject(&mut io).await;
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!(%remote, "{}", HeadError::Timeout(HANDSHAKE_TIMEOUT));
-            return;
+            return None;
         }
     };
     let (head, mut buf, head_len) = first;
@@ -256,16 +286,16 @@ where
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, write_and_flush(&mut io, resp.as_bytes())).await
                 {
                     Ok(Ok(())) => {}
-                    _ => return,
+                    _ => return None,
                 }
             }
             tracing::debug!(remote = %client, fast_start = head.fast_start, "DERP upgrade");
-            ctx.derp.accept(PrefixedIo::new(buf.freeze(), io), info).await;
+            Some(Sniffed::RawDerp(PrefixedIo::new(buf.freeze(), io), info))
         }
         Route::WebSocketDerp => {
             let Some(key) = head.ws_key.as_deref() else {
                 reject(&mut io).await;
-                return;
+                return None;
             };
             buf.advance(head_len);
             // Counted before the 101 goes out, so anyone who saw the 101 also sees the count.
@@ -273,16 +303,12 @@ where
             let resp = websocket_101(key);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, write_and_flush(&mut io, resp.as_bytes())).await {
                 Ok(Ok(())) => {}
-                _ => return,
+                _ => return None,
             }
             tracing::debug!(remote = %client, "DERP WebSocket upgrade");
-            // The WebSocket session and the HTTP server are boxed: inline, their larger states would
-            // size every connection's future, raw DERP ones included.
-            Box::pin(serve_websocket_derp(PrefixedIo::new(buf.freeze(), io), ctx, info)).await;
+            Some(Sniffed::WebSocketDerp(PrefixedIo::new(buf.freeze(), io), info))
         }
-        Route::Http => {
-            Box::pin(serve_http(PrefixedIo::new(buf.freeze(), io), remote, ctx, Port::Main)).await;
-        }
+        Route::Http => Some(Sniffed::Http(PrefixedIo::new(buf.freeze(), io))),
     }
 }
 
@@ -291,7 +317,9 @@ async fn serve_websocket_derp<S>(io: PrefixedIo<S>, ctx: Arc<HttpContext>, info:
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let ws = websocket::server_byte_stream(io).await;
+    // Boxed: the session keeps only a pointer to the WebSocket state (~0.4 KB) instead of room
+    // for a copy in this future and another in the session's.
+    let ws = Box::new(websocket::server_byte_stream(io).await);
     ctx.derp.accept(ws, info).await;
 }
 
@@ -623,6 +651,9 @@ fn plain_error(status: StatusCode, msg: &str) -> Resp {
 }
 
 /// A stream whose first reads return `prefix` (bytes already read from `inner` while sniffing).
+///
+/// The prefix is a slice of the sniffing buffer (2 KiB): once it is read (or if it starts empty)
+/// it is dropped, so a long-lived connection does not keep that buffer pinned.
 pub struct PrefixedIo<S> {
     prefix: Bytes,
     inner: S,
@@ -631,6 +662,7 @@ pub struct PrefixedIo<S> {
 impl<S> PrefixedIo<S> {
     /// Wraps `inner` so that `prefix` is read first.
     pub fn new(prefix: Bytes, inner: S) -> Self {
+        let prefix = if prefix.is_empty() { Bytes::new() } else { prefix };
         Self { prefix, inner }
     }
 }
@@ -645,6 +677,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for PrefixedIo<S> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -680,6 +715,27 @@ mod tests {
     async fn head_of(bytes: &[u8]) -> Result<Option<(RequestHead, BytesMut, usize)>, HeadError> {
         let mut r = bytes;
         read_request_head(&mut r).await
+    }
+
+    #[tokio::test]
+    async fn prefixed_io_reads_the_prefix_then_the_stream_and_releases_the_sniff_buffer() {
+        use tokio::io::AsyncReadExt;
+        let sniff = Bytes::from(vec![9u8; 2048]);
+        let keep = sniff.clone();
+        let prefix = sniff.slice(2040..);
+        drop(sniff);
+        let mut io = PrefixedIo::new(prefix, &b"after"[..]);
+        let mut got = Vec::new();
+        io.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"\x09\x09\x09\x09\x09\x09\x09\x09after");
+        assert!(keep.is_unique(), "the connection still pins the sniff buffer");
+
+        // An empty prefix (nothing read past the head) holds nothing from the start.
+        let mut sniff = Bytes::from(vec![9u8; 2048]);
+        let keep = sniff.clone();
+        sniff.advance(2048);
+        let _io = PrefixedIo::new(sniff, &b""[..]);
+        assert!(keep.is_unique());
     }
 
     #[tokio::test]

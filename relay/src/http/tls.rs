@@ -253,13 +253,18 @@ impl CertReloader {
     }
 }
 
-/// A server config with safe versions (TLS 1.2 and 1.3), no client auth and ALPN `http/1.1`.
+/// A server config with safe versions (TLS 1.2 and 1.3), no client auth, ALPN `http/1.1` and no
+/// TLS 1.3 session tickets.
 pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No TLS 1.3 session tickets: Tailscale's client (`tlsdial.Config`, as derphttp uses it) sets no
+    // client session cache, so it never resumes; each ticket would only cost a sealing, a record
+    // written after the handshake, and an entry in the session cache.
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
