@@ -9,6 +9,8 @@
 #      ROWS      rows to run (default: all): floor tp8x5000 many2000x20 many1000x40 many2000x2 tls8x5000
 #                mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws
 #      SECS      measurement window of the packet rows (default 20)
+#      BASE_PORT relays listen on BASE_PORT .. BASE_PORT+PORT_SPAN-2, their metrics PORT_SPAN
+#      PORT_SPAN above (defaults 20000 and 5000); give concurrent runs disjoint ranges
 # Every run gets a fresh relay; its JSON lands in OUTDIR/ROUND-ROW-NAME.json and the command,
 # start time and load average in OUTDIR/LOG. A Markdown table is printed at the end.
 set -euo pipefail
@@ -18,6 +20,8 @@ bin=${BIN:-target/release}
 relays=${RELAYS:-relay=$bin/derpfleet-relay}
 rows=${ROWS:-floor tp8x5000 many2000x20 many1000x40 many2000x2 tls8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws}
 secs=${SECS:-20}
+base_port=${BASE_PORT:-20000}
+port_span=${PORT_SPAN:-5000}
 lt="$bin/derpfleet-loadtest"
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 mkdir -p "$out"
@@ -45,10 +49,10 @@ wait_running() {
 # start_relay BINARY tls|plain [MESH-PEERS]: sets port, url, pid, murl; below the ephemeral range.
 start_relay() {
   local exe=$1 mode=$2 mesh=${3:-}
-  port=$((20000 + RANDOM % 5000))
+  port=$((base_port + RANDOM % (port_span - 1)))
   local dir="$work/r$port" args
   mkdir -p "$dir"
-  args=(-a "127.0.0.1:$port" -c "$dir/key.json" -stun=false -metrics-addr "127.0.0.1:$((port + 5000))")
+  args=(-a "127.0.0.1:$port" -c "$dir/key.json" -stun=false -metrics-addr "127.0.0.1:$((port + port_span))")
   if [ "$mode" = tls ]; then
     # One certificate for every node (all are 127.0.0.1), trusted by the mesh links.
     args+=(-certmode manual -hostname 127.0.0.1 -http-port -1 -certdir "$work/certs")
@@ -63,7 +67,7 @@ start_relay() {
   "$exe" "${args[@]}" >"$dir/log" 2>&1 &
   pid=$!
   pids+=("$pid")
-  murl="http://127.0.0.1:$((port + 5000))/metrics"
+  murl="http://127.0.0.1:$((port + port_span))/metrics"
   wait_running "$dir/log"
 }
 
@@ -94,7 +98,7 @@ row() { # round row name exe
     mesh_tls8x5000)
       [ -f "$work/certs/127.0.0.1.crt" ] || { start_relay "$exe" tls; sleep 0.5; stop_relays; }
       head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/mesh.key"
-      local a=$((20000 + RANDOM % 5000)) b
+      local a=$((base_port + RANDOM % (port_span - 1))) b
       b=$((a + 1))
       local peers="https://127.0.0.1:$a,https://127.0.0.1:$b"
       # Fixed ports for the pair (each lists both; a node skips itself by its key).
@@ -121,13 +125,13 @@ start_relay_at() {
   local exe=$1 p=$2 mesh=$3
   local dir="$work/r$p"
   mkdir -p "$dir"
-  "$exe" -a "127.0.0.1:$p" -c "$dir/key.json" -stun=false -metrics-addr "127.0.0.1:$((p + 5000))" \
+  "$exe" -a "127.0.0.1:$p" -c "$dir/key.json" -stun=false -metrics-addr "127.0.0.1:$((p + port_span))" \
     -certmode manual -hostname 127.0.0.1 -http-port -1 -certdir "$work/certs" \
     -mesh-psk-file "$work/mesh.key" -mesh-with "$mesh" -mesh-ca-file "$work/certs/127.0.0.1.crt" >"$dir/log" 2>&1 &
   pid=$!
   pids+=("$pid")
   url="https://127.0.0.1:$p/derp"
-  murl="http://127.0.0.1:$((p + 5000))/metrics"
+  murl="http://127.0.0.1:$((p + port_span))/metrics"
   wait_running "$dir/log"
 }
 
