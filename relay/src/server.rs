@@ -28,6 +28,7 @@ use crate::core::outbox::Control;
 use crate::defaults;
 use crate::http::forwarded::ForwardedTrust;
 use crate::http::proxy_protocol::{self, ProxyProtocol, TrustedNets};
+use crate::http::shutdown_watch::ShutdownWatch;
 use crate::http::tls::CertReloader;
 use crate::http::{self, HomePage, HttpContext};
 use crate::ops::admission::{Admitter, Allowlist, VerifyUrl};
@@ -603,7 +604,9 @@ async fn accept_loop(listener: TcpListener, kind: Listener, l: AcceptLoop) {
         let (ctx, kind, cancel, limiter, ops) =
             (ctx.clone(), kind.clone(), cancel.clone(), limiter.clone(), ops.clone());
         tracker.spawn(async move {
-            let run = async move {
+            // Polled until the DERP core owns the connection (it then closes it at shutdown).
+            let watch = ShutdownWatch::new();
+            let run = async {
                 let mut stream = stream;
                 let remote = match &proxy {
                     None => remote,
@@ -612,12 +615,9 @@ async fn accept_loop(listener: TcpListener, kind: Listener, l: AcceptLoop) {
                         _ => return,
                     },
                 };
-                serve(stream, remote, &kind, ctx).await
+                serve(stream, remote, &kind, ctx, &watch).await
             };
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = run => {}
-            }
+            watch.run(&cancel, run).await;
         });
     }
 }
@@ -642,22 +642,34 @@ fn within_limits(limiter: Option<&AcceptLimiter>, ops: &OpsMetrics, remote: Sock
 /// connection's task would be sized for the TLS path (the handshake and the TLS stream inline) and a
 /// plain-HTTP client would carry that for its whole life. Boxed, an idle connection holds only the
 /// state of the path it took.
-async fn serve(stream: TcpStream, remote: SocketAddr, kind: &Listener, ctx: Arc<HttpContext>) {
+async fn serve(
+    stream: TcpStream,
+    remote: SocketAddr,
+    kind: &Listener,
+    ctx: Arc<HttpContext>,
+    watch: &ShutdownWatch,
+) {
     match kind {
         Listener::Http80 => Box::pin(http::serve_port80_connection(stream, remote, ctx)).await,
-        Listener::Main(None) => Box::pin(http::serve_connection(stream, remote, ctx)).await,
-        Listener::Main(Some(acceptor)) => Box::pin(serve_tls(stream, remote, acceptor, ctx)).await,
+        Listener::Main(None) => Box::pin(http::serve_connection(stream, remote, ctx, watch)).await,
+        Listener::Main(Some(acceptor)) => Box::pin(serve_tls(stream, remote, acceptor, ctx, watch)).await,
     }
 }
 
 /// The TLS handshake (with its deadline), then the connection over TLS.
-async fn serve_tls(stream: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor, ctx: Arc<HttpContext>) {
+async fn serve_tls(
+    stream: TcpStream,
+    remote: SocketAddr,
+    acceptor: &TlsAcceptor,
+    ctx: Arc<HttpContext>,
+    watch: &ShutdownWatch,
+) {
     // The ACME resolver picks an IP certificate by the connection's local address.
     let local_ip = stream.local_addr().ok().map(|a| a.ip());
     let accept = crate::ops::acme::with_local_ip(local_ip, acceptor.accept(stream));
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         // Not boxed: the TLS stream then moves within this one allocation instead of into a second.
-        Ok(Ok(tls)) => http::serve_connection(tls, remote, ctx).await,
+        Ok(Ok(tls)) => http::serve_connection(tls, remote, ctx, watch).await,
         Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake: {e}"),
         Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
     }

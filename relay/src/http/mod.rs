@@ -10,6 +10,7 @@
 
 pub mod forwarded;
 pub mod proxy_protocol;
+pub mod shutdown_watch;
 pub mod tls;
 pub(crate) mod websocket;
 
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::core::derp_server::{ConnInfo, DerpServer};
+use crate::http::shutdown_watch::ShutdownWatch;
 
 /// Cap on the first request head we buffer while sniffing.
 pub const MAX_HEAD_LEN: usize = 16 << 10;
@@ -226,8 +228,9 @@ where
     }
 }
 
-/// Serves one accepted connection (plain TCP or TLS) on the main port until it closes.
-pub async fn serve_connection<S>(mut io: S, remote: SocketAddr, ctx: Arc<HttpContext>)
+/// Serves one accepted connection (plain TCP or TLS) on the main port until it closes. `watch`
+/// is told when the DERP core takes the connection over (see [`ShutdownWatch`]).
+pub async fn serve_connection<S>(mut io: S, remote: SocketAddr, ctx: Arc<HttpContext>, watch: &ShutdownWatch)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -260,6 +263,7 @@ where
                 }
             }
             tracing::debug!(remote = %client, fast_start = head.fast_start, "DERP upgrade");
+            watch.hand_to_derp();
             ctx.derp.accept(PrefixedIo::new(buf.freeze(), io), info).await;
         }
         Route::WebSocketDerp => {
@@ -278,7 +282,7 @@ where
             tracing::debug!(remote = %client, "DERP WebSocket upgrade");
             // The WebSocket session and the HTTP server are boxed: inline, their larger states would
             // size every connection's future, raw DERP ones included.
-            Box::pin(serve_websocket_derp(PrefixedIo::new(buf.freeze(), io), ctx, info)).await;
+            Box::pin(serve_websocket_derp(PrefixedIo::new(buf.freeze(), io), ctx, info, watch)).await;
         }
         Route::Http => {
             Box::pin(serve_http(PrefixedIo::new(buf.freeze(), io), remote, ctx, Port::Main)).await;
@@ -287,11 +291,16 @@ where
 }
 
 /// DERP over WebSocket on an upgraded connection.
-async fn serve_websocket_derp<S>(io: PrefixedIo<S>, ctx: Arc<HttpContext>, info: ConnInfo)
-where
+async fn serve_websocket_derp<S>(
+    io: PrefixedIo<S>,
+    ctx: Arc<HttpContext>,
+    info: ConnInfo,
+    watch: &ShutdownWatch,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let ws = websocket::server_byte_stream(io).await;
+    watch.hand_to_derp();
     ctx.derp.accept(ws, info).await;
 }
 
@@ -445,20 +454,22 @@ fn derp_upgrade_via_hyper(mut req: Request<Incoming>, remote: SocketAddr, ctx: &
             _ = cancel.cancelled() => return,
             u = on_upgrade => u,
         };
-        let serve = async move {
+        let watch = ShutdownWatch::new();
+        let serve = async {
             match upgraded {
                 Ok(upgraded) if route == Route::WebSocketDerp => {
                     let ws = websocket::server_byte_stream(TokioIo::new(upgraded)).await;
+                    watch.hand_to_derp();
                     derp.accept(ws, info).await;
                 }
-                Ok(upgraded) => derp.accept(TokioIo::new(upgraded), info).await,
+                Ok(upgraded) => {
+                    watch.hand_to_derp();
+                    derp.accept(TokioIo::new(upgraded), info).await
+                }
                 Err(e) => tracing::debug!(%remote, "upgrade failed: {e}"),
             }
         };
-        tokio::select! {
-            _ = cancel.cancelled() => {}
-            _ = serve => {}
-        }
+        watch.run(&cancel, serve).await;
     });
     resp
 }
