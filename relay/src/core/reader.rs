@@ -2,9 +2,11 @@
 //! [`crate::core::handshake`].
 //!
 //! The loop decodes frames from a read buffer and dispatches them to `handle_*`; packets go to
-//! [`Registry::route`], which counts every packet it cannot deliver. Packets leave as `Bytes` slices of the read buffer (no copy here). The buffer is
-//! sized adaptively: 64 KiB while reads keep filling it, a fresh 2 KiB one when the connection
-//! goes quiet, so idle connections hold little memory and no shared block stays pinned.
+//! [`Registry::route`], which counts every packet it cannot deliver. The buffer is sized
+//! adaptively: 64 KiB while reads keep filling it, 2 KiB when the connection goes quiet, so idle
+//! connections hold little memory and no shared block stays pinned. Packets of a busy
+//! connection leave as `Bytes` slices of the read buffer (no copy here); a quiet connection's
+//! are copied, so its small buffer is reused rather than reallocated per read.
 //! Malformed known frames end only this connection (an `Err` from the loop).
 
 use std::num::NonZeroU32;
@@ -65,6 +67,13 @@ pub(crate) struct Reader<'a> {
     /// Per-client receive rate (`-rate-config`): waited on before each read for the bytes of
     /// the previous one, so TCP back-pressure slows the sender and nothing is dropped.
     recv_limit: Option<ClientRecvLimiter>,
+    /// Packets are copied out of the read buffer instead of sliced from it. True while the
+    /// connection is quiet (small reads, often one frame each): a slice would keep the small
+    /// buffer shared until the destination wrote the packet, so every read would need a fresh
+    /// buffer (an allocation, and another for the shared-buffer header), while a copy of a
+    /// packet under 2 KiB costs one allocation and is freed by the destination. Busy
+    /// connections (large reads, many frames each) keep the zero-copy slices.
+    copy_packets: bool,
 }
 
 /// Per-read tally of received packets by kind, and their bytes.
@@ -119,6 +128,7 @@ impl<'a> Reader<'a> {
             not_here_limiter: None,
             tally: RecvTally::default(),
             recv_limit: None,
+            copy_packets: false,
         }
     }
 
@@ -155,6 +165,8 @@ impl<'a> Reader<'a> {
         let mut last_read_filled = false;
         // Bytes of the last read not yet paid for with receive-rate tokens.
         let mut unpaid = 0usize;
+        // `buf` is a READ_SMALL allocation of this loop's own (not the handshake's, not grown).
+        let mut small = false;
         loop {
             while let Some(f) = dec.decode(buf)? {
                 self.handle_frame(f)?;
@@ -168,13 +180,18 @@ impl<'a> Reader<'a> {
             }
             self.tally.publish(self.metrics);
             if buf.is_empty() && !last_read_filled {
-                // Quiet: a fresh small buffer, so no large (possibly shared) block stays pinned.
-                if buf.capacity() != READ_SMALL {
+                // Quiet: a small buffer, so no large (possibly shared) block stays pinned. The
+                // small one is reused when nothing points into it any more (its packets were
+                // copied out, see `copy_packets`): no allocation per read.
+                if !(small && buf.try_reclaim(READ_SMALL) && buf.capacity() == READ_SMALL) {
                     *buf = BytesMut::with_capacity(READ_SMALL);
+                    small = true;
                 }
             } else {
                 buf.reserve(READ_LARGE);
+                small = false;
             }
+            self.copy_packets = small;
             if let Some(limit) = &mut self.recv_limit {
                 if unpaid > 0 {
                     limit.consume(unpaid).await;
@@ -220,6 +237,16 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    /// The packet as queued: a copy while [`Reader::copy_packets`], else the slice itself.
+    #[inline]
+    fn own(&self, data: Bytes) -> Bytes {
+        if self.copy_packets {
+            Bytes::copy_from_slice(&data)
+        } else {
+            data
+        }
+    }
+
     fn require_mesh(&self, what: &'static str) -> Result<(), SessionError> {
         if self.conn.can_mesh {
             Ok(())
@@ -229,6 +256,7 @@ impl<'a> Reader<'a> {
     }
 
     fn handle_send_packet(&mut self, dst: NodePublic, data: Bytes) {
+        let data = self.own(data);
         let kind = PacketKind::of(&data);
         self.tally.add(kind, data.len());
         if let Routed::Unknown = self.registry.route(self.conn.key, dst, data, kind, true) {
@@ -246,6 +274,7 @@ impl<'a> Reader<'a> {
         data: Bytes,
     ) -> Result<(), SessionError> {
         self.require_mesh("ForwardPacket")?;
+        let data = self.own(data);
         let kind = PacketKind::of(&data);
         self.tally.add(kind, data.len());
         self.metrics.packets_forwarded_in.increment(1);
