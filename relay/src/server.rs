@@ -606,7 +606,7 @@ async fn accept_loop(listener: TcpListener, kind: Listener, l: AcceptLoop) {
         tracker.spawn(async move {
             // Polled until the DERP core owns the connection (it then closes it at shutdown).
             let watch = ShutdownWatch::new();
-            let run = async {
+            let run = std::pin::pin!(async {
                 let mut stream = stream;
                 let remote = match &proxy {
                     None => remote,
@@ -616,7 +616,7 @@ async fn accept_loop(listener: TcpListener, kind: Listener, l: AcceptLoop) {
                     },
                 };
                 serve(stream, remote, &kind, ctx, &watch).await
-            };
+            });
             watch.run(&cancel, run).await;
         });
     }

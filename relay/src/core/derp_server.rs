@@ -13,7 +13,7 @@
 
 use std::fmt;
 use std::future::{poll_fn, Future};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -255,10 +255,12 @@ impl DerpServer {
             _ => None,
         };
         let (read_result, write_result) = {
-            let reader = Reader::new(&conn, &self.registry, &self.metrics)
+            // Pinned here, not moved into the helper: a future moved into an async fn is stored
+            // twice in its state (the argument and the pinned local), per connection.
+            let reader = pin!(Reader::new(&conn, &self.registry, &self.metrics)
                 .with_recv_limit(limit)
-                .run(&mut r, buf, dec);
-            let sender = writer::run_writer(
+                .run(&mut r, buf, dec));
+            let sender = pin!(writer::run_writer(
                 &mut w,
                 &conn,
                 &self.registry,
@@ -266,7 +268,7 @@ impl DerpServer {
                 settings,
                 &mut seen,
                 &mut in_flight,
-            );
+            ));
             run_until_cancelled(&conn, reader, sender).await
         };
         // Neither loop finished: the connection was cancelled (ClosePeer, shutdown, the other
@@ -314,15 +316,13 @@ const CANCEL: usize = 2;
 /// None for a loop stopped by cancellation.
 async fn run_until_cancelled<R, W>(
     conn: &Arc<Conn>,
-    reader: R,
-    sender: W,
+    mut reader: Pin<&mut R>,
+    mut sender: Pin<&mut W>,
 ) -> (Option<Result<(), SessionError>>, Option<Result<(), WriteError>>)
 where
     R: Future<Output = Result<(), SessionError>>,
     W: Future<Output = Result<(), WriteError>>,
 {
-    let mut reader = pin!(reader);
-    let mut sender = pin!(sender);
     let mut cancelled = pin!(conn.cancel.cancelled());
     let wakers = [READER, SENDER, CANCEL].map(|b| branch_waker(conn, b));
     let (mut read_result, mut write_result) = (None, None);

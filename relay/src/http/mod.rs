@@ -455,7 +455,7 @@ fn derp_upgrade_via_hyper(mut req: Request<Incoming>, remote: SocketAddr, ctx: &
             u = on_upgrade => u,
         };
         let watch = ShutdownWatch::new();
-        let serve = async {
+        let serve = std::pin::pin!(async {
             match upgraded {
                 Ok(upgraded) if route == Route::WebSocketDerp => {
                     let ws = websocket::server_byte_stream(TokioIo::new(upgraded)).await;
@@ -468,7 +468,7 @@ fn derp_upgrade_via_hyper(mut req: Request<Incoming>, remote: SocketAddr, ctx: &
                 }
                 Err(e) => tracing::debug!(%remote, "upgrade failed: {e}"),
             }
-        };
+        });
         watch.run(&cancel, serve).await;
     });
     resp

@@ -9,7 +9,7 @@
 //! polling the token from then on.
 
 use std::future::{poll_fn, Future};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
@@ -33,9 +33,13 @@ impl ShutdownWatch {
     }
 
     /// Runs `fut` until it ends (Some) or `shutdown` is cancelled before `fut` handed its
-    /// connection to the DERP core (None).
-    pub async fn run<F: Future>(&self, shutdown: &CancellationToken, fut: F) -> Option<F::Output> {
-        let mut fut = pin!(fut);
+    /// connection to the DERP core (None). `fut` is pinned by the caller: moved in here, it
+    /// would be stored twice in this future's state.
+    pub async fn run<F: Future>(
+        &self,
+        shutdown: &CancellationToken,
+        mut fut: Pin<&mut F>,
+    ) -> Option<F::Output> {
         let mut cancelled = pin!(shutdown.cancelled());
         poll_fn(|cx| {
             if let Poll::Ready(v) = fut.as_mut().poll(cx) {
@@ -66,18 +70,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             stop.cancel();
         });
-        assert_eq!(watch.run(&token, pending).await, None);
+        assert_eq!(watch.run(&token, pin!(pending)).await, None);
 
         let token = CancellationToken::new();
         token.cancel();
         let watch = ShutdownWatch::new();
-        let out = watch
-            .run(&token, async {
-                watch.hand_to_derp();
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                7
-            })
-            .await;
+        let work = pin!(async {
+            watch.hand_to_derp();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            7
+        });
+        let out = watch.run(&token, work).await;
         assert_eq!(out, Some(7), "after the hand-over the token no longer stops the task");
     }
 }
