@@ -191,7 +191,8 @@ mod tests {
         tokio::task::yield_now().await;
         tokio::task::yield_now().await;
         wakers[0].wake_by_ref();
-        wakers[2].clone().wake();
+        let by_value = wakers[2].clone();
+        by_value.wake();
         let seen = tokio::time::timeout(std::time::Duration::from_secs(5), handle)
             .await
             .expect("the task was woken")
