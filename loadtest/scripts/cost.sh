@@ -10,8 +10,8 @@
 #                ws8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws
 #      SECS      measurement window of the packet rows (default 20)
 #      PORT_BASE, PORT_SPAN  relay ports are picked in [PORT_BASE, PORT_BASE+PORT_SPAN) and their
-#                metrics ports 5000 above (default 20000 and 5000); give concurrent runs disjoint
-#                ranges, and keep PORT_BASE+PORT_SPAN+5000 below the ephemeral range (32768)
+#                metrics ports PORT_SPAN above (defaults 20000 and 5000); give concurrent runs disjoint
+#                ranges, and keep PORT_BASE+2*PORT_SPAN below the ephemeral range (32768)
 # Every run gets a fresh relay; its JSON lands in OUTDIR/ROUND-ROW-NAME.json and the command,
 # start time and load average in OUTDIR/LOG. A Markdown table is printed at the end.
 set -euo pipefail
@@ -53,7 +53,7 @@ start_relay() {
   port=$((port_base + RANDOM % port_span))
   local dir="$work/r$port" args
   mkdir -p "$dir"
-  args=(-a "127.0.0.1:$port" -c "$dir/key.json" -stun=false -metrics-addr "127.0.0.1:$((port + 5000))")
+  args=(-a "127.0.0.1:$port" -c "$dir/key.json" -stun=false -metrics-addr "127.0.0.1:$((port + port_span))")
   if [ "$mode" = tls ]; then
     # One certificate for every node (all are 127.0.0.1), trusted by the mesh links.
     args+=(-certmode manual -hostname 127.0.0.1 -http-port -1 -certdir "$work/certs")
@@ -68,7 +68,7 @@ start_relay() {
   "$exe" "${args[@]}" >"$dir/log" 2>&1 &
   pid=$!
   pids+=("$pid")
-  murl="http://127.0.0.1:$((port + 5000))/metrics"
+  murl="http://127.0.0.1:$((port + port_span))/metrics"
   wait_running "$dir/log"
 }
 
@@ -129,13 +129,13 @@ start_relay_at() {
   local exe=$1 p=$2 mesh=$3
   local dir="$work/r$p"
   mkdir -p "$dir"
-  "$exe" -a "127.0.0.1:$p" -c "$dir/key.json" -stun=false -metrics-addr "127.0.0.1:$((p + 5000))" \
+  "$exe" -a "127.0.0.1:$p" -c "$dir/key.json" -stun=false -metrics-addr "127.0.0.1:$((p + port_span))" \
     -certmode manual -hostname 127.0.0.1 -http-port -1 -certdir "$work/certs" \
     -mesh-psk-file "$work/mesh.key" -mesh-with "$mesh" -mesh-ca-file "$work/certs/127.0.0.1.crt" >"$dir/log" 2>&1 &
   pid=$!
   pids+=("$pid")
   url="https://127.0.0.1:$p/derp"
-  murl="http://127.0.0.1:$((p + 5000))/metrics"
+  murl="http://127.0.0.1:$((p + port_span))/metrics"
   wait_running "$dir/log"
 }
 

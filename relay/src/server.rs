@@ -28,6 +28,7 @@ use crate::core::outbox::Control;
 use crate::defaults;
 use crate::http::forwarded::ForwardedTrust;
 use crate::http::proxy_protocol::{self, ProxyProtocol, TrustedNets};
+use crate::http::shutdown_watch::ShutdownWatch;
 use crate::http::tls::CertReloader;
 use crate::http::{self, HomePage, HttpContext};
 use crate::ops::admission::{Admitter, Allowlist, VerifyUrl};
@@ -603,7 +604,9 @@ async fn accept_loop(listener: TcpListener, kind: Listener, l: AcceptLoop) {
         let (ctx, kind, cancel, limiter, ops) =
             (ctx.clone(), kind.clone(), cancel.clone(), limiter.clone(), ops.clone());
         tracker.spawn(async move {
-            let run = async move {
+            // Polled until the DERP core owns the connection (it then closes it at shutdown).
+            let watch = ShutdownWatch::new();
+            let run = std::pin::pin!(async {
                 let mut stream = stream;
                 let remote = match &proxy {
                     None => remote,
@@ -613,12 +616,9 @@ async fn accept_loop(listener: TcpListener, kind: Listener, l: AcceptLoop) {
                         _ => return,
                     },
                 };
-                serve(stream, remote, &kind, ctx).await
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = run => {}
-            }
+                serve(stream, remote, &kind, ctx, &watch).await
+            });
+            watch.run(&cancel, run).await;
         });
     }
 }
@@ -643,11 +643,17 @@ fn within_limits(limiter: Option<&AcceptLimiter>, ops: &OpsMetrics, remote: Sock
 /// connection's task would be sized for the TLS path (the handshake and the TLS stream inline) and a
 /// plain-HTTP client would carry that for its whole life. Boxed, an idle connection holds only the
 /// state of the path it took.
-async fn serve(stream: TcpStream, remote: SocketAddr, kind: &Listener, ctx: Arc<HttpContext>) {
+async fn serve(
+    stream: TcpStream,
+    remote: SocketAddr,
+    kind: &Listener,
+    ctx: Arc<HttpContext>,
+    watch: &ShutdownWatch,
+) {
     match kind {
         Listener::Http80 => Box::pin(http::serve_port80_connection(stream, remote, ctx)).await,
-        Listener::Main(None) => Box::pin(http::serve_connection(stream, remote, ctx)).await,
-        Listener::Main(Some(acceptor)) => Box::pin(serve_tls(stream, remote, acceptor, ctx)).await,
+        Listener::Main(None) => Box::pin(http::serve_connection(stream, remote, ctx, watch)).await,
+        Listener::Main(Some(acceptor)) => Box::pin(serve_tls(stream, remote, acceptor, ctx, watch)).await,
     }
 }
 
@@ -658,7 +664,13 @@ async fn serve(stream: TcpStream, remote: SocketAddr, kind: &Listener, ctx: Arc<
 /// (about 1.2 KB of rustls state) is boxed too and the layers above hold only the pointer: held by
 /// value, each layer that takes it (this future, `serve_connection`, the DERP session, the
 /// reader/writer split) keeps room for a copy of its own.
-async fn serve_tls(stream: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor, ctx: Arc<HttpContext>) {
+async fn serve_tls(
+    stream: TcpStream,
+    remote: SocketAddr,
+    acceptor: &TlsAcceptor,
+    ctx: Arc<HttpContext>,
+    watch: &ShutdownWatch,
+) {
     // The ACME resolver picks an IP certificate by the connection's local address.
     let local_ip = stream.local_addr().ok().map(|a| a.ip());
     let accept = crate::ops::acme::with_local_ip(local_ip, acceptor.accept(stream));
@@ -668,7 +680,7 @@ async fn serve_tls(stream: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor
         Ok(Err(e)) => return tracing::debug!(%remote, "TLS handshake: {e}"),
         Err(_) => return tracing::debug!(%remote, "TLS handshake timed out"),
     };
-    http::serve_connection(tls, remote, ctx).await
+    http::serve_connection(tls, remote, ctx, watch).await
 }
 
 /// Polls the certificate files and swaps in a changed pair.

@@ -7,13 +7,16 @@
 //!
 //! `accept` runs the handshake ([`crate::core::handshake`]: ServerKey, ClientInfo, admission,
 //! registration, ServerInfo), then the reader loop ([`crate::core::reader`]) and the send loop
-//! ([`crate::core::writer`]) side by side in the caller's task until either ends, then
-//! unregistration. No read-idle timeout after the handshake. The [`Metrics`] are owned here and
+//! ([`crate::core::writer`]) side by side in the caller's task until either ends or the
+//! connection is cancelled (each polled only when it was woken), then unregistration. No read-idle timeout after the handshake. The [`Metrics`] are owned here and
 //! handed to each part explicitly.
 
 use std::fmt;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -24,14 +27,17 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::branch_wake::{bit, branch_waker};
 pub use crate::core::handshake::{Admission, AdmissionCheck, AdmissionHook, ConnInfo};
 use crate::core::handshake::{Handshake, HandshakeFailure};
 use crate::core::metrics::Metrics;
 use crate::core::outbox::SeenSources;
 use crate::core::reader::Reader;
+use crate::core::reader::SessionError;
 use crate::core::recv_limit::SharedRecvRate;
+use crate::core::registry::Conn;
 use crate::core::registry::Registry;
-use crate::core::writer::{self, WriterConfig};
+use crate::core::writer::{self, InFlight, WriteError, WriterConfig};
 
 /// How long a closing connection may take to shut its write side down.
 const SHUTDOWN_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -243,23 +249,40 @@ impl DerpServer {
             keepalive: self.options.keepalive_interval + jitter(self.options.keepalive_jitter),
         };
         let mut seen = SeenSources::default();
-        let reader = async {
-            let limit = match &self.options.recv_rate {
-                Some(rate) if !conn.can_mesh => Some(rate.client()),
-                _ => None,
-            };
-            let mut reader = Reader::new(&conn, &self.registry, &self.metrics).with_recv_limit(limit);
-            let r = reader.run(&mut r, &mut buf, &mut dec).await;
-            conn.cancel.cancel();
-            r
+        let mut in_flight = InFlight::default();
+        let limit = match &self.options.recv_rate {
+            Some(rate) if !conn.can_mesh => Some(rate.client()),
+            _ => None,
         };
-        let sender = async {
-            let r =
-                writer::run_writer(&mut w, &conn, &self.registry, &self.metrics, settings, &mut seen).await;
-            conn.cancel.cancel();
-            r
+        let mut reader = Reader::new(&conn, &self.registry, &self.metrics).with_recv_limit(limit);
+        let (read_result, write_result) = {
+            // Pinned here, not moved into the helper: a future moved into an async fn is stored
+            // twice in its state (the argument and the pinned local), per connection.
+            let reading = pin!(reader.run(&mut r, &mut buf, &mut dec));
+            let sender = pin!(writer::run_writer(
+                &mut w,
+                &conn,
+                &self.registry,
+                &self.metrics,
+                settings,
+                &mut seen,
+                &mut in_flight,
+            ));
+            run_until_cancelled(&conn, reading, sender).await
         };
-        let (read_result, write_result) = tokio::join!(reader, sender);
+        // Publishes the reader's last counts (and its home-connection gauge) before unregistering.
+        drop(reader);
+        // Neither loop finished: the connection was cancelled (ClosePeer, shutdown, the other
+        // loop ending). A write cut short counts its packets as `write_error`, as a failed one.
+        let read_result = read_result.unwrap_or(Ok(()));
+        let write_result = write_result.unwrap_or_else(|| {
+            if in_flight.is_empty() {
+                Ok(())
+            } else {
+                in_flight.fail(&self.metrics);
+                Err(WriteError::Io(std::io::ErrorKind::ConnectionAborted.into()))
+            }
+        });
         conn.out.close();
         self.registry.unregister(&conn, &seen);
         if info.not_ideal {
@@ -279,6 +302,56 @@ impl DerpServer {
             _ => tracing::debug!(key = %conn.key.short(), id = conn.id, "DERP client disconnected"),
         }
     }
+}
+
+/// Branches of a connection task (see [`crate::core::branch_wake`]).
+const READER: usize = 0;
+const SENDER: usize = 1;
+const CANCEL: usize = 2;
+
+/// Runs one connection's reader and send loop side by side until either ends or `conn` is
+/// cancelled, polling each only when its own waker fired: a packet for the send loop does not
+/// re-poll the idle reader, a readable socket does not re-poll the idle send loop, and the
+/// cancellation token is looked at only when it fires. The first loop to end cancels the
+/// connection (the other is dropped, as cancellation drops both). Returns each loop's result,
+/// None for a loop stopped by cancellation.
+async fn run_until_cancelled<R, W>(
+    conn: &Arc<Conn>,
+    mut reader: Pin<&mut R>,
+    mut sender: Pin<&mut W>,
+) -> (Option<Result<(), SessionError>>, Option<Result<(), WriteError>>)
+where
+    R: Future<Output = Result<(), SessionError>>,
+    W: Future<Output = Result<(), WriteError>>,
+{
+    let mut cancelled = pin!(conn.cancel.cancelled());
+    let wakers = [READER, SENDER, CANCEL].map(|b| branch_waker(conn, b));
+    let (mut read_result, mut write_result) = (None, None);
+    poll_fn(|cx| {
+        let woken = conn.wake.take_woken(cx);
+        if woken & bit(CANCEL) != 0
+            && cancelled.as_mut().poll(&mut Context::from_waker(&wakers[CANCEL])).is_ready()
+        {
+            return Poll::Ready(());
+        }
+        if woken & bit(READER) != 0 {
+            if let Poll::Ready(r) = reader.as_mut().poll(&mut Context::from_waker(&wakers[READER])) {
+                read_result = Some(r);
+                conn.cancel.cancel();
+                return Poll::Ready(());
+            }
+        }
+        if woken & bit(SENDER) != 0 {
+            if let Poll::Ready(r) = sender.as_mut().poll(&mut Context::from_waker(&wakers[SENDER])) {
+                write_result = Some(r);
+                conn.cancel.cancel();
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    (read_result, write_result)
 }
 
 /// A per-connection KeepAlive jitter, uniform in `[0, max)`.

@@ -1,6 +1,7 @@
 //! The DERP core: everything between an upgraded byte stream and another client's socket, with no
 //! knowledge of HTTP, TLS, listeners or operations policy (Tailscale's `derpserver` package).
 //!
+//! - [`branch_wake`]: per-branch wakers, so a woken connection task polls only what woke it.
 //! - [`derp_server`]: [`derp_server::DerpServer::accept`] takes an upgraded stream and runs one
 //!   connection: handshake, reader loop, send loop.
 //! - [`handshake`]: ServerKey, ClientInfo, admission, registration, ServerInfo, in that order.
@@ -13,6 +14,7 @@
 //! - [`recv_limit`]: the per-client receive byte rate the reader waits on.
 //! - [`metrics`]: every DERP series with derper's names, and the drop reasons.
 
+pub(crate) mod branch_wake;
 pub mod derp_server;
 pub(crate) mod handshake;
 pub mod metrics;

@@ -59,6 +59,8 @@ pub struct Outbox {
     pub(super) data: BoundedQueue<Packet>,
     pub(super) disco: BoundedQueue<Packet>,
     pub(super) pong: Mutex<Option<[u8; PING_DATA_LEN]>>,
+    /// A Pong is in `pong` (read without the lock by the send loop).
+    pong_waiting: AtomicBool,
     pub(super) control: BoundedQueue<Control>,
     pub(super) notify: Notify,
     pub(super) closed: AtomicBool,
@@ -72,6 +74,7 @@ impl Outbox {
             data: BoundedQueue::new(depth),
             disco: BoundedQueue::new(depth),
             pong: Mutex::new(None),
+            pong_waiting: AtomicBool::new(false),
             control: BoundedQueue::new(control_depth),
             notify: Notify::new(),
             closed: AtomicBool::new(false),
@@ -107,6 +110,7 @@ impl Outbox {
                 return false;
             }
             *slot = Some(data);
+            self.pong_waiting.store(true, Ordering::Release);
         }
         self.notify.notify_one();
         true
@@ -132,6 +136,17 @@ impl Outbox {
         self.metrics.control_frames_dropped.increment(refused as u64);
         self.notify.notify_one();
         refused
+    }
+
+    /// Takes the waiting Pong, if any (the send loop), without locking when there is none.
+    #[inline]
+    pub(super) fn take_pong(&self) -> Option<[u8; PING_DATA_LEN]> {
+        if !self.pong_waiting.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut slot = self.pong.lock();
+        self.pong_waiting.store(false, Ordering::Release);
+        slot.take()
     }
 
     /// True once the connection is closing: nothing more will be written.

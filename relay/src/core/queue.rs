@@ -4,9 +4,13 @@
 //! when full either evicts the oldest item (`push_drop_head`, derper's `queue_head` policy for
 //! packets: the newest data is the most useful) or refuses the new one (`try_push`, for control
 //! frames whose order matters). A short `parking_lot` mutex guards a `VecDeque` that grows lazily,
-//! so a connection that never receives anything owns no queue memory at all.
+//! so a connection that never receives anything owns no queue memory at all. The length is
+//! mirrored in an atomic so the consumer can see "empty" without taking the lock: the send loop
+//! looks at four queues per pass and most are empty (a producer's push is always followed by
+//! a wake-up of the consumer, which then looks again).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use parking_lot::Mutex;
 
@@ -14,27 +18,43 @@ use parking_lot::Mutex;
 #[derive(Debug)]
 pub(crate) struct BoundedQueue<T> {
     items: Mutex<VecDeque<T>>,
-    cap: usize,
+    /// `items.len()`, stored under the lock after every change.
+    len: AtomicU32,
+    cap: u32,
 }
 
 impl<T> BoundedQueue<T> {
     /// An empty queue holding at most `cap` items (at least 1).
     pub(crate) fn new(cap: usize) -> Self {
-        Self { items: Mutex::new(VecDeque::new()), cap: cap.max(1) }
+        let cap = u32::try_from(cap).unwrap_or(u32::MAX).max(1);
+        Self { items: Mutex::new(VecDeque::new()), len: AtomicU32::new(0), cap }
     }
 
     /// The capacity.
     #[cfg(test)]
     pub(crate) fn capacity(&self) -> usize {
-        self.cap
+        self.cap as usize
+    }
+
+    #[inline]
+    fn publish_len(&self, q: &VecDeque<T>) {
+        self.len.store(q.len() as u32, Ordering::Release);
+    }
+
+    /// True when nothing is queued, without taking the lock (a push racing with this call may
+    /// not be seen; its producer wakes the consumer afterwards).
+    #[inline]
+    pub(crate) fn looks_empty(&self) -> bool {
+        self.len.load(Ordering::Acquire) == 0
     }
 
     /// Appends `item`; when full, first removes and returns the oldest item.
     #[inline]
     pub(crate) fn push_drop_head(&self, item: T) -> Option<T> {
         let mut q = self.items.lock();
-        let evicted = if q.len() >= self.cap { q.pop_front() } else { None };
+        let evicted = if q.len() >= self.cap as usize { q.pop_front() } else { None };
         q.push_back(item);
+        self.publish_len(&q);
         evicted
     }
 
@@ -42,10 +62,11 @@ impl<T> BoundedQueue<T> {
     #[inline]
     pub(crate) fn try_push(&self, item: T) -> Result<(), T> {
         let mut q = self.items.lock();
-        if q.len() >= self.cap {
+        if q.len() >= self.cap as usize {
             return Err(item);
         }
         q.push_back(item);
+        self.publish_len(&q);
         Ok(())
     }
 
@@ -54,19 +75,26 @@ impl<T> BoundedQueue<T> {
         let mut q = self.items.lock();
         let mut refused = 0;
         for item in items {
-            if q.len() >= self.cap {
+            if q.len() >= self.cap as usize {
                 refused += 1;
             } else {
                 q.push_back(item);
             }
         }
+        self.publish_len(&q);
         refused
     }
 
     /// Removes the oldest item.
     #[inline]
     pub(crate) fn pop(&self) -> Option<T> {
-        self.items.lock().pop_front()
+        if self.looks_empty() {
+            return None;
+        }
+        let mut q = self.items.lock();
+        let item = q.pop_front();
+        self.publish_len(&q);
+        item
     }
 
     /// Number of queued items.
@@ -82,7 +110,9 @@ impl<T> BoundedQueue<T> {
 
     /// Removes everything (used when the connection closes, to count the losses).
     pub(crate) fn take_all(&self) -> VecDeque<T> {
-        std::mem::take(&mut *self.items.lock())
+        let mut q = self.items.lock();
+        self.len.store(0, Ordering::Release);
+        std::mem::take(&mut *q)
     }
 
     /// Releases the storage of an empty queue (called from time to time on idle connections).
@@ -121,6 +151,25 @@ mod tests {
         assert_eq!(q.try_push_all([6, 7]), 1);
         assert_eq!(q.take_all().into_iter().collect::<Vec<_>>(), vec![2, 6]);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn emptiness_is_visible_without_the_lock() {
+        let q = BoundedQueue::new(2);
+        assert!(q.looks_empty());
+        q.push_drop_head(1);
+        q.push_drop_head(2);
+        q.push_drop_head(3);
+        assert!(!q.looks_empty());
+        assert_eq!(q.len.load(Ordering::Relaxed), 2);
+        q.pop();
+        q.pop();
+        assert!(q.looks_empty());
+        assert_eq!(q.pop(), None);
+        assert!(q.try_push(4).is_ok());
+        assert!(!q.looks_empty());
+        q.take_all();
+        assert!(q.looks_empty());
     }
 
     #[test]

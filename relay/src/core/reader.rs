@@ -132,6 +132,17 @@ impl RecvTally {
     }
 }
 
+impl Drop for Reader<'_> {
+    /// Runs however the loop ends: an error, EOF, or the connection task dropping it when the
+    /// connection is cancelled.
+    fn drop(&mut self) {
+        self.tally.publish(self.metrics);
+        if self.preferred {
+            self.metrics.current_home_connections.decrement(1.0);
+        }
+    }
+}
+
 impl<'a> Reader<'a> {
     /// A reader for `conn`, routing through `registry` and counting into `metrics`.
     pub(crate) fn new(conn: &'a Arc<Conn>, registry: &'a Registry, metrics: &'a Metrics) -> Self {
@@ -153,8 +164,9 @@ impl<'a> Reader<'a> {
         self
     }
 
-    /// Reads and handles frames until EOF (Ok), cancellation (Ok) or an error. `buf` may hold
-    /// bytes already read during the handshake.
+    /// Reads and handles frames until EOF (Ok) or an error. `buf` may hold bytes already read
+    /// during the handshake. Cancellation is the caller's: it stops polling and drops the
+    /// future (the counts are published when the reader is dropped).
     ///
     /// Everything is borrowed: an `async fn` keeps room for its by-value arguments and for the
     /// locals they move into, so taking the reader (248 bytes) by value held it twice for the
@@ -168,12 +180,7 @@ impl<'a> Reader<'a> {
     where
         R: AsyncRead + Unpin,
     {
-        let result = self.read_loop(r, buf, dec).await;
-        self.tally.publish(self.metrics);
-        if self.preferred {
-            self.metrics.current_home_connections.decrement(1.0);
-        }
-        result
+        self.read_loop(r, buf, dec).await
     }
 
     async fn read_loop<R>(
@@ -209,19 +216,11 @@ impl<'a> Reader<'a> {
             }
             if let Some(limit) = &mut self.recv_limit {
                 if unpaid > 0 {
-                    tokio::select! {
-                        biased;
-                        _ = self.conn.cancel.cancelled() => return Ok(()),
-                        _ = limit.consume(unpaid) => {}
-                    }
+                    limit.consume(unpaid).await;
                 }
             }
             let room = if quiet { READ_SMALL } else { buf.capacity() - buf.len() };
-            let n = tokio::select! {
-                biased;
-                _ = self.conn.cancel.cancelled() => return Ok(()),
-                n = read_some(r, buf, quiet) => n?,
-            };
+            let n = read_some(r, buf, quiet).await?;
             if n == 0 {
                 return Ok(());
             }

@@ -27,6 +27,7 @@ use derpfleet_proto::NodePublic;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::branch_wake::{HasWakeFlags, WakeFlags};
 use crate::core::metrics::{DropReason, Metrics, PacketKind};
 use crate::core::outbox::{Control, Outbox, SeenSources};
 
@@ -48,6 +49,8 @@ pub struct Conn {
     /// Cancelled to close the connection (ClosePeer, server shutdown, or either loop ending).
     pub cancel: CancellationToken,
     dup: AtomicBool,
+    /// Which of this connection's reader, send loop and cancellation woke its task.
+    pub(crate) wake: WakeFlags,
 }
 
 impl Conn {
@@ -61,7 +64,17 @@ impl Conn {
         out: Outbox,
         cancel: CancellationToken,
     ) -> Self {
-        Self { id, key, remote, present_flags, can_mesh, out, cancel, dup: AtomicBool::new(false) }
+        Self {
+            id,
+            key,
+            remote,
+            present_flags,
+            can_mesh,
+            out,
+            cancel,
+            dup: AtomicBool::new(false),
+            wake: WakeFlags::default(),
+        }
     }
 
     /// True while another connection with the same key exists.
@@ -72,6 +85,12 @@ impl Conn {
 
     fn present(&self) -> Control {
         Control::PeerPresent(self.key, self.remote, self.present_flags)
+    }
+}
+
+impl HasWakeFlags for Conn {
+    fn wake_flags(&self) -> &WakeFlags {
+        &self.wake
     }
 }
 

@@ -8,7 +8,9 @@
 //! flight, `gone_disconnected` for what was still queued). The write buffer is released after a
 //! large flush so an idle connection holds no big buffer.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -47,11 +49,17 @@ pub(crate) struct WriterConfig {
     pub keepalive: Duration,
 }
 
-/// Packets (count, bytes) per kind in the write buffer, not yet confirmed written.
+/// Packets (count, bytes) per kind in the write buffer, not yet confirmed written. Owned by
+/// the connection task, so packets of a write cut short by cancellation are still counted.
 #[derive(Default)]
-struct InFlight([(u64, usize); 2]);
+pub(crate) struct InFlight([(u64, usize); 2]);
 
 impl InFlight {
+    /// True when no packet awaits confirmation.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0[0].0 + self.0[1].0 == 0
+    }
+
     fn add(&mut self, kind: PacketKind, bytes: usize) {
         let e = &mut self.0[kind as usize];
         e.0 += 1;
@@ -65,7 +73,8 @@ impl InFlight {
         *self = Self::default();
     }
 
-    fn fail(&mut self, m: &Metrics) {
+    /// Counts every packet still in flight as `write_error`.
+    pub(crate) fn fail(&mut self, m: &Metrics) {
         for kind in PacketKind::ALL {
             let (n, b) = self.0[kind as usize];
             m.drop_packets(DropReason::WriteError, kind, n, b);
@@ -74,9 +83,10 @@ impl InFlight {
     }
 }
 
-/// The send loop of one connection. Returns when the connection is cancelled (Ok) or a write
-/// fails; `seen` collects the source keys this connection was sent packets from (and tells
-/// `registry` the first time).
+/// The send loop of one connection. Returns when the outbox closes or after Restarting (Ok),
+/// or when a write fails; cancellation is the caller's (it drops the future, and counts what
+/// `in_flight` still holds). `seen` collects the source keys this connection was sent packets
+/// from (and tells `registry` the first time).
 pub(crate) async fn run_writer<W>(
     w: &mut W,
     conn: &Arc<Conn>,
@@ -84,13 +94,13 @@ pub(crate) async fn run_writer<W>(
     metrics: &Metrics,
     settings: WriterConfig,
     seen: &mut SeenSources,
+    in_flight: &mut InFlight,
 ) -> Result<(), WriteError>
 where
     W: AsyncWrite + Unpin,
 {
     let out = &conn.out;
     let mut buf = BytesMut::new();
-    let mut in_flight = InFlight::default();
     let mut sampled: u64 = 0;
     let keepalive = tokio::time::sleep(settings.keepalive);
     tokio::pin!(keepalive);
@@ -113,8 +123,7 @@ where
                     break;
                 }
             }
-            let pong = out.pong.lock().take();
-            if let Some(d) = pong {
+            if let Some(d) = out.take_pong() {
                 ServerToClient::Pong(d).encode(&mut buf);
                 metrics.sent_pong.increment(1);
                 frames += 1;
@@ -136,7 +145,7 @@ where
                 }
             }
             if buf.len() >= WRITE_CHUNK {
-                write_buf(w, &buf, conn, settings, metrics, &mut in_flight, false).await?;
+                write_buf(w, &buf, settings, metrics, in_flight, false).await?;
                 buf.clear();
             }
             if !progressed {
@@ -149,7 +158,7 @@ where
             keepalive_due = false;
         }
         if frames > 0 || !buf.is_empty() {
-            write_buf(w, &buf, conn, settings, metrics, &mut in_flight, true).await?;
+            write_buf(w, &buf, settings, metrics, in_flight, true).await?;
             metrics.buffered_write_frames.record(frames as f64);
             buf.clear();
             if buf.capacity() > WRITE_BUF_KEEP {
@@ -161,7 +170,6 @@ where
         }
         tokio::select! {
             biased;
-            _ = conn.cancel.cancelled() => return Ok(()),
             _ = out.notify.notified() => {}
             _ = &mut keepalive => {
                 keepalive_due = true;
@@ -173,12 +181,16 @@ where
     }
 }
 
-/// Writes `buf` (and flushes when `flush`) under the write deadline; a cancelled connection
-/// stops waiting at once. On failure the in-flight packets count as `write_error`.
+/// Writes `buf` (and flushes when `flush`) under the write deadline. On failure the in-flight
+/// packets count as `write_error`.
+///
+/// The deadline's timer is armed only if the write cannot complete at once: almost every write
+/// fits in the socket buffer, and a timer per write (a clock read, a timer-wheel entry) was a
+/// cost per packet. So the deadline runs from the moment the write first waits, not from the
+/// call; the two differ by the few microseconds of the first attempt.
 async fn write_buf<W>(
     w: &mut W,
     buf: &[u8],
-    conn: &Conn,
     settings: WriterConfig,
     metrics: &Metrics,
     in_flight: &mut InFlight,
@@ -194,9 +206,11 @@ where
         }
         Ok::<(), std::io::Error>(())
     };
-    let result = tokio::select! {
-        r = with_deadline(settings.write_timeout, io) => r,
-        _ = conn.cancel.cancelled() => Err(WriteError::Io(std::io::ErrorKind::ConnectionAborted.into())),
+    let mut io = std::pin::pin!(io);
+    let first = std::future::poll_fn(|cx| Poll::Ready(io.as_mut().poll(cx))).await;
+    let result = match first {
+        Poll::Ready(r) => r.map_err(WriteError::from),
+        Poll::Pending => with_deadline(settings.write_timeout, io).await,
     };
     match result {
         Ok(()) => {

@@ -10,6 +10,7 @@
 
 pub mod forwarded;
 pub mod proxy_protocol;
+pub mod shutdown_watch;
 pub mod tls;
 pub(crate) mod websocket;
 
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::core::derp_server::{ConnInfo, DerpServer};
+use crate::http::shutdown_watch::ShutdownWatch;
 
 /// Cap on the first request head we buffer while sniffing.
 pub const MAX_HEAD_LEN: usize = 16 << 10;
@@ -226,21 +228,25 @@ where
     }
 }
 
-/// Serves one accepted connection (plain TCP or TLS) on the main port until it closes.
+/// Serves one accepted connection (plain TCP or TLS) on the main port until it closes. `watch`
+/// is told when the DERP core takes the connection over (see [`ShutdownWatch`]).
 ///
 /// Two phases, each in its own allocation: the sniff (read the request head, answer the upgrade)
 /// is boxed and freed when it ends, and then the connection's path is boxed on its own. A future
 /// is as large as its largest state, so inline the sniff's room, the raw DERP session's and the
 /// WebSocket session's would all size this one future, and every connection would carry the
 /// largest of them for its whole life; this way an idle connection holds only its own path.
-pub async fn serve_connection<S>(io: S, remote: SocketAddr, ctx: Arc<HttpContext>)
+pub async fn serve_connection<S>(io: S, remote: SocketAddr, ctx: Arc<HttpContext>, watch: &ShutdownWatch)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let Some(next) = Box::pin(sniff(io, remote, &ctx)).await else { return };
     match next {
-        Sniffed::RawDerp(io, info) => Box::pin(ctx.derp.accept(io, info)).await,
-        Sniffed::WebSocketDerp(io, info) => Box::pin(serve_websocket_derp(io, ctx, info)).await,
+        Sniffed::RawDerp(io, info) => {
+            watch.hand_to_derp();
+            Box::pin(ctx.derp.accept(io, info)).await
+        }
+        Sniffed::WebSocketDerp(io, info) => Box::pin(serve_websocket_derp(io, ctx, info, watch)).await,
         Sniffed::Http(io) => Box::pin(serve_http(io, remote, ctx, Port::Main)).await,
     }
 }
@@ -313,13 +319,18 @@ where
 }
 
 /// DERP over WebSocket on an upgraded connection.
-async fn serve_websocket_derp<S>(io: PrefixedIo<S>, ctx: Arc<HttpContext>, info: ConnInfo)
-where
+async fn serve_websocket_derp<S>(
+    io: PrefixedIo<S>,
+    ctx: Arc<HttpContext>,
+    info: ConnInfo,
+    watch: &ShutdownWatch,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     // Boxed: the session keeps only a pointer to the WebSocket state (~0.4 KB) instead of room
     // for a copy in this future and another in the session's.
     let ws = Box::new(websocket::server_byte_stream(io).await);
+    watch.hand_to_derp();
     ctx.derp.accept(ws, info).await;
 }
 
@@ -473,20 +484,22 @@ fn derp_upgrade_via_hyper(mut req: Request<Incoming>, remote: SocketAddr, ctx: &
             _ = cancel.cancelled() => return,
             u = on_upgrade => u,
         };
-        let serve = async move {
+        let watch = ShutdownWatch::new();
+        let serve = std::pin::pin!(async {
             match upgraded {
                 Ok(upgraded) if route == Route::WebSocketDerp => {
                     let ws = websocket::server_byte_stream(TokioIo::new(upgraded)).await;
+                    watch.hand_to_derp();
                     derp.accept(ws, info).await;
                 }
-                Ok(upgraded) => derp.accept(TokioIo::new(upgraded), info).await,
+                Ok(upgraded) => {
+                    watch.hand_to_derp();
+                    derp.accept(TokioIo::new(upgraded), info).await
+                }
                 Err(e) => tracing::debug!(%remote, "upgrade failed: {e}"),
             }
-        };
-        tokio::select! {
-            _ = cancel.cancelled() => {}
-            _ = serve => {}
-        }
+        });
+        watch.run(&cancel, serve).await;
     });
     resp
 }
