@@ -13,6 +13,7 @@
 
 use std::fmt;
 use std::future::{poll_fn, Future};
+use std::os::fd::RawFd;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,7 +32,6 @@ use crate::core::branch_wake::{bit, branch_waker};
 pub use crate::core::handshake::{Admission, AdmissionCheck, AdmissionHook, ConnInfo};
 use crate::core::handshake::{Handshake, HandshakeFailure};
 use crate::core::metrics::Metrics;
-use crate::core::outbox::SeenSources;
 use crate::core::reader::Reader;
 use crate::core::reader::SessionError;
 use crate::core::recv_limit::SharedRecvRate;
@@ -205,6 +205,16 @@ impl DerpServer {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        self.accept_direct(io, info, None).await
+    }
+
+    /// [`DerpServer::accept`] for a plain TCP stream whose socket is `fd`: other connections'
+    /// readers may then write packets straight to it (see `core::outbox::DirectSlot`). `fd` must
+    /// be the socket `io` writes to, open until `io` is dropped.
+    pub async fn accept_direct<S>(self: &Arc<Self>, io: S, info: ConnInfo, fd: Option<RawFd>)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         self.metrics.accepts.increment(1);
         let start = Instant::now();
         let (mut r, mut w) = tokio::io::split(io);
@@ -248,13 +258,14 @@ impl DerpServer {
             },
             keepalive: self.options.keepalive_interval + jitter(self.options.keepalive_jitter),
         };
-        let mut seen = SeenSources::default();
         let mut in_flight = InFlight::default();
         let limit = match &self.options.recv_rate {
             Some(rate) if !conn.can_mesh => Some(rate.client()),
             _ => None,
         };
         let mut reader = Reader::new(&conn, &self.registry, &self.metrics).with_recv_limit(limit);
+        // Declared after the stream halves, so dropped (the fd withdrawn) before they close it.
+        let _direct = DirectGuard::new(&conn, fd);
         let (read_result, write_result) = {
             // Pinned here, not moved into the helper: a future moved into an async fn is stored
             // twice in its state (the argument and the pinned local), per connection.
@@ -265,7 +276,6 @@ impl DerpServer {
                 &self.registry,
                 &self.metrics,
                 settings,
-                &mut seen,
                 &mut in_flight,
             ));
             run_until_cancelled(&conn, reading, sender).await
@@ -284,7 +294,11 @@ impl DerpServer {
             }
         });
         conn.out.close();
-        self.registry.unregister(&conn, &seen);
+        conn.out.set_direct_fd(None);
+        {
+            let d = conn.out.direct.lock();
+            self.registry.unregister(&conn, &d.seen);
+        }
         if info.not_ideal {
             self.metrics.current_notideal_connections.decrement(1.0);
         }
@@ -301,6 +315,22 @@ impl DerpServer {
             }
             _ => tracing::debug!(key = %conn.key.short(), id = conn.id, "DERP client disconnected"),
         }
+    }
+}
+
+/// Offers a connection's socket for direct writes while alive; withdraws it on drop.
+struct DirectGuard<'a>(&'a Conn);
+
+impl<'a> DirectGuard<'a> {
+    fn new(conn: &'a Conn, fd: Option<RawFd>) -> Self {
+        conn.out.set_direct_fd(fd);
+        Self(conn)
+    }
+}
+
+impl Drop for DirectGuard<'_> {
+    fn drop(&mut self) {
+        self.0.out.set_direct_fd(None);
     }
 }
 

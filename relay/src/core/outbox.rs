@@ -10,12 +10,14 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use derpfleet_proto::consts::PING_DATA_LEN;
+use derpfleet_proto::consts::{FRAME_HEADER_LEN, KEY_LEN, PING_DATA_LEN};
+use derpfleet_proto::frame::FrameType;
 use derpfleet_proto::msg::PeerGoneReason;
 use derpfleet_proto::NodePublic;
 use parking_lot::Mutex;
@@ -65,6 +67,46 @@ pub struct Outbox {
     pub(super) notify: Notify,
     pub(super) closed: AtomicBool,
     pub(super) metrics: Arc<Metrics>,
+    /// Shared by the send loop and other connections' readers: who may write to the socket now.
+    pub(super) direct: Mutex<DirectSlot>,
+}
+
+/// The write slot of one connection, shared by its send loop and the readers of its senders.
+///
+/// A sender's reader that finds the destination idle (every queue empty, the send loop not
+/// writing, nothing left over) writes the RecvPacket frame itself with one non-blocking `sendmsg`
+/// on the destination's socket while holding this slot (`try_lock`: a reader never waits), so the
+/// packet costs no queue hop and no wake-up of the destination's task. Anything else — the slot
+/// taken, a queue not empty, the socket full, an error — falls back to the queue, so per-destination
+/// order, head drop, disco priority and counted drops are those of the queue path; a direct write
+/// never waits, so the write deadline stays the send loop's. A partial write leaves the rest in
+/// `pending`, which the send loop writes before anything else.
+///
+/// Only plain TCP connections have a socket here (`fd`); TLS and WebSocket always queue. The fd
+/// is set after the handshake (so nothing overtakes ServerInfo) and cleared before the socket is
+/// closed, under this lock.
+#[derive(Debug, Default)]
+pub struct DirectSlot {
+    pub(super) fd: Option<RawFd>,
+    /// The send loop is draining or writing: no direct write.
+    pub(super) busy: bool,
+    /// The rest of a partial direct write: bytes, and the packet's kind and data length.
+    pub(super) pending: Option<(Vec<u8>, PacketKind, usize)>,
+    /// The sources this connection was sent packets from.
+    pub seen: SeenSources,
+    /// Direct writes so far, for sampling `derp_queue_delay_seconds` (a direct packet waited 0).
+    sampled: u64,
+}
+
+/// One packet in this many has its queue delay recorded (send loop and direct writes alike).
+pub(super) const QUEUE_DELAY_SAMPLE_MASK: u64 = 15;
+
+/// What a direct write did.
+pub(crate) enum Direct {
+    /// Not written: queue it.
+    Queue,
+    /// Written (or its rest handed to the send loop); true when `src` is new for this receiver.
+    Written(bool),
 }
 
 impl Outbox {
@@ -79,7 +121,78 @@ impl Outbox {
             notify: Notify::new(),
             closed: AtomicBool::new(false),
             metrics,
+            direct: Mutex::new(DirectSlot::default()),
         }
+    }
+
+    /// Lets readers write straight to this plain TCP socket (`Some`) or stops them (`None`, before
+    /// the socket closes).
+    pub(crate) fn set_direct_fd(&self, fd: Option<RawFd>) {
+        self.direct.lock().fd = fd;
+    }
+
+    /// Every queue is empty (lock-free look).
+    #[inline]
+    pub(super) fn all_empty(&self) -> bool {
+        self.data.looks_empty()
+            && self.disco.looks_empty()
+            && self.control.looks_empty()
+            && !self.pong_waiting.load(Ordering::Acquire)
+    }
+
+    /// Writes RecvPacket(src ‖ data) straight to the socket when the connection is idle; see
+    /// [`DirectSlot`].
+    #[inline]
+    pub(crate) fn try_direct(&self, src: &NodePublic, data: &[u8], kind: PacketKind) -> Direct {
+        if !self.all_empty() || self.closed.load(Ordering::Acquire) {
+            return Direct::Queue;
+        }
+        let Some(mut d) = self.direct.try_lock() else { return Direct::Queue };
+        let Some(fd) = d.fd else { return Direct::Queue };
+        if d.busy || d.pending.is_some() || !self.all_empty() {
+            return Direct::Queue;
+        }
+        let len = (KEY_LEN + data.len()) as u32;
+        let mut hdr = [0u8; FRAME_HEADER_LEN];
+        hdr[0] = FrameType::RecvPacket as u8;
+        hdr[1..5].copy_from_slice(&len.to_be_bytes());
+        let parts: [&[u8]; 3] = [&hdr, &src.0, data];
+        let iov = parts.map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() });
+        // SAFETY: `msg` points at `iov`, which points at live slices; `fd` is the connection's open
+        // socket while it is in the slot (it is cleared under this lock before the socket closes).
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = iov.len() as _;
+            libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if n <= 0 {
+            return Direct::Queue;
+        }
+        let n = n as usize;
+        let total = FRAME_HEADER_LEN + KEY_LEN + data.len();
+        if n < total {
+            let mut rest = Vec::with_capacity(total - n);
+            let mut skip = n;
+            for p in parts {
+                let s = skip.min(p.len());
+                rest.extend_from_slice(&p[s..]);
+                skip -= s;
+            }
+            d.pending = Some((rest, kind, data.len()));
+            d.busy = true;
+            let first = d.seen.note(*src);
+            drop(d);
+            self.notify.notify_one();
+            return Direct::Written(first);
+        }
+        self.metrics.packets_sent.increment(1);
+        self.metrics.bytes_sent.increment(data.len() as u64);
+        d.sampled += 1;
+        if d.sampled & QUEUE_DELAY_SAMPLE_MASK == 1 {
+            self.metrics.queue_delay_seconds.record(0.0);
+        }
+        Direct::Written(d.seen.note(*src))
     }
 
     /// Queues a packet from `src`. A full queue drops its oldest packet (`queue_head`); a closed

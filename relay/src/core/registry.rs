@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::branch_wake::{HasWakeFlags, WakeFlags};
 use crate::core::metrics::{DropReason, Metrics, PacketKind};
-use crate::core::outbox::{Control, Outbox, SeenSources};
+use crate::core::outbox::{Control, Direct, Outbox, SeenSources};
 
 /// One accepted, handshaken connection as the rest of the server sees it.
 #[derive(Debug)]
@@ -332,7 +332,16 @@ impl Registry {
         if let Some(set) = self.clients.get(&dst) {
             return match set.active() {
                 Some(c) => {
-                    c.out.send_packet(src, data, kind);
+                    match c.out.try_direct(&src, &data, kind) {
+                        Direct::Written(first) => {
+                            if first {
+                                self.note_sent(src, c);
+                            }
+                        }
+                        Direct::Queue => {
+                            c.out.send_packet(src, data, kind);
+                        }
+                    }
                     Routed::Local
                 }
                 None => {

@@ -19,15 +19,13 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::core::metrics::{DropReason, Metrics, PacketKind};
-use crate::core::outbox::{Control, Packet, SeenSources};
+use crate::core::outbox::{Control, Packet, SeenSources, QUEUE_DELAY_SAMPLE_MASK};
 use crate::core::registry::{Conn, Registry};
 
 /// Write out the buffer (without flushing) once it holds this much, while still draining.
 const WRITE_CHUNK: usize = 64 << 10;
 /// After a flush, a write buffer that grew beyond this is released rather than kept.
 const WRITE_BUF_KEEP: usize = 4 << 10;
-/// One packet in this many has its queue delay recorded.
-const QUEUE_DELAY_SAMPLE_MASK: u64 = 15;
 
 /// Why a send loop ended with an error.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +91,6 @@ pub(crate) async fn run_writer<W>(
     registry: &Registry,
     metrics: &Metrics,
     settings: WriterConfig,
-    seen: &mut SeenSources,
     in_flight: &mut InFlight,
 ) -> Result<(), WriteError>
 where
@@ -110,47 +107,33 @@ where
     loop {
         let mut frames: u64 = 0;
         loop {
-            let mut progressed = false;
-            while let Some(c) = out.control.pop() {
-                restarting |= matches!(c, Control::Restarting { .. });
-                encode_control(&mut buf, &c, metrics);
-                if let Control::PeerGone(key, PeerGoneReason::Disconnected) = &c {
-                    seen.forget(key);
-                }
-                frames += 1;
-                progressed = true;
-                if buf.len() >= WRITE_CHUNK {
-                    break;
-                }
-            }
-            if let Some(d) = out.take_pong() {
-                ServerToClient::Pong(d).encode(&mut buf);
-                metrics.sent_pong.increment(1);
-                frames += 1;
-                progressed = true;
-            }
-            for (queue, kind) in [(&out.disco, PacketKind::Disco), (&out.data, PacketKind::Other)] {
-                if let Some(p) = queue.pop() {
-                    sampled += 1;
-                    if sampled & QUEUE_DELAY_SAMPLE_MASK == 1 {
-                        metrics.queue_delay_seconds.record(p.enqueued.elapsed().as_secs_f64());
-                    }
-                    encode_packet(&mut buf, &p);
-                    in_flight.add(kind, p.data.len());
-                    if seen.note(p.src) {
-                        registry.note_sent(p.src, conn);
-                    }
+            let chunk_full = {
+                // Held while draining (no await): readers see `busy` and queue instead of writing.
+                let mut d = out.direct.lock();
+                d.busy = true;
+                if let Some((rest, kind, len)) = d.pending.take() {
+                    // The rest of a reader's partial direct write goes first.
+                    buf.extend_from_slice(&rest);
+                    in_flight.add(kind, len);
                     frames += 1;
-                    progressed = true;
                 }
-            }
-            if buf.len() >= WRITE_CHUNK {
-                write_buf(w, &buf, settings, metrics, in_flight, false).await?;
-                buf.clear();
-            }
-            if !progressed {
+                drain(
+                    &mut buf,
+                    conn,
+                    registry,
+                    metrics,
+                    &mut d.seen,
+                    in_flight,
+                    &mut sampled,
+                    &mut frames,
+                    &mut restarting,
+                )
+            };
+            if !chunk_full {
                 break;
             }
+            write_buf(w, &buf, settings, metrics, in_flight, false).await?;
+            buf.clear();
         }
         if keepalive_due {
             ServerToClient::KeepAlive.encode(&mut buf);
@@ -168,6 +151,14 @@ where
         if out.is_closed() || restarting {
             return Ok(());
         }
+        {
+            // Idle again: readers may write directly. A push that raced with this look has
+            // notified, so the wait below returns at once and the loop drains it.
+            let mut d = out.direct.lock();
+            if d.pending.is_none() && out.all_empty() {
+                d.busy = false;
+            }
+        }
         tokio::select! {
             biased;
             _ = out.notify.notified() => {}
@@ -177,6 +168,65 @@ where
                 out.trim();
                 buf = BytesMut::new();
             }
+        }
+    }
+}
+
+/// Moves every ready item into `buf` until nothing is ready (false) or `buf` reached
+/// `WRITE_CHUNK` (true: write it out and call again).
+#[allow(clippy::too_many_arguments)]
+fn drain(
+    buf: &mut BytesMut,
+    conn: &Arc<Conn>,
+    registry: &Registry,
+    metrics: &Metrics,
+    seen: &mut SeenSources,
+    in_flight: &mut InFlight,
+    sampled: &mut u64,
+    frames: &mut u64,
+    restarting: &mut bool,
+) -> bool {
+    let out = &conn.out;
+    loop {
+        let mut progressed = false;
+        while let Some(c) = out.control.pop() {
+            *restarting |= matches!(c, Control::Restarting { .. });
+            encode_control(buf, &c, metrics);
+            if let Control::PeerGone(key, PeerGoneReason::Disconnected) = &c {
+                seen.forget(key);
+            }
+            *frames += 1;
+            progressed = true;
+            if buf.len() >= WRITE_CHUNK {
+                return true;
+            }
+        }
+        if let Some(d) = out.take_pong() {
+            ServerToClient::Pong(d).encode(buf);
+            metrics.sent_pong.increment(1);
+            *frames += 1;
+            progressed = true;
+        }
+        for (queue, kind) in [(&out.disco, PacketKind::Disco), (&out.data, PacketKind::Other)] {
+            if let Some(p) = queue.pop() {
+                *sampled += 1;
+                if *sampled & QUEUE_DELAY_SAMPLE_MASK == 1 {
+                    metrics.queue_delay_seconds.record(p.enqueued.elapsed().as_secs_f64());
+                }
+                encode_packet(buf, &p);
+                in_flight.add(kind, p.data.len());
+                if seen.note(p.src) {
+                    registry.note_sent(p.src, conn);
+                }
+                *frames += 1;
+                progressed = true;
+            }
+        }
+        if buf.len() >= WRITE_CHUNK {
+            return true;
+        }
+        if !progressed {
+            return false;
         }
     }
 }

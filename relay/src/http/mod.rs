@@ -240,11 +240,15 @@ pub async fn serve_connection<S>(io: S, remote: SocketAddr, ctx: Arc<HttpContext
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    // A plain TCP socket lets other connections' readers write to it directly.
+    let fd = (&io as &dyn std::any::Any)
+        .downcast_ref::<tokio::net::TcpStream>()
+        .map(std::os::fd::AsRawFd::as_raw_fd);
     let Some(next) = Box::pin(sniff(io, remote, &ctx)).await else { return };
     match next {
         Sniffed::RawDerp(io, info) => {
             watch.hand_to_derp();
-            Box::pin(ctx.derp.accept(io, info)).await
+            Box::pin(ctx.derp.accept_direct(io, info, fd)).await
         }
         Sniffed::WebSocketDerp(io, info) => Box::pin(serve_websocket_derp(io, ctx, info, watch)).await,
         Sniffed::Http(io) => Box::pin(serve_http(io, remote, ctx, Port::Main)).await,
