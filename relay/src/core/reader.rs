@@ -101,6 +101,10 @@ pub(crate) struct Reader<'a> {
     /// Per-client receive rate (`-rate-config`): waited on before each read for the bytes of
     /// the previous one, so TCP back-pressure slows the sender and nothing is dropped.
     recv_limit: Option<ClientRecvLimiter>,
+    /// The frame being handled is the only one this read brought (nothing more buffered, the read
+    /// did not fill the buffer): its packet may be written straight to an idle destination. Frames
+    /// of a burst queue instead, so the destination's send loop coalesces them into one write.
+    alone: bool,
 }
 
 /// Per-read tally of received packets by kind, and their bytes.
@@ -155,6 +159,7 @@ impl<'a> Reader<'a> {
             not_here_limiter: None,
             tally: RecvTally::default(),
             recv_limit: None,
+            alone: false,
         }
     }
 
@@ -197,6 +202,7 @@ impl<'a> Reader<'a> {
         let mut unpaid = 0usize;
         loop {
             while let Some(f) = dec.decode(buf)? {
+                self.alone = buf.is_empty() && !last_read_filled;
                 self.handle_frame(f)?;
                 if self.tally.since_yield >= YIELD_EVERY_PACKETS {
                     // Let the destinations' send loops (often queued behind this task on the
@@ -270,7 +276,7 @@ impl<'a> Reader<'a> {
     fn handle_send_packet(&mut self, dst: NodePublic, data: Bytes) {
         let kind = PacketKind::of(&data);
         self.tally.add(kind, data.len());
-        if let Routed::Unknown = self.registry.route(self.conn.key, dst, data, kind, true) {
+        if let Routed::Unknown = self.registry.route(self.conn.key, dst, data, kind, true, self.alone) {
             if kind == PacketKind::Disco && self.allow_not_here() {
                 self.conn.out.send_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
             }
@@ -288,7 +294,7 @@ impl<'a> Reader<'a> {
         let kind = PacketKind::of(&data);
         self.tally.add(kind, data.len());
         self.metrics.packets_forwarded_in.increment(1);
-        self.registry.route(src, dst, data, kind, false);
+        self.registry.route(src, dst, data, kind, false, self.alone);
         Ok(())
     }
 

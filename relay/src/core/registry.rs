@@ -319,7 +319,8 @@ impl Registry {
 
     /// Delivers a packet from `src` to `dst`: the active local connection first, then (when
     /// `may_forward`, i.e. it came from a client rather than a mesh peer) a mesh forwarder.
-    /// Every packet that cannot be routed is counted here.
+    /// Every packet that cannot be routed is counted here. `direct`: the packet may be written
+    /// straight to an idle destination's socket (see `core::outbox::DirectSlot`).
     #[inline]
     pub fn route(
         &self,
@@ -328,11 +329,13 @@ impl Registry {
         data: Bytes,
         kind: PacketKind,
         may_forward: bool,
+        direct: bool,
     ) -> Routed {
         if let Some(set) = self.clients.get(&dst) {
             return match set.active() {
                 Some(c) => {
-                    match c.out.try_direct(&src, &data, kind) {
+                    let written = if direct { c.out.try_direct(&src, &data, kind) } else { Direct::Queue };
+                    match written {
                         Direct::Written(first) => {
                             if first {
                                 self.note_sent(src, c);
@@ -534,8 +537,8 @@ mod tests {
         r.add_packet_forwarder(k, f3.clone());
         r.add_packet_forwarder(k, f2.clone());
         assert_eq!(r.preferred_forwarder(&k), Some(2), "first registered stays; re-adding is a no-op");
-        assert!(matches!(r.route(k, k, Bytes::new(), PacketKind::Other, true), Routed::Forwarded));
-        assert!(matches!(r.route(k, k, Bytes::new(), PacketKind::Other, false), Routed::Unknown));
+        assert!(matches!(r.route(k, k, Bytes::new(), PacketKind::Other, true, false), Routed::Forwarded));
+        assert!(matches!(r.route(k, k, Bytes::new(), PacketKind::Other, false, false), Routed::Unknown));
         assert_eq!(f2.got.lock().len(), 1);
         r.remove_packet_forwarder(k, 2);
         assert_eq!(r.preferred_forwarder(&k), Some(1), "next by insertion order, not by id");
@@ -559,12 +562,12 @@ mod tests {
         let a = conn(1, k, &m);
         r.register(&a);
         assert!(matches!(
-            r.route(NodePublic([2; 32]), k, Bytes::from_static(b"x"), PacketKind::Other, true),
+            r.route(NodePublic([2; 32]), k, Bytes::from_static(b"x"), PacketKind::Other, true, false),
             Routed::Local
         ));
         assert_eq!(a.out.queued_packets(), 1);
         assert!(matches!(
-            r.route(NodePublic([2; 32]), NodePublic([3; 32]), Bytes::new(), PacketKind::Other, true),
+            r.route(NodePublic([2; 32]), NodePublic([3; 32]), Bytes::new(), PacketKind::Other, true, false),
             Routed::Unknown
         ));
     }
