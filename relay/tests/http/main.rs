@@ -8,6 +8,7 @@
 mod http_common;
 
 mod conformance;
+mod direct_write;
 mod fuzz;
 mod interop_ts_derp;
 mod tls;
