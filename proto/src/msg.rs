@@ -405,12 +405,21 @@ impl ServerToClient {
     }
 }
 
+/// The frame header of RecvPacket(`src` ‖ a `data_len`-byte packet), for a writer that sends the
+/// header, the key and the packet as separate slices (one vectored write).
+#[inline]
+pub fn recv_packet_header(data_len: usize) -> [u8; FRAME_HEADER_LEN] {
+    let mut hdr = [0u8; FRAME_HEADER_LEN];
+    put_header(&mut &mut hdr[..], FrameType::RecvPacket, KEY_LEN + data_len);
+    hdr
+}
+
 /// Appends RecvPacket(`src` ‖ `data`) from borrowed parts: the relay's send loop writes queued
 /// packets with this (no `ServerToClient` value, so no reference-count traffic per packet).
 #[inline]
 pub fn encode_recv_packet(buf: &mut BytesMut, src: &NodePublic, data: &[u8]) {
     buf.reserve(FRAME_HEADER_LEN + KEY_LEN + data.len());
-    put_header(buf, FrameType::RecvPacket, KEY_LEN + data.len());
+    buf.put_slice(&recv_packet_header(data.len()));
     buf.put_slice(&src.0);
     buf.put_slice(data);
 }

@@ -9,6 +9,7 @@
 //! the send loop (`core::writer`) both build on this module, which imports neither.
 
 use std::collections::HashSet;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use derpfleet_proto::consts::{FRAME_HEADER_LEN, KEY_LEN, PING_DATA_LEN};
-use derpfleet_proto::frame::FrameType;
+use derpfleet_proto::msg::recv_packet_header;
 use derpfleet_proto::msg::PeerGoneReason;
 use derpfleet_proto::NodePublic;
 use parking_lot::Mutex;
@@ -152,24 +153,17 @@ impl Outbox {
         if d.busy || d.pending.is_some() || !self.all_empty() {
             return Direct::Queue;
         }
-        let len = (KEY_LEN + data.len()) as u32;
-        let mut hdr = [0u8; FRAME_HEADER_LEN];
-        hdr[0] = FrameType::RecvPacket as u8;
-        hdr[1..5].copy_from_slice(&len.to_be_bytes());
+        let hdr = recv_packet_header(data.len());
         let parts: [&[u8]; 3] = [&hdr, &src.0, data];
-        let iov = parts.map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() });
-        // SAFETY: `msg` points at `iov`, which points at live slices; `fd` is the connection's open
-        // socket while it is in the slot (it is cleared under this lock before the socket closes).
-        let n = unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-            msg.msg_iovlen = iov.len() as _;
-            libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        // SAFETY: `fd` is the connection's open socket while it is in the slot: it is cleared
+        // under this lock before the socket closes, and the lock is held for this write.
+        let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let n = match socket2::SockRef::from(&sock)
+            .send_vectored_with_flags(&parts.map(IoSlice::new), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        {
+            Ok(n) if n > 0 => n,
+            _ => return Direct::Queue,
         };
-        if n <= 0 {
-            return Direct::Queue;
-        }
-        let n = n as usize;
         let total = FRAME_HEADER_LEN + KEY_LEN + data.len();
         if n < total {
             let mut rest = Vec::with_capacity(total - n);

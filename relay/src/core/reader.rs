@@ -185,18 +185,6 @@ impl<'a> Reader<'a> {
     where
         R: AsyncRead + Unpin,
     {
-        self.read_loop(r, buf, dec).await
-    }
-
-    async fn read_loop<R>(
-        &mut self,
-        r: &mut R,
-        buf: &mut BytesMut,
-        dec: &mut FrameDecoder,
-    ) -> Result<(), SessionError>
-    where
-        R: AsyncRead + Unpin,
-    {
         let mut last_read_filled = false;
         // Bytes of the last read not yet paid for with receive-rate tokens.
         let mut unpaid = 0usize;
