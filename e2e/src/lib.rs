@@ -12,6 +12,8 @@
 //! - [`traffic`]: ping counts and iperf3 throughput between namespaces.
 //! - [`wireguard_go`]: Debian's `wireguard-go` as a peer or baseline.
 //! - [`pathlab`]: the NAT lab for the reference node's path tests (speed, roaming, IPv6).
+//! - [`ports`]: ports to name before the process that binds them starts, outside the kernel's
+//!   ephemeral range so no other socket on the machine can take them first.
 //! - [`scratch`]: per-test working directories removed on drop.
 //! - [`Child`]: a spawned process that is killed (and reaped) on drop, so no test leaves one behind.
 
@@ -21,6 +23,7 @@ pub mod netns;
 pub mod node;
 pub mod nsthread;
 pub mod pathlab;
+pub mod ports;
 pub mod relay;
 pub mod scratch;
 pub mod traffic;

@@ -19,7 +19,7 @@
 //! temp dir, removed at the end; only the debootstrap tarballs stay cached in /var/tmp/derpfleet-image-cache.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -175,13 +175,9 @@ fn build_image(podman: &Podman, full: bool) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// A loopback port nobody listens on right now (TCP or UDP).
-fn free_port(udp: bool) -> Result<u16> {
-    Ok(if udp {
-        UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()
-    } else {
-        TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
-    })
+/// A loopback port free for TCP and UDP, outside the ephemeral range (nothing else takes it first).
+fn free_port() -> Result<u16> {
+    Ok(derpfleet_e2e::ports::unused_port())
 }
 
 /// `GET path` over plain HTTP/1.1; returns (status, headers+body text).
@@ -284,7 +280,7 @@ fn check_image_config(podman: &Podman) -> Result<()> {
 
 /// The standalone STUN responder shipped in the same image.
 fn check_stun_binary(podman: &Podman) -> Result<()> {
-    let port = free_port(true)?;
+    let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let help = podman.help(Some("/usr/local/bin/derpfleet-stun"))?;
     derpfleet_e2e::require_flags("derpfleet-stun (in the image)", &help, &["a"])?;
@@ -308,7 +304,7 @@ fn check_stun_binary(podman: &Podman) -> Result<()> {
 fn check_relay(podman: &Podman) -> Result<()> {
     let help = podman.help(None)?;
     derpfleet_e2e::require_flags("derpfleet-relay (in the image)", &help, RELAY_FLAGS_USED)?;
-    let (http, stun, metrics) = (free_port(false)?, free_port(true)?, free_port(false)?);
+    let (http, stun, metrics) = (free_port()?, free_port()?, free_port()?);
     let metrics_addr = format!("127.0.0.1:{metrics}");
     let a = format!("127.0.0.1:{http}");
     let (stun_s, health_port) = (stun.to_string(), format!("DERPFLEET_HEALTH_PORT={http}"));

@@ -264,7 +264,7 @@ fn http_status(port: u16, path: &str) -> Result<u16> {
 }
 
 fn free_tcp_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(derpfleet_e2e::ports::unused_port())
 }
 
 /// The unit's own command line, with what systemd would substitute (state directory, credentials directory,

@@ -463,7 +463,7 @@ fn tail(s: &str, n: usize) -> String {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(derpfleet_e2e::ports::unused_port())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

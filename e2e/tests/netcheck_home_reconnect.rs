@@ -14,7 +14,7 @@ use derpfleet_proto::NodePrivate;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    derpfleet_e2e::ports::unused_port()
 }
 
 fn start_relay(port: u16, key: &std::path::Path) -> Result<Child> {

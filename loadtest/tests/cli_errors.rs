@@ -62,8 +62,8 @@ fn derp_map_needs_a_known_region() {
 
 #[test]
 fn unreachable_server_fails_with_exit_1() {
-    // A port nobody listens on: bind, learn the port, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A port nobody listens on (outside the ephemeral range, so nothing takes it meanwhile).
+    let port = derpfleet_e2e::ports::unused_port();
     let url = format!("http://127.0.0.1:{port}/derp");
     for args in [
         vec!["throughput", "--url", &url, "--duration", "1s"],

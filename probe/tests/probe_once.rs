@@ -267,10 +267,7 @@ fn stun_probes_each_family_the_node_has() {
     // A STUN-only node on IPv6 loopback (the standalone responder) with IPv4 disabled in the map:
     // one stun6 probe, no IPv4 probe, no DERP probes. (The IPv4-only nodes of the other tests get
     // no stun6 probe.)
-    let port6 = {
-        let s = UdpSocket::bind("[::1]:0").unwrap();
-        s.local_addr().unwrap().port()
-    };
+    let port6 = derpfleet_e2e::ports::unused_port_on(&[std::net::Ipv6Addr::LOCALHOST.into()]);
     let responder = std::process::Command::new(common::bin("derpfleet-stun"))
         .args(["-a", &format!("[::1]:{port6}")])
         .stdout(std::process::Stdio::null())

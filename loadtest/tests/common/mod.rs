@@ -88,7 +88,7 @@ pub struct Stun {
 
 impl Stun {
     pub fn spawn() -> Self {
-        let addr = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], derpfleet_e2e::ports::unused_port()));
         let mut cmd = Command::new(bin_path("derpfleet-stun"));
         cmd.arg("--a").arg(addr.to_string()).args(["--rate-limit", "0", "--sockets", "1"]);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());

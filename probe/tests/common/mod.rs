@@ -7,7 +7,7 @@
 //! test CA through `SSL_CERT_FILE`, as any program using the system trust store would.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -35,12 +35,14 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A loopback port for a process started later (outside the ephemeral range: nothing else takes it first).
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    derpfleet_e2e::ports::unused_port()
 }
 
+/// A loopback UDP port for a process started later (see [`free_tcp_port`]).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    derpfleet_e2e::ports::unused_port()
 }
 
 /// A child process killed and reaped on drop.

@@ -211,7 +211,7 @@ impl DerpServer {
     /// [`DerpServer::accept`] for a plain TCP stream whose socket is `fd`: other connections'
     /// readers may then write packets straight to it (see `core::outbox::DirectSlot`). `fd` must
     /// be the socket `io` writes to, open until `io` is dropped.
-    pub async fn accept_direct<S>(self: &Arc<Self>, io: S, info: ConnInfo, fd: Option<RawFd>)
+    pub(crate) async fn accept_direct<S>(self: &Arc<Self>, io: S, info: ConnInfo, fd: Option<RawFd>)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {

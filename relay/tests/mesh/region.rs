@@ -6,7 +6,7 @@ use crate::mesh_common;
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,8 +146,11 @@ impl Resolve for FakeDns {
 #[tokio::test]
 async fn dns_name_with_several_addresses_meshes_with_each_and_follows_changes() -> Result<()> {
     let key = MeshKey::generate();
-    let s1 = relay(key).await;
-    let port = s1.local_addr().port();
+    // One port on three loopback addresses, as one DNS name's nodes share a port. It comes from outside
+    // the ephemeral range, so no other test's socket can take it on .2 or .3 meanwhile.
+    let loopbacks = [1, 2, 3].map(|last| IpAddr::from([127, 0, 0, last]));
+    let port = derpfleet_e2e::ports::unused_port_on(&loopbacks);
+    let s1 = relay_at(SocketAddr::from(([127, 0, 0, 1], port)), key).await;
     let s2 = relay_at(SocketAddr::from(([127, 0, 0, 2], port)), key).await;
     let s3 = relay_at(SocketAddr::from(([127, 0, 0, 3], port)), key).await;
     let dns = Arc::new(FakeDns(Mutex::new(vec![s1.local_addr(), s2.local_addr()])));

@@ -103,12 +103,14 @@ pub fn start_plain_relay(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
     (p, addr.parse().unwrap())
 }
 
+/// A loopback port for a relay started later (outside the ephemeral range: nothing else takes it first).
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    derpfleet_e2e::ports::unused_port()
 }
 
+/// A loopback UDP port for a relay started later (see [`free_tcp_port`]).
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    derpfleet_e2e::ports::unused_port()
 }
 
 /// GET `path` from `addr` (plain HTTP, `Connection: close`): (status, body).
