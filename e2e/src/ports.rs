@@ -27,17 +27,24 @@ pub fn unused_port() -> u16 {
 /// Panics after many tries, which only a machine with the whole range in use would cause.
 pub fn unused_port_on(ips: &[IpAddr]) -> u16 {
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    let highest = ephemeral_start().saturating_sub(1).max(LOWEST + 1_000);
+    let (lowest, highest) = range();
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     let given = given.get_or_insert_with(HashSet::new);
     for _ in 0..1_000 {
-        let port = LOWEST + (random() % u64::from(highest - LOWEST)) as u16;
+        let port = lowest + (random() % u64::from(highest - lowest)) as u16;
         if !given.contains(&port) && ips.iter().all(|&ip| free_on(ip, port)) {
             given.insert(port);
             return port;
         }
     }
-    panic!("no free port in {LOWEST}..{highest} on {ips:?} after 1000 tries");
+    panic!("no free port in {lowest}..{highest} on {ips:?} after 1000 tries");
+}
+
+/// The ports handed out: from [`LOWEST`] up to the ephemeral range's start. A machine whose
+/// ephemeral range starts lower still gets ports (from a thousand above `LOWEST`), just without
+/// that protection.
+fn range() -> (u16, u16) {
+    (LOWEST, ephemeral_start().max(LOWEST + 1_000))
 }
 
 /// Whether `port` can be bound on `ip` now, for TCP and for UDP.
@@ -73,7 +80,8 @@ mod tests {
         let distinct: HashSet<u16> = ports.iter().copied().collect();
         assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
         for p in ports {
-            assert!((LOWEST..ephemeral_start()).contains(&p), "{p} is outside {LOWEST}..ephemeral");
+            let (lowest, highest) = range();
+            assert!((lowest..highest).contains(&p), "{p} is outside {lowest}..{highest}");
             assert!(ips.iter().all(|&ip| free_on(ip, p)), "{p} is not free");
         }
     }
