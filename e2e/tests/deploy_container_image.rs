@@ -25,6 +25,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use derpfleet_e2e::ports::unused_port;
 use derpfleet_e2e::{bin_path, success_stdout, workspace_root};
 use derpfleet_stun::message::{build_request, parse_response, TxId};
 
@@ -175,11 +176,6 @@ fn build_image(podman: &Podman, full: bool) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// A loopback port free for TCP and UDP, outside the ephemeral range (nothing else takes it first).
-fn free_port() -> Result<u16> {
-    Ok(derpfleet_e2e::ports::unused_port())
-}
-
 /// `GET path` over plain HTTP/1.1; returns (status, headers+body text).
 fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     let mut s =
@@ -280,7 +276,7 @@ fn check_image_config(podman: &Podman) -> Result<()> {
 
 /// The standalone STUN responder shipped in the same image.
 fn check_stun_binary(podman: &Podman) -> Result<()> {
-    let port = free_port()?;
+    let port = unused_port();
     let addr = format!("127.0.0.1:{port}");
     let help = podman.help(Some("/usr/local/bin/derpfleet-stun"))?;
     derpfleet_e2e::require_flags("derpfleet-stun (in the image)", &help, &["a"])?;
@@ -304,7 +300,7 @@ fn check_stun_binary(podman: &Podman) -> Result<()> {
 fn check_relay(podman: &Podman) -> Result<()> {
     let help = podman.help(None)?;
     derpfleet_e2e::require_flags("derpfleet-relay (in the image)", &help, RELAY_FLAGS_USED)?;
-    let (http, stun, metrics) = (free_port()?, free_port()?, free_port()?);
+    let (http, stun, metrics) = (unused_port(), unused_port(), unused_port());
     let metrics_addr = format!("127.0.0.1:{metrics}");
     let a = format!("127.0.0.1:{http}");
     let (stun_s, health_port) = (stun.to_string(), format!("DERPFLEET_HEALTH_PORT={http}"));

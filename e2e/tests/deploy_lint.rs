@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{ensure, Context, Result};
+use derpfleet_e2e::ports::unused_port;
 use derpfleet_e2e::{bin_path, workspace_root};
 
 /// Where `scripts/test-all.sh` installs checkov (its own venv) unless `DERPFLEET_CHECKOV` names the binary.
@@ -263,10 +264,6 @@ fn http_status(port: u16, path: &str) -> Result<u16> {
         .with_context(|| format!("no status in {text:?}"))
 }
 
-fn free_tcp_port() -> Result<u16> {
-    Ok(derpfleet_e2e::ports::unused_port())
-}
-
 /// The unit's own command line, with what systemd would substitute (state directory, credentials directory,
 /// the env file's flags), starts the real relay: it serves `/derp/probe`, writes its node key into the state
 /// directory, and exits 0 on SIGTERM. Only the listen addresses are moved to free loopback ports. A flag in
@@ -286,7 +283,7 @@ fn systemd_unit_command_line_starts_the_relay() -> Result<()> {
     std::fs::write(creds.join("mesh-key"), format!("{}\n", "5a".repeat(32)))?;
     let cleanup = Scopeguard(dir.clone());
 
-    let (http, stun, metrics) = (free_tcp_port()?, free_tcp_port()?, free_tcp_port()?);
+    let (http, stun, metrics) = (unused_port(), unused_port(), unused_port());
     let exec = unit_exec_start(&unit);
     assert_eq!(exec.first().map(String::as_str), Some("/usr/local/bin/derpfleet-relay"), "{exec:?}");
     // A unit flag the relay does not list would stop the real service at boot: that is a failure here.

@@ -30,6 +30,7 @@ use derpfleet_client::region::{DerpRegionClient, RegionClientConfig, RegionEvent
 use derpfleet_client::{ConnectOptions, DerpConn, DerpTarget, DerpUrl};
 use derpfleet_e2e::netns::{run, unique_tag, veth, Netns};
 use derpfleet_e2e::nsthread::run_in_netns;
+use derpfleet_e2e::ports::unused_port;
 use derpfleet_e2e::relay::RelayCmd;
 use derpfleet_e2e::scratch::ScratchDir;
 use derpfleet_e2e::{read_text, Child};
@@ -462,14 +463,10 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn free_port() -> Result<u16> {
-    Ok(derpfleet_e2e::ports::unused_port())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_node_leaves_the_rest_untouched_and_its_clients_return() -> Result<()> {
     let scratch = scratch("sigkill")?;
-    let ports = [free_port()?, free_port()?, free_port()?];
+    let ports = [unused_port(), unused_port(), unused_port()];
     let with = ports.map(|p| format!("http://127.0.0.1:{p}")).join(",");
     let start = |i: usize| {
         start_relay(

@@ -9,13 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use derpfleet_client::region::{DerpRegionClient, RegionClientConfig, RegionEvent, BACKOFF_MAX};
 use derpfleet_client::{ConnectOptions, DerpTarget};
+use derpfleet_e2e::ports::unused_port;
 use derpfleet_e2e::{bin_path, Child};
 use derpfleet_proto::NodePrivate;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn free_port() -> u16 {
-    derpfleet_e2e::ports::unused_port()
-}
 
 fn start_relay(port: u16, key: &std::path::Path) -> Result<Child> {
     let mut cmd = Command::new(bin_path("derpfleet-relay"));
@@ -70,7 +67,7 @@ async fn home_client_reconnects_after_relay_restart() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("derpfleet-home-reconnect-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let key = dir.join("relay.key");
-    let port = free_port();
+    let port = unused_port();
     let relay = start_relay(port, &key)?;
     let target = DerpTarget::Url(format!("http://127.0.0.1:{port}/derp").parse()?);
     let mut cfg = RegionClientConfig::new(target, ConnectOptions::new(NodePrivate::generate()));

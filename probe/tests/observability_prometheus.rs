@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{free_tcp_port, http_get, wait_until, Fleet, Proc};
+use common::{http_get, unused_port, wait_until, Fleet, Proc};
 use serde_json::Value;
 
 fn alerts(addr: std::net::SocketAddr) -> Vec<Value> {
@@ -30,7 +30,7 @@ fn firing(alerts: &[Value], name: &str, node: &str) -> bool {
 fn prometheus_fires_node_down_when_a_relay_is_killed() {
     let mut fleet = Fleet::start("prom");
     let dir = fleet.dir.path().to_path_buf();
-    let probe_port = free_tcp_port();
+    let probe_port = unused_port();
     let probe_addr = std::net::SocketAddr::from(([127, 0, 0, 1], probe_port));
     let log = std::fs::File::create(dir.join("probe.log")).unwrap();
     let child = fleet
@@ -68,7 +68,7 @@ fn prometheus_fires_node_down_when_a_relay_is_killed() {
          \x20 - job_name: derpfleet-probe\n    static_configs:\n      - targets: ['{probe_addr}']\n"
     );
     std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-    let prom_port = free_tcp_port();
+    let prom_port = unused_port();
     let prom_addr = std::net::SocketAddr::from(([127, 0, 0, 1], prom_port));
     let child = Command::new("prometheus")
         .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_tcp_port, http_get, temp_dir, wait_until, Fleet, Proc};
+use common::{http_get, temp_dir, unused_port, wait_until, Fleet, Proc};
 
 /// Runs chromium headless with `args` for `url`, killed after 90 s; returns stdout.
 fn chromium(profile: &Path, args: &[String], url: &str) -> String {
@@ -81,7 +81,7 @@ const BAD: (u8, u8, u8) = (0xd3, 0x2f, 0x2f);
 #[test]
 fn metrics_series_and_status_page_rendered_in_headless_chromium() {
     let fleet = Fleet::start("page");
-    let port = free_tcp_port();
+    let port = unused_port();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let log = std::fs::File::create(fleet.dir.path().join("probe.log")).unwrap();
     let child = fleet

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Ports for processes started later: outside the ephemeral range, so nothing else takes them first.
+pub use derpfleet_e2e::ports::unused_port;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 pub use tempfile::TempDir;
@@ -33,16 +35,6 @@ pub fn bin(name: &str) -> PathBuf {
     let p = exe.parent().and_then(|d| d.parent()).unwrap().join(name);
     assert!(p.exists(), "{} not built: run `cargo build --workspace --bins` first", p.display());
     p
-}
-
-/// A loopback port for a process started later (outside the ephemeral range: nothing else takes it first).
-pub fn free_tcp_port() -> u16 {
-    derpfleet_e2e::ports::unused_port()
-}
-
-/// A loopback UDP port for a process started later (see [`free_tcp_port`]).
-pub fn free_udp_port() -> u16 {
-    derpfleet_e2e::ports::unused_port()
 }
 
 /// A child process killed and reaped on drop.
@@ -217,14 +209,14 @@ impl Fleet {
         let mesh_key = derpfleet_proto::MeshKey::generate().to_hex();
         std::fs::write(dir.path().join("mesh.key"), format!("{mesh_key}\n")).unwrap();
         let ports: Vec<(u16, u16, u16)> =
-            (0..3).map(|_| (free_tcp_port(), free_udp_port(), free_tcp_port())).collect();
+            (0..3).map(|_| (unused_port(), unused_port(), unused_port())).collect();
         let with = format!("127.0.0.1:{},127.0.0.1:{}", ports[0].0, ports[1].0);
         let relays = vec![
             start_relay(dir.path(), &ca, "1a", ports[0], Some(&with), valid_days[0], allowlist),
             start_relay(dir.path(), &ca, "1b", ports[1], Some(&with), valid_days[1], allowlist),
             start_relay(dir.path(), &ca, "2a", ports[2], None, valid_days[2], allowlist),
         ];
-        let dead = (free_tcp_port(), free_udp_port());
+        let dead = (unused_port(), unused_port());
         let map = format!(
             r#"{{"Regions":{{
               "1":{{"RegionID":1,"RegionCode":"one","RegionName":"Region One","Nodes":[{},{}]}},

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use derpfleet_proto::NodePrivate;
 use http_common::*;
-use ops_common::{free_tcp_port, Proc, BIN};
+use ops_common::{unused_port, Proc, BIN};
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
 async fn plain_http_with_key_file_and_blank_home() {
     let dir = temp_dir("cli-plain");
     let keyfile = dir.path().join("derper.key");
-    let port = free_tcp_port();
+    let port = unused_port();
     let a = format!("127.0.0.1:{port}");
     let mut p = Proc::start_without_stun(&["-a", &a, "-c", keyfile.to_str().unwrap(), "-home", "blank"]);
     p.wait_for_line("derpfleet-relay running");
@@ -45,7 +45,7 @@ async fn tls_manual_with_ip_hostname_generates_pinned_self_signed_cert() {
     let dir = temp_dir("cli-tls");
     let keyfile = dir.path().join("k.key");
     let certdir = dir.path().join("certs");
-    let port = free_tcp_port();
+    let port = unused_port();
     let a = format!("127.0.0.1:{port}");
     let mut p = Proc::start_without_stun(&[
         "-a",
@@ -86,7 +86,7 @@ async fn tls_manual_with_ip_hostname_generates_pinned_self_signed_cert() {
 async fn go_flag_syntax_variants_parse() {
     let dir = temp_dir("cli-syntax");
     let keyfile = dir.path().join("k.key");
-    let port = free_tcp_port();
+    let port = unused_port();
     // `-a=x`, `--c x`, `-stun=false`, bare bool `-derp`, `-tcp-write-timeout=500ms`.
     let a = format!("-a=127.0.0.1:{port}");
     let p = Proc::start_without_stun(&[
@@ -207,7 +207,7 @@ fn startup_errors_are_clear() {
     assert_eq!(err.matches("requires").count(), 1, "{err}");
     // A broken key file is named, with the field.
     std::fs::write(&keyfile, r#"{"PrivateKey":"nope"}"#).unwrap();
-    let port = free_tcp_port().to_string();
+    let port = unused_port().to_string();
     let out = Command::new(BIN)
         .args(["-a", &format!("127.0.0.1:{port}"), "-c", keyfile.to_str().unwrap()])
         .output()

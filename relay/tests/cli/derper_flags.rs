@@ -67,7 +67,7 @@ impl Fixture {
         )
         .unwrap();
         let setec = ops_common::setec::SetecServer::start(&[("prod/derp/meshkey", &"cd".repeat(32))]).await;
-        Fixture { dir, port: free_tcp_port(), setec: Some(setec) }
+        Fixture { dir, port: unused_port(), setec: Some(setec) }
     }
 
     fn path(&self, name: &str) -> String {
@@ -103,13 +103,13 @@ impl Fixture {
             "secrets-url" => v(&self.setec.as_ref().unwrap().url()),
             "socket" => v(&self.path("tailscaled.sock")),
             // With a free port: derper's default 3478 may be another test's.
-            "stun" => vec!["-stun".into(), "-stun-port".into(), free_udp_port().to_string()],
-            "stun-port" => v(&free_udp_port().to_string()),
+            "stun" => vec!["-stun".into(), "-stun-port".into(), unused_port().to_string()],
+            "stun-port" => v(&unused_port().to_string()),
             "tcp-keepalive-time" => v("5m"),
             "tcp-user-timeout" => v("10s"),
             "tcp-write-timeout" => v("1s"),
             "unpublished-bootstrap-dns-names" => v("localhost"),
-            "verify-client-url" => v(&format!("http://127.0.0.1:{}/verify", free_tcp_port())),
+            "verify-client-url" => v(&format!("http://127.0.0.1:{}/verify", unused_port())),
             "verify-client-url-fail-open" => vec!["-verify-client-url-fail-open=false".into()],
             "verify-clients" => vec!["-verify-clients".into()],
             "version" => vec!["-version=false".into()],

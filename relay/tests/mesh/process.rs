@@ -17,7 +17,7 @@ use derpfleet_proto::msg::PeerGoneReason;
 use derpfleet_proto::{MeshKey, NodePrivate};
 use http_common::temp_dir;
 use mesh_common::Client;
-use ops_common::{free_tcp_port, BIN};
+use ops_common::{unused_port, BIN};
 
 /// A relay process, killed on drop.
 struct Relay {
@@ -65,7 +65,7 @@ async fn connect_retrying(addr: SocketAddr, key: &NodePrivate) -> Result<Client>
 async fn killed_node_senders_get_peer_gone_and_restart_resumes_within_6s() -> Result<()> {
     let dir = temp_dir("mesh-proc");
     std::fs::write(dir.path().join("mesh.key"), format!("{}\n", MeshKey::generate().to_hex()))?;
-    let ports = [free_tcp_port(), free_tcp_port(), free_tcp_port()];
+    let ports = [unused_port(), unused_port(), unused_port()];
     let with = ports.map(|p| format!("http://127.0.0.1:{p}")).join(",");
     let r1 = start(dir.path(), "r1", ports[0], &with);
     let r2 = start(dir.path(), "r2", ports[1], &with);

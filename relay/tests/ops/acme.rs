@@ -96,7 +96,7 @@ impl Pebble {
         std::fs::write(dir.path().join("api-cert.pem"), &cert_pem).unwrap();
         std::fs::write(dir.path().join("api-key.pem"), &key_pem).unwrap();
         let (dns_port, dns_mgmt, api_port, mgmt_port) =
-            (free_udp_port(), free_tcp_port(), free_tcp_port(), free_tcp_port());
+            (unused_port(), unused_port(), unused_port(), unused_port());
         let mut pebble = serde_json::json!({
             "listenAddress": format!("127.0.0.1:{api_port}"),
             "managementListenAddress": format!("127.0.0.1:{mgmt_port}"),
@@ -286,7 +286,7 @@ fn assert_from_pebble_with_meta(chain: &[CertificateDer<'static>]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn letsencrypt_mode_gets_a_certificate_with_tls_alpn_01() {
     const IP: &str = "127.0.0.44";
-    let pebble = Pebble::start("ops-acme-alpn", IP, free_tcp_port(), 443, false, None).await;
+    let pebble = Pebble::start("ops-acme-alpn", IP, unused_port(), 443, false, None).await;
     let mut args = pebble.relay_args(IP, "alpn");
     args.extend(["-hostname", NAME, "-certmode", "letsencrypt", "-http-port", "-1"].map(String::from));
     let p = start_relay(&args);
@@ -314,7 +314,7 @@ async fn letsencrypt_mode_gets_a_certificate_with_tls_alpn_01() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn letsencrypt_mode_falls_back_to_http_01_on_the_http_port() {
     const IP: &str = "127.0.0.45";
-    let closed_port = free_tcp_port();
+    let closed_port = unused_port();
     let pebble = Pebble::start("ops-acme-http01", IP, 80, closed_port, false, None).await;
     let mut args = pebble.relay_args(IP, "http01");
     args.extend(["-hostname", NAME, "-http-port", "80"].map(String::from));
@@ -391,7 +391,7 @@ async fn eab_required_ca_needs_the_eab_flags_and_gcp_mode_uses_them() {
 async fn acme_ip_certs_gets_an_ip_certificate_via_http_01() {
     const IP: &str = "127.0.0.47";
     // Short-lived, like Let's Encrypt's IP certificates: 12 s, so renewal (at two thirds) is seen.
-    let pebble = Pebble::start("ops-acme-ip", IP, 80, free_tcp_port(), false, Some(12)).await;
+    let pebble = Pebble::start("ops-acme-ip", IP, 80, unused_port(), false, Some(12)).await;
     let mut args = pebble.relay_args(IP, "ip");
     args.extend(["-hostname", IP, "-acme-ip-certs", "-http-port", "80"].map(String::from));
     let p = start_relay(&args);

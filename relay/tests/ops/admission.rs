@@ -88,7 +88,7 @@ async fn verify_url_non_200_or_bad_json_rejects_even_with_fail_open() {
 #[tokio::test]
 async fn verify_url_unreachable_fails_open_or_closed() {
     // A port with nothing listening: connection refused (a transport error).
-    let dead = format!("http://127.0.0.1:{}/verify", free_tcp_port());
+    let dead = format!("http://127.0.0.1:{}/verify", unused_port());
     let open = relay_with_url(&dead, true).await;
     assert!(admitted(open.local_addr(), &NodePrivate::generate()).await);
     assert_eq!(admission_count(&open, "fail_open"), 1.0);

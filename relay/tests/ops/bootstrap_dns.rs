@@ -30,7 +30,7 @@ fn json(r: &HttpResp) -> serde_json::Value {
 #[tokio::test]
 async fn published_names_are_served_as_derpers_json() {
     let dir = temp_dir("bootstrap-pub");
-    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let metrics = format!("127.0.0.1:{}", unused_port());
     let (p, addr) = start_plain_relay(
         &dir.path().join("k.key"),
         &["-bootstrap-dns-names", "localhost", "-metrics-addr", &metrics],
@@ -56,7 +56,7 @@ async fn published_names_are_served_as_derpers_json() {
 #[tokio::test]
 async fn unpublished_names_answer_only_to_q() {
     let dir = temp_dir("bootstrap-unpub");
-    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let metrics = format!("127.0.0.1:{}", unused_port());
     let (_p, addr) = start_plain_relay(
         &dir.path().join("k.key"),
         &["-unpublished-bootstrap-dns-names", "localhost", "-metrics-addr", &metrics],
@@ -80,8 +80,8 @@ async fn keeps_serving_with_derp_false_on_main_and_http_ports() {
     let dir = temp_dir("bootstrap-noderp");
     let key = dir.path().join("k.key");
     let certdir = dir.path().join("certs");
-    let port = free_tcp_port();
-    let http_port = free_tcp_port();
+    let port = unused_port();
+    let http_port = unused_port();
     let a = format!("127.0.0.1:{port}");
     let p = Proc::start_without_stun(&[
         "-a",

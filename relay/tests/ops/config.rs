@@ -13,7 +13,7 @@ use ops_common::*;
 #[tokio::test]
 async fn config_file_applies_and_flags_override_it() {
     let dir = temp_dir("ops-config");
-    let (file_port, flag_port, metrics_port) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let (file_port, flag_port, metrics_port) = (unused_port(), unused_port(), unused_port());
     let toml = dir.path().join("relay.toml");
     std::fs::write(
         &toml,

@@ -119,7 +119,7 @@ async fn scripted_scenario_shows_the_numbers() {
 async fn relay_binary_serves_stun_and_counts_it() {
     let dir = http_common::temp_dir("ops-stun-bin");
     let key = dir.path().join("derper.key");
-    let (port, stun_port, metrics_port) = (free_tcp_port(), free_udp_port(), free_tcp_port());
+    let (port, stun_port, metrics_port) = (unused_port(), unused_port(), unused_port());
     let a = format!("127.0.0.1:{port}");
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let mut p = Proc::start(&[

@@ -57,7 +57,7 @@ async fn mesh_key_comes_from_setec_then_from_its_cache() {
 
     // setec is down now: the cached value is used.
     drop(setec);
-    let dead = format!("http://127.0.0.1:{}", free_tcp_port());
+    let dead = format!("http://127.0.0.1:{}", unused_port());
     let a = args(&dead);
     let refs: Vec<&str> = a.iter().map(String::as_str).collect();
     let (p, addr) = start_plain_relay(&dir.path().join("k.key"), &refs);
@@ -68,12 +68,12 @@ async fn mesh_key_comes_from_setec_then_from_its_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_setec_without_cache_retries_and_says_why() {
     let dir = temp_dir("setec-down");
-    let dead = format!("http://127.0.0.1:{}", free_tcp_port());
+    let dead = format!("http://127.0.0.1:{}", unused_port());
     let cache = dir.path().join("derper-secrets");
     let key = dir.path().join("k.key");
     let p = Proc::start_without_stun(&[
         "-a",
-        &format!("127.0.0.1:{}", free_tcp_port()),
+        &format!("127.0.0.1:{}", unused_port()),
         "-c",
         key.to_str().unwrap(),
         "-metrics-addr=",
@@ -94,7 +94,7 @@ async fn unknown_secret_is_retried_not_guessed() {
     let key = dir.path().join("k.key");
     let p = Proc::start_without_stun(&[
         "-a",
-        &format!("127.0.0.1:{}", free_tcp_port()),
+        &format!("127.0.0.1:{}", unused_port()),
         "-c",
         key.to_str().unwrap(),
         "-metrics-addr=",

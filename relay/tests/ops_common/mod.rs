@@ -12,6 +12,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Ports for relays started later: outside the ephemeral range, so nothing else takes them first.
+pub use derpfleet_e2e::ports::unused_port;
 use derpfleet_relay::core::metrics::MetricsSnapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -96,21 +98,11 @@ impl Drop for Proc {
 /// Starts the relay binary on a free loopback port with key file `key`, STUN and the metrics
 /// listener off, then the `extra` flags; returns once it logs that it is running.
 pub fn start_plain_relay(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
-    let addr = format!("127.0.0.1:{}", free_tcp_port());
+    let addr = format!("127.0.0.1:{}", unused_port());
     let base = ["-a", &addr, "-c", key.to_str().unwrap(), "-stun=false", "-metrics-addr="];
     let p = Proc::start(&[&base[..], extra].concat());
     p.wait_for_line("derpfleet-relay running");
     (p, addr.parse().unwrap())
-}
-
-/// A loopback port for a relay started later (outside the ephemeral range: nothing else takes it first).
-pub fn free_tcp_port() -> u16 {
-    derpfleet_e2e::ports::unused_port()
-}
-
-/// A loopback UDP port for a relay started later (see [`free_tcp_port`]).
-pub fn free_udp_port() -> u16 {
-    derpfleet_e2e::ports::unused_port()
 }
 
 /// GET `path` from `addr` (plain HTTP, `Connection: close`): (status, body).

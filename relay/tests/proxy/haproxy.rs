@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ops_common::{free_tcp_port, scrape, start_plain_relay, CannedHttp};
+use ops_common::{scrape, start_plain_relay, unused_port, CannedHttp};
 use proxy_common::*;
 
 /// HAProxy with one TCP frontend per `(listen port, server line)`.
@@ -55,7 +55,7 @@ async fn haproxy_send_proxy_v1_and_v2_give_the_relay_each_clients_address() {
     let dir = temp_dir("pp-haproxy");
     let ctl = CannedHttp::start(200, r#"{"Allow":true}"#, Duration::ZERO).await;
     let (mesh_file, mesh) = mesh_key_file(dir.path());
-    let metrics = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], unused_port()));
     let (relay_proc, relay) = start_plain_relay(
         &dir.path().join("relay.key"),
         &[
@@ -75,7 +75,7 @@ async fn haproxy_send_proxy_v1_and_v2_give_the_relay_each_clients_address() {
             &metrics.to_string(),
         ],
     );
-    let (v2_port, v1_port) = (free_tcp_port(), free_tcp_port());
+    let (v2_port, v1_port) = (unused_port(), unused_port());
     let _hap = haproxy(
         dir.path(),
         &[
@@ -133,7 +133,7 @@ async fn haproxy_send_proxy_v1_and_v2_give_the_relay_each_clients_address() {
 async fn haproxy_tls_passthrough_with_local_health_checks() {
     let dir = temp_dir("pp-haproxy-tls");
     let ctl = CannedHttp::start(200, r#"{"Allow":true}"#, Duration::ZERO).await;
-    let metrics = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], unused_port()));
     let (_relay, relay) = start_plain_relay(
         &dir.path().join("relay.key"),
         &[
@@ -153,7 +153,7 @@ async fn haproxy_tls_passthrough_with_local_health_checks() {
             &metrics.to_string(),
         ],
     );
-    let port = free_tcp_port();
+    let port = unused_port();
     // TCP health checks every 200 ms; with send-proxy-v2 HAProxy opens each with a LOCAL header.
     let _hap =
         haproxy(dir.path(), &[(port, format!("{relay} send-proxy-v2 source 127.0.0.9 check inter 200ms"))]);

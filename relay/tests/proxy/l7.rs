@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use derpfleet_proto::NodePrivate;
 use http_common::{read_head, temp_dir, TestClient};
-use ops_common::{free_tcp_port, start_plain_relay, CannedHttp, Proc};
+use ops_common::{start_plain_relay, unused_port, CannedHttp, Proc};
 use proxy_common::*;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -174,7 +174,7 @@ async fn check_l7_proxy(
 async fn nginx_terminates_tls_and_forwards_derp_and_websocket() {
     let dir = temp_dir("l7-nginx");
     let (_relay, relay, ctl, mesh) = relay(dir.path(), "127.0.0.1").await;
-    let port = free_tcp_port();
+    let port = unused_port();
     let _nginx = nginx(dir.path(), port, relay);
     check_l7_proxy(port, relay, &ctl, mesh, dir.path()).await;
 }
@@ -183,7 +183,7 @@ async fn nginx_terminates_tls_and_forwards_derp_and_websocket() {
 async fn caddy_terminates_tls_and_forwards_derp_and_websocket() {
     let dir = temp_dir("l7-caddy");
     let (_relay, relay, ctl, mesh) = relay(dir.path(), "127.0.0.1").await;
-    let port = free_tcp_port();
+    let port = unused_port();
     let _caddy = caddy(dir.path(), port, relay);
     check_l7_proxy(port, relay, &ctl, mesh, dir.path()).await;
 }
@@ -193,7 +193,7 @@ async fn an_untrusted_proxy_is_not_believed() {
     // The same nginx, but the relay trusts nobody: every client is the proxy, 127.0.0.1.
     let dir = temp_dir("l7-untrusted");
     let (_relay, relay, ctl, _mesh) = relay(dir.path(), "").await;
-    let port = free_tcp_port();
+    let port = unused_port();
     let _nginx = nginx(dir.path(), port, relay);
     let url = format!("https://localhost:{port}/derp");
     let a = connect(&url, "127.0.0.2", false).await.unwrap();
