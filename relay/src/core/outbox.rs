@@ -95,12 +95,22 @@ pub struct DirectSlot {
     pub(super) pending: Option<(Vec<u8>, PacketKind, usize)>,
     /// The sources this connection was sent packets from.
     pub seen: SeenSources,
-    /// Direct writes so far, for sampling `derp_queue_delay_seconds` (a direct packet waited 0).
+    /// Packets written so far, direct and queued, for sampling `derp_queue_delay_seconds`.
     sampled: u64,
 }
 
+impl DirectSlot {
+    /// Counts one written packet; true for the one in [`QUEUE_DELAY_SAMPLE_MASK`]` + 1` whose
+    /// queue delay is recorded (a direct packet waited 0 s).
+    #[inline]
+    pub(super) fn sample_queue_delay(&mut self) -> bool {
+        self.sampled += 1;
+        self.sampled & QUEUE_DELAY_SAMPLE_MASK == 1
+    }
+}
+
 /// One packet in this many has its queue delay recorded (send loop and direct writes alike).
-pub(super) const QUEUE_DELAY_SAMPLE_MASK: u64 = 15;
+const QUEUE_DELAY_SAMPLE_MASK: u64 = 15;
 
 /// What a direct write did.
 pub(crate) enum Direct {
@@ -182,8 +192,7 @@ impl Outbox {
         }
         self.metrics.packets_sent.increment(1);
         self.metrics.bytes_sent.increment(data.len() as u64);
-        d.sampled += 1;
-        if d.sampled & QUEUE_DELAY_SAMPLE_MASK == 1 {
+        if d.sample_queue_delay() {
             self.metrics.queue_delay_seconds.record(0.0);
         }
         Direct::Written(d.seen.note(*src))

@@ -19,7 +19,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::core::metrics::{DropReason, Metrics, PacketKind};
-use crate::core::outbox::{Control, Packet, SeenSources, QUEUE_DELAY_SAMPLE_MASK};
+use crate::core::outbox::{Control, DirectSlot, Packet};
 use crate::core::registry::{Conn, Registry};
 
 /// Write out the buffer (without flushing) once it holds this much, while still draining.
@@ -83,8 +83,8 @@ impl InFlight {
 
 /// The send loop of one connection. Returns when the outbox closes or after Restarting (Ok),
 /// or when a write fails; cancellation is the caller's (it drops the future, and counts what
-/// `in_flight` still holds). `seen` collects the source keys this connection was sent packets
-/// from (and tells `registry` the first time).
+/// `in_flight` still holds). The direct slot's `seen` collects the source keys this connection
+/// was sent packets from (and tells `registry` the first time).
 pub(crate) async fn run_writer<W>(
     w: &mut W,
     conn: &Arc<Conn>,
@@ -98,7 +98,6 @@ where
 {
     let out = &conn.out;
     let mut buf = BytesMut::new();
-    let mut sampled: u64 = 0;
     let keepalive = tokio::time::sleep(settings.keepalive);
     tokio::pin!(keepalive);
     let mut keepalive_due = false;
@@ -122,9 +121,8 @@ where
                     conn,
                     registry,
                     metrics,
-                    &mut d.seen,
+                    &mut d,
                     in_flight,
-                    &mut sampled,
                     &mut frames,
                     &mut restarting,
                 )
@@ -180,9 +178,8 @@ fn drain(
     conn: &Arc<Conn>,
     registry: &Registry,
     metrics: &Metrics,
-    seen: &mut SeenSources,
+    slot: &mut DirectSlot,
     in_flight: &mut InFlight,
-    sampled: &mut u64,
     frames: &mut u64,
     restarting: &mut bool,
 ) -> bool {
@@ -193,7 +190,7 @@ fn drain(
             *restarting |= matches!(c, Control::Restarting { .. });
             encode_control(buf, &c, metrics);
             if let Control::PeerGone(key, PeerGoneReason::Disconnected) = &c {
-                seen.forget(key);
+                slot.seen.forget(key);
             }
             *frames += 1;
             progressed = true;
@@ -209,13 +206,12 @@ fn drain(
         }
         for (queue, kind) in [(&out.disco, PacketKind::Disco), (&out.data, PacketKind::Other)] {
             if let Some(p) = queue.pop() {
-                *sampled += 1;
-                if *sampled & QUEUE_DELAY_SAMPLE_MASK == 1 {
+                if slot.sample_queue_delay() {
                     metrics.queue_delay_seconds.record(p.enqueued.elapsed().as_secs_f64());
                 }
                 encode_packet(buf, &p);
                 in_flight.add(kind, p.data.len());
-                if seen.note(p.src) {
+                if slot.seen.note(p.src) {
                     registry.note_sent(p.src, conn);
                 }
                 *frames += 1;
