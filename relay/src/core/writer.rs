@@ -116,16 +116,7 @@ where
                     in_flight.add(kind, len);
                     frames += 1;
                 }
-                drain(
-                    &mut buf,
-                    conn,
-                    registry,
-                    metrics,
-                    &mut d,
-                    in_flight,
-                    &mut frames,
-                    &mut restarting,
-                )
+                drain(&mut buf, conn, registry, metrics, &mut d, in_flight, &mut frames, &mut restarting)
             };
             if !chunk_full {
                 break;
