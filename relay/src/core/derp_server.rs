@@ -264,8 +264,9 @@ impl DerpServer {
             _ => None,
         };
         let mut reader = Reader::new(&conn, &self.registry, &self.metrics).with_recv_limit(limit);
-        // Declared after the stream halves, so dropped (the fd withdrawn) before they close it.
-        let _direct = DirectGuard::new(&conn, fd);
+        // Declared after the stream halves, so dropped (the fd withdrawn) before they close it,
+        // however this future ends.
+        let direct = DirectGuard::new(&conn, fd);
         let (read_result, write_result) = {
             // Pinned here, not moved into the helper: a future moved into an async fn is stored
             // twice in its state (the argument and the pinned local), per connection.
@@ -294,7 +295,7 @@ impl DerpServer {
             }
         });
         conn.out.close();
-        conn.out.set_direct_fd(None);
+        drop(direct);
         {
             let d = conn.out.direct.lock();
             self.registry.unregister(&conn, &d.seen);
