@@ -7,7 +7,8 @@
 #      RELAYS    space-separated NAME=PATH relay binaries to compare; each row runs once per relay
 #                per round, alternating (default "relay=$BIN/derpfleet-relay")
 #      ROWS      rows to run (default: all): floor tp8x5000 many2000x20 many1000x40 many2000x2 tls8x5000
-#                ws8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws
+#                ws8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws; floorN (e.g. floor2000)
+#                is the floor round-robin over N connections (not in the default set)
 #      SECS      measurement window of the packet rows (default 20)
 #      PORT_BASE, PORT_SPAN  relay ports are picked in [PORT_BASE, PORT_BASE+PORT_SPAN) and their
 #                metrics ports PORT_SPAN above (defaults 20000 and 5000); give concurrent runs disjoint
@@ -85,6 +86,7 @@ row() { # round row name exe
   local flow=(--pairs 8 --rate 5000 --duration "$w" --warmup 2s --tailscale-writes)
   case $row in
     floor) run "$round" "$row" "$name" floor --duration 3s ;;
+    floor[0-9]*) run "$round" "$row" "$name" floor --duration 3s --connections "${row#floor}" ;;
     tp8x5000)
       start_relay "$exe" plain
       run "$round" "$row" "$name" throughput --url "$url" "${flow[@]}" --relay-pid "$pid" --metrics-url "$murl" ;;
@@ -144,7 +146,7 @@ for round in $(seq "$rounds"); do
   for r in $rows; do
     for nr in $relays; do
       row "$round" "$r" "${nr%%=*}" "${nr#*=}"
-      [ "$r" = floor ] && break # the floor does not depend on the relay
+      case $r in floor*) break ;; esac # the floor does not depend on the relay
     done
   done
 done
@@ -165,6 +167,6 @@ for f in sorted(os.listdir(d)):
     r, l = v["results"], v.get("latency_us") or {}
     g = lambda k, fmt="{}": fmt.format(r[k]) if k in r else "-"
     kib = "{:.1f}".format(r["relay_bytes_per_conn"] / 1024) if "relay_bytes_per_conn" in r else "-"
-    lat = f"{l.get('p50_us', '-')} / {l.get('p99_us', '-')}" if row != "floor" and not row.startswith("idle") else "-"
+    lat = f"{l.get('p50_us', '-')} / {l.get('p99_us', '-')}" if not row.startswith(("floor", "idle")) else "-"
     print(f"| {rnd} | {row} | {name} | {g('relay_cpu_us_per_packet')} | {g('relay_cpu_x_floor')} | {g('floor_us')} | {g('loss_pct')} | {lat} | {kib} |")
 EOF

@@ -197,6 +197,10 @@ pub struct FloorArgs {
     /// Bytes per message (default: a 1200-byte packet behind a 5-byte DERP frame header).
     #[arg(long, default_value_t = crate::floor::MESSAGE_LEN, value_parser = parse_floor_size)]
     pub size: usize,
+    /// Loopback connections to go round-robin over (two file descriptors each): the kernel's
+    /// floor when every packet touches sockets that are out of the caches, as with many clients.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9_000))]
+    pub connections: u32,
 }
 
 /// Round-trip scenario.

@@ -10,6 +10,11 @@
 //! the data and never sleeps; the figure is pure syscall and TCP-stack cost, without wake-ups or
 //! epoll. CPU time is the thread's own (`/proc/thread-self/schedstat`, nanoseconds on CPU), so
 //! other processes on the host do not count, though they still slow the caches down.
+//!
+//! With several connections the messages go round-robin, one per connection in turn, as a relay
+//! with many quiet clients touches a different pair of sockets for every packet. The figure then
+//! includes what the kernel pays for sockets that are no longer in the caches; the relay's
+//! headline (`relay_cpu_x_floor`) is always against the one-connection floor.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -21,6 +26,8 @@ pub const MESSAGE_LEN: usize = 1205;
 /// What one floor measurement found.
 #[derive(Clone, Copy, Debug)]
 pub struct Floor {
+    /// Loopback connections the messages went through, round-robin.
+    pub connections: usize,
     /// Messages moved (one write + one read each).
     pub messages: u64,
     /// CPU µs per message (write + read).
@@ -33,26 +40,38 @@ pub struct Floor {
     pub elapsed: Duration,
 }
 
-/// Moves `size`-byte messages for `duration` and reports the CPU per message. Blocking: call it
-/// from a thread of its own (or `spawn_blocking`).
-pub fn measure(duration: Duration, size: usize) -> io::Result<Floor> {
+/// Moves `size`-byte messages for `duration` through `connections` loopback connections
+/// (round-robin; at least one) and reports the CPU per message. Blocking: call it from a thread
+/// of its own (or `spawn_blocking`). Each connection holds two file descriptors.
+pub fn measure(duration: Duration, size: usize, connections: usize) -> io::Result<Floor> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
-    let mut tx = TcpStream::connect(listener.local_addr()?)?;
-    let (mut rx, _) = listener.accept()?;
-    tx.set_nodelay(true)?;
-    rx.set_nodelay(true)?;
+    let mut pairs = Vec::with_capacity(connections.max(1));
+    for _ in 0..connections.max(1) {
+        let tx = TcpStream::connect(listener.local_addr()?)?;
+        let (rx, _) = listener.accept()?;
+        tx.set_nodelay(true)?;
+        rx.set_nodelay(true)?;
+        pairs.push((tx, rx));
+    }
+    drop(listener);
     let msg = vec![0x5au8; size];
     let mut buf = vec![0u8; size];
-    // Warm the connection (window, buffers) before counting.
-    for _ in 0..1000 {
-        move_one(&mut tx, &mut rx, &msg, &mut buf)?;
+    // Warm every connection (window, buffers) before counting: 1000 messages, and at least one
+    // per connection.
+    let mut next = 0;
+    for _ in 0..1000.max(pairs.len()) {
+        let (tx, rx) = &mut pairs[next];
+        move_one(tx, rx, &msg, &mut buf)?;
+        next = (next + 1) % pairs.len();
     }
     let (cpu0, ticks0, t0) = (thread_cpu_ns()?, thread_ticks().ok(), Instant::now());
     let mut messages = 0u64;
     let mut short_reads = 0u64;
     while t0.elapsed() < duration {
         for _ in 0..256 {
-            short_reads += move_one(&mut tx, &mut rx, &msg, &mut buf)?;
+            let (tx, rx) = &mut pairs[next];
+            short_reads += move_one(tx, rx, &msg, &mut buf)?;
+            next = (next + 1) % pairs.len();
         }
         messages += 256;
     }
@@ -64,7 +83,14 @@ pub fn measure(duration: Duration, size: usize) -> io::Result<Floor> {
         }
         _ => None,
     };
-    Ok(Floor { messages, cpu_us: cpu_ns as f64 / 1e3 / messages as f64, kernel_pct, short_reads, elapsed })
+    Ok(Floor {
+        connections: pairs.len(),
+        messages,
+        cpu_us: cpu_ns as f64 / 1e3 / messages as f64,
+        kernel_pct,
+        short_reads,
+        elapsed,
+    })
 }
 
 /// One write and one read of the whole message; returns the extra reads needed (normally 0).
@@ -109,7 +135,16 @@ fn thread_ticks() -> io::Result<(u64, u64)> {
 mod tests {
     #[test]
     fn moves_messages_and_costs_cpu() {
-        let f = super::measure(std::time::Duration::from_millis(100), 1205).unwrap();
+        let f = super::measure(std::time::Duration::from_millis(100), 1205, 1).unwrap();
+        assert!(f.messages >= 256, "{f:?}");
+        assert!(f.cpu_us > 0.0 && f.cpu_us.is_finite(), "{f:?}");
+        assert_eq!(f.connections, 1);
+    }
+
+    #[test]
+    fn goes_round_robin_over_several_connections() {
+        let f = super::measure(std::time::Duration::from_millis(100), 1205, 300).unwrap();
+        assert_eq!(f.connections, 300, "{f:?}");
         assert!(f.messages >= 256, "{f:?}");
         assert!(f.cpu_us > 0.0 && f.cpu_us.is_finite(), "{f:?}");
     }

@@ -67,7 +67,7 @@ fn main() -> ExitCode {
         });
         let packets = is_packet_run(&cli.scenario);
         let floor = if packets && !cli.common.relay_pids.is_empty() && !cli.common.floor_time.is_zero() {
-            Some(measure_floor(cli.common.floor_time, floor::MESSAGE_LEN).await?)
+            Some(measure_floor(cli.common.floor_time, floor::MESSAGE_LEN, 1).await?)
         } else {
             None
         };
@@ -128,8 +128,8 @@ fn is_packet_run(s: &Scenario) -> bool {
     matches!(s, Scenario::Throughput(_) | Scenario::Mesh(_) | Scenario::Fleet(_) | Scenario::Many(_))
 }
 
-async fn measure_floor(d: Duration, size: usize) -> Result<Floor> {
-    tokio::task::spawn_blocking(move || floor::measure(d, size))
+async fn measure_floor(d: Duration, size: usize, connections: usize) -> Result<Floor> {
+    tokio::task::spawn_blocking(move || floor::measure(d, size, connections))
         .await
         .context("floor task")?
         .context("measuring the floor over loopback TCP")
@@ -151,14 +151,17 @@ async fn run(
         Scenario::Connections(a) => connections::run(a, &c.relay_pids, c.websocket, targets, stop).await,
         Scenario::Churn(a) => churn::run(a, c.websocket, targets, stop).await,
         Scenario::Stun(a) => stun::run(a, stop).await,
-        Scenario::Floor(a) => floor_report(a.duration, a.size).await,
+        Scenario::Floor(a) => floor_report(a.duration, a.size, a.connections as usize).await,
     }
 }
 
-async fn floor_report(d: Duration, size: usize) -> Result<Report> {
-    let f = measure_floor(d, size).await?;
+async fn floor_report(d: Duration, size: usize, connections: usize) -> Result<Report> {
+    let f = measure_floor(d, size, connections).await?;
     let mut r = Report::new("floor", vec!["127.0.0.1 (loopback TCP)".into()]);
-    r.config.put("duration_s", d.as_secs_f64()).put("size", size as u64);
+    r.config
+        .put("duration_s", d.as_secs_f64())
+        .put("size", size as u64)
+        .put("connections", f.connections as u64);
     r.elapsed_s = r3(f.elapsed.as_secs_f64());
     put_floor(&mut r, &f);
     r.results.put("messages", f.messages).put("short_reads", f.short_reads);

@@ -28,6 +28,8 @@ fn bad_arguments_exit_2_with_a_message() {
     refused(&["many", "--url", u, "--rate", "0"], "--rate");
     refused(&["throughput", "--url", u, "--metrics-url", "https://127.0.0.1:1/metrics"], "--metrics-url");
     refused(&["floor", "--duration", "0s"], "--duration");
+    refused(&["floor", "--connections", "0"], "--connections");
+    refused(&["floor", "--connections", "9001"], "--connections");
     refused(&["connections", "--url", u, "--source-ips", "127.0.0.9-127.0.0.2"], "--source-ips");
     refused(&["stun"], "--server");
     refused(&["fleet", "--url", u], "--derp-map");

@@ -161,6 +161,16 @@ fn floor_reports_cpu_per_message() {
 }
 
 #[test]
+fn floor_goes_round_robin_over_many_connections() {
+    let v = run_json(&["floor", "--duration", "0.3s", "--connections", "500"], LIMIT);
+    check_common(&v, "floor");
+    assert_eq!(num(&v, &["config", "connections"]), 500.0, "{v:#}");
+    assert!(num(&v, &["results", "messages"]) > 500.0, "{v:#}");
+    let us = num(&v, &["results", "floor_us"]);
+    assert!(us > 0.0 && us < 10_000.0, "{v:#}");
+}
+
+#[test]
 fn throughput_over_websocket_with_tailscale_writes() {
     let relay = Relay::plain();
     let url = relay.url();
