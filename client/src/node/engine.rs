@@ -12,6 +12,9 @@
 //! us will be. After a home move we `NotePreferred` the new home (the region task does it on the
 //! home watch), re-STUN, and send every disco peer a CallMeMaybe through the new home and through
 //! the region we reach it by, so it learns where we are from the packet's region.
+//!
+//! The tasks that feed it (readers, timers, DERP regions, netcheck, port mapping) are in
+//! [`super::tasks`].
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -23,7 +26,6 @@ use boringtun::noise::{Tunn, TunnResult};
 use bytes::Bytes;
 use derpfleet_proto::derpmap::DerpMap;
 use derpfleet_proto::key::NodePublic;
-use derpfleet_proto::msg::ServerToClient;
 use parking_lot::Mutex;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -36,20 +38,17 @@ use super::endpoint::{Endpoint, PongOutcome, SendPath};
 use super::homing::{self, Homing};
 use super::magicsock::{classify, local_addresses, Kind, OwnEndpoints};
 use super::netmon::{NetChanges, NetState};
-use super::regions::{self, RegionCmd, Regions};
+use super::regions::{RegionCmd, Regions};
 use super::status::{DropCounts, PathEvent, PeerStatus, PortMapStatus, Status};
 use super::tun::PacketBatch;
-use super::udp::{Family, RecvBatch, SendBatch, UdpConn};
-use super::wg::{src_ip, Screened, WgIdentity, WgSender, WG_BUF_LEN};
-use crate::conn::{ConnectOptions, DerpSender, DerpTarget};
-use crate::netcheck::{Netchecker, Report, StunHandler};
-use crate::portmap::{self, Mapping, Protocol};
-use crate::region::{DerpRegionClient, RegionClientConfig, RegionEvent};
+use super::udp::{SendBatch, UdpConn};
+use super::wg::{src_ip, Screened, WgIdentity, WgSender};
+use crate::conn::DerpSender;
+use crate::netcheck::{Report, StunHandler};
+use crate::portmap::{Mapping, Protocol};
 
 /// How often timers run (boringtun timers, disco pings, STUN).
 pub const TICK: Duration = Duration::from_millis(100);
-/// Most inner packets read from the device per burst (one GSO send each way per burst and peer).
-const TUN_BATCH: usize = 64;
 /// CallMeMaybe is sent at most this often per peer.
 const CALL_ME_MAYBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Tailscale's placeholder IP for "via DERP" in a Pong's source field (port = region id).
@@ -118,33 +117,33 @@ impl Peer {
 
 /// The node.
 pub struct Node {
-    regions: Regions,
-    region_cmds: Mutex<Option<mpsc::UnboundedReceiver<RegionCmd>>>,
+    pub(super) regions: Regions,
+    pub(super) region_cmds: Mutex<Option<mpsc::UnboundedReceiver<RegionCmd>>>,
     pin_home: bool,
-    homing: Homing,
+    pub(super) homing: Homing,
     netcheck_stun: StunHandler,
-    netcheck_interval: Duration,
-    portmap_protocols: Vec<Protocol>,
-    mapping: Mutex<Option<Mapping>>,
+    pub(super) netcheck_interval: Duration,
+    pub(super) portmap_protocols: Vec<Protocol>,
+    pub(super) mapping: Mutex<Option<Mapping>>,
     portmap_error: Mutex<Option<String>>,
-    map: DerpMap,
+    pub(super) map: DerpMap,
     node_key: NodePublic,
     disco_pub: DiscoPublic,
     wg: WgIdentity,
-    sock: Arc<UdpConn>,
-    dev: Device,
+    pub(super) sock: Arc<UdpConn>,
+    pub(super) dev: Device,
     peers: Vec<Peer>,
     by_node: HashMap<NodePublic, usize>,
     by_disco: HashMap<DiscoPublic, usize>,
     own: Mutex<OwnEndpoints>,
-    drops: Drops,
-    tun_name: String,
-    net: NetChanges,
+    pub(super) drops: Drops,
+    pub(super) tun_name: String,
+    pub(super) net: NetChanges,
 }
 
 impl Node {
     /// Builds the node; `home` is the starting home region; `netcheck_stun` gets the STUN answers
-    /// meant for the netchecker that [`spawn_tasks`] then runs.
+    /// meant for the netchecker that [`spawn_tasks`](super::tasks::spawn_tasks) then runs.
     pub fn new(
         cfg: &NodeConfig,
         home: i64,
@@ -573,7 +572,7 @@ impl Node {
     }
 
     /// Records the port mapping (or why there is none) and advertises its address.
-    fn set_mapping(&self, m: Result<Mapping, String>) {
+    pub(super) fn set_mapping(&self, m: Result<Mapping, String>) {
         let (addr, err, m) = match m {
             Ok(m) => (Some(SocketAddr::V4(m.external)), None, Some(m)),
             Err(e) => (None, Some(e), None),
@@ -837,225 +836,6 @@ impl Node {
 enum DiscoVia {
     Udp(SocketAddr),
     Derp { region: i64, node: NodePublic },
-}
-
-/// Starts the background tasks: UDP reader, TUN reader, timers, DERP regions, and the netcheck
-/// loop with `netchecker` (its first report runs at once unless `first_report_done`).
-pub fn spawn_tasks(
-    node: Arc<Node>,
-    opts: ConnectOptions,
-    netchecker: Netchecker,
-    first_report_done: bool,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    for family in [Family::V4, Family::V6] {
-        let n = node.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut rb = RecvBatch::default();
-            let mut wbuf = vec![0u8; WG_BUF_LEN];
-            loop {
-                match n.sock.recv(family, &mut rb).await {
-                    Ok(k) => {
-                        for (from, d) in rb.datagrams(k) {
-                            n.on_udp(d, from, &mut wbuf);
-                        }
-                    }
-                    Err(e) => {
-                        // ICMP errors surface here on Linux; keep reading.
-                        debug!("udp recv: {e}");
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-            }
-        }));
-    }
-    let n = node.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut pkts = PacketBatch::new(TUN_BATCH, 65536);
-        let mut wbuf = vec![0u8; WG_BUF_LEN];
-        let mut out = SendBatch::default();
-        loop {
-            match n.dev.recv_batch(&mut pkts).await {
-                Ok(_) => {
-                    n.on_tun_batch(&pkts, &mut wbuf, &mut out);
-                    let failed = n.sock.send_batch(&mut out).await;
-                    n.drops.udp.fetch_add(failed, Relaxed);
-                }
-                Err(e) => {
-                    warn!("device read: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }));
-    let n = node.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut buf = vec![0u8; WG_BUF_LEN];
-        let mut iv = tokio::time::interval(TICK);
-        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_reset = Instant::now();
-        loop {
-            iv.tick().await;
-            n.tick(&mut buf);
-            if last_reset.elapsed() >= Duration::from_secs(1) {
-                last_reset = Instant::now();
-                n.reset_rate_limit();
-            }
-        }
-    }));
-    let n = node.clone();
-    tasks.push(tokio::spawn(async move { super::netmon::run(n.tun_name.clone(), &n.net).await }));
-    let n = node.clone();
-    let mut net = node.net.subscribe();
-    tasks.push(tokio::spawn(async move {
-        while net.changed().await.is_ok() {
-            n.on_network_change();
-        }
-    }));
-    if let Some(cmds) = node.region_cmds.lock().take() {
-        let n = node.clone();
-        tasks.push(tokio::spawn(regions::manage(cmds, move |region, set| {
-            set.spawn(region_task(n.clone(), region, opts.clone()))
-        })));
-    }
-    tasks.push(tokio::spawn(netcheck_loop(node.clone(), netchecker, first_report_done)));
-    if !node.portmap_protocols.is_empty() {
-        tasks.push(tokio::spawn(portmap_loop(node.clone())));
-    }
-    tasks
-}
-
-/// Without a mapping, port mapping is retried this often (gateways come and go with networks).
-const PORTMAP_RETRY: Duration = Duration::from_secs(30);
-
-/// Keeps a port mapping for the shared socket's port: maps, renews at half the lifetime (asking
-/// for the same external port), retries every [`PORTMAP_RETRY`] while none is granted; a failed
-/// renewal keeps the mapping until it expires.
-async fn portmap_loop(node: Arc<Node>) {
-    let Ok(port) = node.sock.local_addr().map(|a| a.port()) else { return };
-    loop {
-        let prev = node.mapping.lock().clone();
-        let r = match portmap::discover() {
-            None => Err(portmap::PortmapError::NoGateway),
-            Some(gw) => portmap::map_port(&gw, port, prev.as_ref(), &node.portmap_protocols).await,
-        };
-        let wait = match r {
-            Ok(m) => {
-                if prev.as_ref().map(|p| p.external) != Some(m.external) {
-                    info!(protocol = m.protocol.name(), external = %m.external, lifetime = ?m.lifetime, "port mapped");
-                }
-                let renew =
-                    m.renew_at().saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-                node.set_mapping(Ok(m));
-                renew
-            }
-            // A renewal that failed leaves the mapping in use until it expires.
-            Err(e) if prev.as_ref().is_some_and(|p| Instant::now() < p.obtained + p.lifetime) => {
-                warn!("renewing port mapping: {e}");
-                PORTMAP_RETRY
-            }
-            Err(e) => {
-                debug!("port mapping: {e}");
-                node.set_mapping(Err(e.to_string()));
-                PORTMAP_RETRY
-            }
-        };
-        tokio::time::sleep(wait).await;
-    }
-}
-
-/// One region's DERP client: delivers its packets to the node, tracks its connection, and sends
-/// `NotePreferred` when the home moves to or from it.
-async fn region_task(node: Arc<Node>, region: i64, opts: ConnectOptions) {
-    let Some(r) = node.map.regions.get(&region).cloned() else { return };
-    let mut home = node.regions.watch_home();
-    let mut cfg = RegionClientConfig::new(DerpTarget::Region(r), opts);
-    cfg.is_home = *home.borrow_and_update() == region;
-    let mut client = DerpRegionClient::spawn(cfg.clone());
-    let mut net = node.net.subscribe();
-    let mut buf = vec![0u8; WG_BUF_LEN];
-    loop {
-        tokio::select! {
-            Ok(()) = net.changed() => {
-                // The connection may be bound to an address that is gone: reconnect now rather
-                // than after a read timeout (Tailscale closes DERP on rebind too).
-                info!(region, "network changed: reconnecting DERP");
-                node.set_derp_sender(region, None);
-                cfg.is_home = *home.borrow() == region;
-                client = DerpRegionClient::spawn(cfg.clone());
-            }
-            ev = client.recv() => {
-                let Some(ev) = ev else { return };
-                match ev {
-                    RegionEvent::Connected(info) => {
-                        info!(region, remote = %info.remote, "DERP connected");
-                        node.regions.note_rx(region);
-                        node.set_derp_sender(region, client.wait_connected(Duration::from_secs(1)).await);
-                    }
-                    RegionEvent::Disconnected { error, .. } | RegionEvent::ConnectFailed { error, .. } => {
-                        warn!(region, "DERP: {error}");
-                        node.set_derp_sender(region, None);
-                    }
-                    RegionEvent::Message(m) => {
-                        node.regions.note_rx(region);
-                        if let ServerToClient::RecvPacket { src, data } = m {
-                            node.on_derp_packet(region, src, &data, &mut buf)
-                        }
-                    }
-                }
-            }
-            c = home.changed() => {
-                if c.is_err() {
-                    return;
-                }
-                client.set_home(*home.borrow_and_update() == region);
-            }
-        }
-    }
-}
-
-/// Re-runs netcheck (periodically, on request, and when the home's DERP connection died) and
-/// applies each report. Timing: see [`super::homing`].
-async fn netcheck_loop(node: Arc<Node>, mut nc: Netchecker, first_report_done: bool) {
-    let jitter = || homing::jittered(node.netcheck_interval, rand::random());
-    let start = tokio::time::Instant::now();
-    let mut next = if first_report_done { start + jitter() } else { start };
-    let mut trigger = if first_report_done { "periodic" } else { "start" };
-    let mut last_full: Option<tokio::time::Instant> = first_report_done.then_some(start);
-    let mut last_run = std::time::Instant::now();
-    let mut poll = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
-            _ = node.homing.requested() => trigger = "requested",
-            _ = poll.tick() => {
-                let home = node.regions.home();
-                let dead = node.regions.down_since(home).is_some_and(|t| {
-                    t.elapsed() >= homing::HOME_DOWN_GRACE && last_run < t + homing::HOME_DOWN_GRACE
-                });
-                if !dead {
-                    continue;
-                }
-                trigger = "home DERP down";
-            }
-        }
-        let home = node.regions.home();
-        let down =
-            node.regions.down_since(home).map(|t| t.elapsed()).filter(|d| *d >= homing::HOME_DOWN_GRACE);
-        let full =
-            trigger != "periodic" || last_full.is_none_or(|t| t.elapsed() >= homing::FULL_REPORT_EVERY);
-        if full {
-            last_full = Some(tokio::time::Instant::now());
-        }
-        nc.set_home(Some(home));
-        let report = nc.run_for_home(&node.map, full, node.regions.heard_ago(home), down.is_some()).await;
-        debug!(trigger, full, home = report.preferred_derp, latencies = ?report.region_latency, "netcheck");
-        node.apply_report(&report, trigger, down);
-        last_run = std::time::Instant::now();
-        let still_down = node.regions.down_since(node.regions.home()).is_some();
-        next = tokio::time::Instant::now() + if still_down { homing::HOME_DOWN_RETRY } else { jitter() };
-        trigger = "periodic";
-    }
 }
 
 /// Allowed-IP prefixes not already covered by the TUN's own address prefixes (they need routes).

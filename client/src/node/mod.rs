@@ -61,6 +61,7 @@ pub mod magicsock;
 pub mod netmon;
 pub mod regions;
 pub mod status;
+mod tasks;
 pub mod tun;
 pub mod udp;
 pub mod userspace;
@@ -193,7 +194,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, UpError> {
     }
     let mut opts = ConnectOptions::new(cfg.private_key.clone());
     opts.app_name = Some("derpfleet-node".into());
-    let mut tasks = engine::spawn_tasks(node.clone(), opts, nc, first_report.is_some());
+    let mut tasks = tasks::spawn_tasks(node.clone(), opts, nc, first_report.is_some());
     let listener = status::bind(&cfg.control)
         .map_err(|source| UpError::Control { path: cfg.control.clone(), source })?;
     let n = node.clone();
