@@ -18,9 +18,9 @@
 //!
 //! # Names
 //! One scheme, so a reader can tell from a name where a thing lives and what it is:
-//! - A type is named after its file: [`server::Server`] (`server.rs`) owns the listeners and every
-//!   task of a running relay; [`core::derp_server::DerpServer`] (`core/derp_server.rs`) is the
-//!   transport-free DERP core it hands upgraded streams to. "Server" alone always means the
+//! - A type is named after its file: [`server::Server`] (`server/mod.rs`) owns the listeners and
+//!   every task of a running relay; [`core::derp_server::DerpServer`] (`core/derp_server.rs`) is
+//!   the transport-free DERP core it hands upgraded streams to. "Server" alone always means the
 //!   former, "DERP server" the latter.
 //! - `ConnInfo` in this crate is what the *accept path* knows about a connection (remote address,
 //!   the not-ideal-node header); the client crate's `conn::ConnInfo` is what a *server told a
@@ -29,8 +29,9 @@
 //!   `DerpServerConfig` and `CoreConfig` (its less common knobs, with derper's defaults),
 //!   `OpsConfig`, `MeshConfig`, `DrainConfig`, `StunListenConfig` (where the embedded STUN
 //!   responder listens, around the stun crate's `StunConfig`), `TcpConfig` (socket options),
-//!   `WriterConfig` (one connection's send loop), `SecretsConfig`. The one exception is the ACME
-//!   module's `AcmeSettings`, still to be renamed.
+//!   `WriterConfig` (one connection's send loop), `SecretsConfig`, `AcmeConfig`. The relay's own
+//!   (`ServerConfig`, `OpsConfig`, `DrainConfig`, `StunListenConfig`, `TcpConfig`) are in
+//!   `server/config.rs`.
 //! - Every flag default is a constant in [`defaults`]; Go syntax (flags, durations, listen
 //!   addresses) comes from the `derpfleet-gocompat` crate.
 

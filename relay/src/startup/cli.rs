@@ -128,9 +128,9 @@ pub fn build(flags: &Flags) -> Result<Startup, StartupError> {
         None
     } else if !manual {
         // Only when ACME really runs (TLS served), as derper reads these flags only then.
-        use crate::ops::acme::{AcmeMode, AcmeSettings};
+        use crate::ops::acme::{AcmeConfig, AcmeMode};
         let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
-        let settings = AcmeSettings {
+        let settings = AcmeConfig {
             mode: if flags.certmode == "gcp" { AcmeMode::Gcp } else { AcmeMode::LetsEncrypt },
             hostname: flags.hostname.clone(),
             certdir: flags.certdir.clone().unwrap_or_else(default_certdir),

@@ -100,7 +100,7 @@ pub enum AcmeMode {
 
 /// What to ask the CA for (the flags, unchecked; [`setup`] checks them as derper does).
 #[derive(Clone, Debug)]
-pub struct AcmeSettings {
+pub struct AcmeConfig {
     /// `-certmode`: which CA family.
     pub mode: AcmeMode,
     /// `-hostname`: a DNS name, or with `-acme-ip-certs` possibly an IP address.
@@ -123,7 +123,7 @@ pub struct AcmeSettings {
     pub http01: bool,
 }
 
-impl AcmeSettings {
+impl AcmeConfig {
     /// The directory URL used: `-acme-directory-url`, else the mode's CA.
     pub fn directory(&self) -> &str {
         match (&self.directory_url, self.mode) {
@@ -206,7 +206,7 @@ impl AcmeTask {
 /// Checks the settings as derper does and returns the main port's TLS configuration and the
 /// task that obtains and renews the certificates.
 pub fn setup(
-    settings: &AcmeSettings,
+    settings: &AcmeConfig,
     server_public: &derpfleet_proto::NodePublic,
 ) -> Result<(Arc<rustls::ServerConfig>, Arc<AcmeTask>), AcmeError> {
     let hostname = settings.hostname.trim_end_matches('.');
@@ -392,8 +392,8 @@ fn utc(t: SystemTime) -> String {
 mod tests {
     use super::*;
 
-    fn settings() -> AcmeSettings {
-        AcmeSettings {
+    fn settings() -> AcmeConfig {
+        AcmeConfig {
             mode: AcmeMode::LetsEncrypt,
             hostname: "derp.example.test".to_owned(),
             certdir: std::env::temp_dir(),
@@ -407,7 +407,7 @@ mod tests {
         }
     }
 
-    fn err(s: AcmeSettings) -> String {
+    fn err(s: AcmeConfig) -> String {
         setup(&s, &derpfleet_proto::NodePrivate::generate().public()).unwrap_err().to_string()
     }
 
@@ -431,35 +431,26 @@ mod tests {
     #[test]
     fn derpers_rules_for_the_flags() {
         let gcp =
-            AcmeSettings { mode: AcmeMode::Gcp, email: Some("ops@example.test".to_owned()), ..settings() };
+            AcmeConfig { mode: AcmeMode::Gcp, email: Some("ops@example.test".to_owned()), ..settings() };
         assert_eq!(err(gcp.clone()), "-certmode gcp requires -acme-eab-kid and -acme-eab-key");
-        let half = AcmeSettings { eab_kid: "kid".to_owned(), ..gcp.clone() };
+        let half = AcmeConfig { eab_kid: "kid".to_owned(), ..gcp.clone() };
         assert_eq!(err(half), "-certmode gcp requires -acme-eab-kid and -acme-eab-key");
-        let with_eab = AcmeSettings { eab_kid: "kid".to_owned(), eab_key: "AAEC".to_owned(), ..gcp.clone() };
+        let with_eab = AcmeConfig { eab_kid: "kid".to_owned(), eab_key: "AAEC".to_owned(), ..gcp.clone() };
         assert!(setup(&with_eab, &derpfleet_proto::NodePrivate::generate().public()).is_ok());
+        assert_eq!(err(AcmeConfig { email: None, ..with_eab.clone() }), "-certmode gcp requires -acme-email");
+        assert!(err(AcmeConfig { eab_key: "!!".to_owned(), ..with_eab.clone() }).starts_with("-acme-eab-key"));
+        assert!(err(AcmeConfig { hostname: "192.0.2.1".to_owned(), ..with_eab.clone() }).contains("DNS name"));
         assert_eq!(
-            err(AcmeSettings { email: None, ..with_eab.clone() }),
-            "-certmode gcp requires -acme-email"
-        );
-        assert!(
-            err(AcmeSettings { eab_key: "!!".to_owned(), ..with_eab.clone() }).starts_with("-acme-eab-key")
-        );
-        assert!(
-            err(AcmeSettings { hostname: "192.0.2.1".to_owned(), ..with_eab.clone() }).contains("DNS name")
-        );
-        assert_eq!(
-            err(AcmeSettings { ip_certs: true, ..with_eab }),
+            err(AcmeConfig { ip_certs: true, ..with_eab }),
             "-acme-ip-certs requires -certmode letsencrypt"
         );
         assert_eq!(
-            err(AcmeSettings { eab_key: "AAEC".to_owned(), ..settings() }),
+            err(AcmeConfig { eab_key: "AAEC".to_owned(), ..settings() }),
             "-acme-eab-kid and -acme-eab-key must be set together"
         );
-        assert!(
-            err(AcmeSettings { hostname: "192.0.2.1".to_owned(), ..settings() }).contains("-acme-ip-certs")
-        );
-        let ip = AcmeSettings { hostname: "192.0.2.1".to_owned(), ip_certs: true, ..settings() };
+        assert!(err(AcmeConfig { hostname: "192.0.2.1".to_owned(), ..settings() }).contains("-acme-ip-certs"));
+        let ip = AcmeConfig { hostname: "192.0.2.1".to_owned(), ip_certs: true, ..settings() };
         assert!(setup(&ip, &derpfleet_proto::NodePrivate::generate().public()).is_ok());
-        assert!(err(AcmeSettings { http01: false, ..ip }).contains("-http-port"));
+        assert!(err(AcmeConfig { http01: false, ..ip }).contains("-http-port"));
     }
 }
