@@ -186,6 +186,10 @@ pub struct ManyArgs {
     /// Handshakes in flight at once while connecting.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
+    /// Each pair's receiver also sends to its sender at the same rate, so every connection sends
+    /// and receives, as a WireGuard tunnel's two ends do (TCP ACKs then ride on data).
+    #[arg(long)]
+    pub both_ways: bool,
 }
 
 /// Floor benchmark.

@@ -151,6 +151,43 @@ fn many_holds_every_pair_and_delivers_with_cost_per_packet() {
 }
 
 #[test]
+fn many_both_ways_sends_from_every_connection_and_counts_each_direction() {
+    let relay = Relay::plain();
+    let url = relay.url();
+    let pid = relay.child.id().to_string();
+    let v = run_json(
+        &[
+            "many",
+            "--url",
+            &url,
+            "--pairs",
+            "50",
+            "--rate",
+            "20",
+            "--duration",
+            "2s",
+            "--warmup",
+            "0.5s",
+            "--both-ways",
+            "--relay-pid",
+            &pid,
+            "--floor-time",
+            "0",
+        ],
+        LIMIT,
+    );
+    check_common(&v, "many");
+    assert_eq!(v["config"]["both_ways"], true, "{v:#}");
+    assert_eq!(num(&v, &["results", "pairs_connected"]), 50.0, "{v:#}");
+    assert_eq!(num(&v, &["results", "pairs_delivered"]), 50.0, "{v:#}");
+    // 100 senders (both ends of 50 pairs) × 20/s × 2 s by schedule.
+    let sent = num(&v, &["results", "sent_packets"]);
+    assert_eq!(sent + num(&v, &["results", "local_drops"]), 4000.0, "{v:#}");
+    assert!(num(&v, &["results", "received_packets"]) >= sent * 0.99, "{v:#}");
+    assert!(num(&v, &["results", "relay_cpu_us_per_packet"]) > 0.0, "{v:#}");
+}
+
+#[test]
 fn floor_reports_cpu_per_message() {
     let v = run_json(&["floor", "--duration", "0.3s"], LIMIT);
     check_common(&v, "floor");

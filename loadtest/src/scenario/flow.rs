@@ -62,7 +62,7 @@ pub async fn run(
     // Let the relay(s) settle registrations before traffic starts (mesh peers learn of receivers).
     tokio::time::sleep(Duration::from_millis(if t > 1 { 500 } else { 100 })).await;
 
-    let mut run = Pairs::start(clients, a.warmup, a.duration, relay_pids);
+    let mut run = Pairs::start(clients, a.warmup, a.duration, relay_pids, false);
     let (clock, win) = (run.clock, run.win);
     let mut senders = Vec::new();
     for (i, (tx, dst)) in run.take_senders().into_iter().enumerate() {
@@ -112,7 +112,10 @@ pub struct Pairs {
     senders: Vec<(DerpSender, NodePublic)>,
     timeline: Arc<Timeline>,
     received_all: Arc<AtomicU64>,
+    /// Each pair's receiving tasks, adjacent: one per direction.
     receivers: Vec<JoinHandle<RecvResult>>,
+    /// Directions per pair: 1, or 2 with `both_ways`.
+    directions: usize,
     closers: Vec<DerpSender>,
     relay_cpu: Vec<CpuMeter>,
 }
@@ -122,7 +125,15 @@ impl Pairs {
     /// connection and the clock, with the window after `warmup` for `duration`. The CPU of
     /// `relay_pids` is metered from here to the end of [`Pairs::finish`]: traffic only, without
     /// the connection set-up (thousands of handshakes would otherwise count as packet cost).
-    pub fn start(clients: Vec<Client>, warmup: Duration, duration: Duration, relay_pids: &[u32]) -> Self {
+    /// `both_ways`: each receiver is also a sender to its pair's sender (after every forward
+    /// sender in [`Pairs::take_senders`]), whose packets are counted like the others.
+    pub fn start(
+        clients: Vec<Client>,
+        warmup: Duration,
+        duration: Duration,
+        relay_pids: &[u32],
+        both_ways: bool,
+    ) -> Self {
         let clock = Clock::start();
         let warm = warmup.as_nanos() as u64;
         let win = Window { start: warm, end: warm + duration.as_nanos() as u64 };
@@ -136,25 +147,32 @@ impl Pairs {
             timeline,
             received_all,
             receivers: Vec::new(),
+            directions: if both_ways { 2 } else { 1 },
             closers: Vec::new(),
             relay_cpu: relay_pids.iter().filter_map(|&p| CpuMeter::start(p)).collect(),
         };
+        let mut backward = Vec::new();
         let mut it = clients.into_iter();
         while let (Some(s), Some(r)) = (it.next(), it.next()) {
             run.closers.push(s.tx.clone());
             run.closers.push(r.tx.clone());
-            // The sender's receiving half must stay read (dropping it closes the connection).
-            tokio::spawn(drain(s.rx));
+            if both_ways {
+                backward.push((r.tx.clone(), s.public));
+                run.receivers.push(run.count_received(s.rx));
+            } else {
+                // The sender's receiving half must stay read (dropping it closes the connection).
+                tokio::spawn(drain(s.rx));
+            }
             run.senders.push((s.tx, r.public));
-            run.receivers.push(tokio::spawn(recv_loop(
-                r.rx,
-                clock,
-                win,
-                run.timeline.clone(),
-                run.received_all.clone(),
-            )));
+            run.receivers.push(run.count_received(r.rx));
         }
+        run.senders.extend(backward);
         run
+    }
+
+    /// Reads `rx` in a task of its own, counting its packets into the run.
+    fn count_received(&self, rx: DerpReceiver) -> JoinHandle<RecvResult> {
+        tokio::spawn(recv_loop(rx, self.clock, self.win, self.timeline.clone(), self.received_all.clone()))
     }
 
     /// The sending halves with the key of each one's receiver, in pair order.
@@ -205,15 +223,21 @@ impl Pairs {
         }
         let mut hist = LatencyHist::default();
         let (mut received, mut reordered, mut foreign, mut last_ns) = (0u64, 0u64, 0u64, 0u64);
-        let (pairs, mut delivered) = (self.receivers.len() as u64, 0u64);
-        for r in self.receivers {
+        let pairs = (self.receivers.len() / self.directions) as u64;
+        // A pair delivered when each of its directions received a packet of the window.
+        let (mut delivered, mut pair_directions) = (0u64, 0usize);
+        for (i, r) in self.receivers.into_iter().enumerate() {
             if let Ok(res) = r.await {
-                delivered += u64::from(res.received > 0);
+                pair_directions += usize::from(res.received > 0);
                 received += res.received;
                 last_ns = last_ns.max(res.last_ns);
                 reordered += res.reordered;
                 foreign += res.foreign;
                 hist.merge(&res.hist);
+            }
+            if (i + 1) % self.directions == 0 {
+                delivered += u64::from(pair_directions == self.directions);
+                pair_directions = 0;
             }
         }
 

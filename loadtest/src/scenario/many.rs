@@ -10,6 +10,11 @@
 //! packet and counts it (`local_drops`), as tailscaled drops when its DERP write channel is
 //! full; such packets count as not sent. Each connection still has its writer and reader task
 //! (the client crate's connection), which sleep between packets.
+//!
+//! `--both-ways` makes every receiver a sender too, back to its pair's sender at the same rate:
+//! real tunnels carry traffic both ways, so each connection's TCP ACKs ride on data. One-way (the
+//! default) is the harder case for a relay: every packet read from a sender that never receives
+//! costs the relay's kernel a pure ACK.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -68,7 +73,7 @@ pub async fn run(
     let clients = connect_all(targets, vec![0; 2 * pairs], &setup).await?;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 
-    let mut run = Pairs::start(clients, a.warmup, a.duration, relay_pids);
+    let mut run = Pairs::start(clients, a.warmup, a.duration, relay_pids, a.both_ways);
     let progress = run.progress();
     let pacer =
         Pacer { senders: run.take_senders(), rate: a.rate, size: a.size, clock: run.clock, win: run.win };
@@ -80,6 +85,7 @@ pub async fn run(
     rep.results.put("local_drops", local_drops);
     rep.config
         .put("pairs", a.pairs)
+        .put("both_ways", a.both_ways)
         .put("size", a.size as u64)
         .put("rate_per_sender", a.rate)
         .put("duration_s", a.duration.as_secs_f64())
