@@ -8,9 +8,9 @@
 #                per round, alternating (default "relay=$BIN/derpfleet-relay")
 #      ROWS      rows to run (default: all): floor tp8x5000 many2000x20 many1000x40 many2000x2 tls8x5000
 #                ws8x5000 mesh_tls8x5000 idle18k_plain idle18k_tls idle18k_ws; on request also
-#                manytls1000x40 manytls2000x20 (many clients over TLS), manyboth1000x20
-#                manyboth2000x10 (every connection sends and receives: the same packet rates as
-#                many1000x40 / many2000x20) and floorN (e.g. floor2000: the floor round-robin over N
+#                manyPxR for any P pairs x R pkt/s (e.g. many1000x20), manytlsPxR (over TLS),
+#                manybothPxR (every connection sends and receives: manyboth1000x20 relays as many
+#                packets as many1000x40) and floorN (e.g. floor2000: the floor round-robin over N
 #                connections)
 #      SECS      measurement window of the packet rows (default 20)
 #      PORT_BASE, PORT_SPAN  relay ports are picked in [PORT_BASE, PORT_BASE+PORT_SPAN) and their
@@ -93,17 +93,17 @@ row() { # round row name exe
     tp8x5000)
       start_relay "$exe" plain
       run "$round" "$row" "$name" throughput --url "$url" "${flow[@]}" --relay-pid "$pid" --metrics-url "$murl" ;;
-    many2000x20 | many1000x40 | many2000x2)
+    many[0-9]*x[0-9]*)
       local p=${row#many}; p=${p%x*}; local r=${row#*x}
       start_relay "$exe" plain
       run "$round" "$row" "$name" many --url "$url" --pairs "$p" --rate "$r" --duration "$w" --warmup 3s \
         --relay-pid "$pid" --metrics-url "$murl" ;;
-    manyboth1000x20 | manyboth2000x10)
+    manyboth[0-9]*x[0-9]*)
       local p=${row#manyboth}; p=${p%x*}; local r=${row#*x}
       start_relay "$exe" plain
       run "$round" "$row" "$name" many --url "$url" --both-ways --pairs "$p" --rate "$r" --duration "$w" \
         --warmup 3s --relay-pid "$pid" --metrics-url "$murl" ;;
-    manytls2000x20 | manytls1000x40)
+    manytls[0-9]*x[0-9]*)
       local p=${row#manytls}; p=${p%x*}; local r=${row#*x}
       start_relay "$exe" tls
       run "$round" "$row" "$name" many --url "$url" --insecure --pairs "$p" --rate "$r" --duration "$w" \
