@@ -156,6 +156,15 @@ async fn run(
 }
 
 async fn floor_report(d: Duration, size: usize, connections: usize) -> Result<Report> {
+    // Two descriptors per connection, and a few for the runtime and the report.
+    let fds = 2 * connections as u64 + 32;
+    match derpfleet_loadtest::sys::raise_nofile_limit() {
+        Ok(limit) if fds > limit => anyhow::bail!(
+            "{connections} connections need {fds} open files but this process may open {limit} \
+             (raise `ulimit -n` or use fewer connections)"
+        ),
+        _ => {}
+    }
     let f = measure_floor(d, size, connections).await?;
     let mut r = Report::new("floor", vec!["127.0.0.1 (loopback TCP)".into()]);
     r.config

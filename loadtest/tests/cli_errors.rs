@@ -87,6 +87,20 @@ fn unreachable_server_fails_with_exit_1() {
 }
 
 #[test]
+fn floor_over_more_connections_than_the_file_limit_allows_is_refused_clearly() {
+    // Hard and soft limit 256: 500 connections need about 1 000 descriptors.
+    let bin = env!("CARGO_BIN_EXE_derpfleet-loadtest");
+    let out = std::process::Command::new("bash")
+        .args(["-c", "ulimit -n 256 && exec \"$0\" floor --duration 0.1s --connections 500"])
+        .arg(bin)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("500 connections need 1032 open files") && err.contains("256"), "{err}");
+}
+
+#[test]
 fn help_lists_every_scenario() {
     let out = loadtest().arg("--help").output().unwrap();
     assert!(out.status.success());
