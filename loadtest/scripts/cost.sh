@@ -93,20 +93,16 @@ row() { # round row name exe
     tp8x5000)
       start_relay "$exe" plain
       run "$round" "$row" "$name" throughput --url "$url" "${flow[@]}" --relay-pid "$pid" --metrics-url "$murl" ;;
-    many[0-9]*x[0-9]*)
-      local p=${row#many}; p=${p%x*}; local r=${row#*x}
-      start_relay "$exe" plain
-      run "$round" "$row" "$name" many --url "$url" --pairs "$p" --rate "$r" --duration "$w" --warmup 3s \
-        --relay-pid "$pid" --metrics-url "$murl" ;;
-    manyboth[0-9]*x[0-9]*)
-      local p=${row#manyboth}; p=${p%x*}; local r=${row#*x}
-      start_relay "$exe" plain
-      run "$round" "$row" "$name" many --url "$url" --both-ways --pairs "$p" --rate "$r" --duration "$w" \
-        --warmup 3s --relay-pid "$pid" --metrics-url "$murl" ;;
-    manytls[0-9]*x[0-9]*)
-      local p=${row#manytls}; p=${p%x*}; local r=${row#*x}
-      start_relay "$exe" tls
-      run "$round" "$row" "$name" many --url "$url" --insecure --pairs "$p" --rate "$r" --duration "$w" \
+    many[0-9]*x[0-9]* | manyboth[0-9]*x[0-9]* | manytls[0-9]*x[0-9]*)
+      # manyPxR, manybothPxR (--both-ways) or manytlsPxR (over TLS): P pairs at R pkt/s each.
+      local spec=${row#many} mode=plain extra=()
+      case $spec in
+        both*) spec=${spec#both}; extra=(--both-ways) ;;
+        tls*) spec=${spec#tls}; mode=tls; extra=(--insecure) ;;
+      esac
+      local p=${spec%x*} r=${spec#*x}
+      start_relay "$exe" "$mode"
+      run "$round" "$row" "$name" many --url "$url" "${extra[@]}" --pairs "$p" --rate "$r" --duration "$w" \
         --warmup 3s --relay-pid "$pid" --metrics-url "$murl" ;;
     tls8x5000)
       start_relay "$exe" tls

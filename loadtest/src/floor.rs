@@ -45,8 +45,9 @@ pub struct Floor {
 /// of its own (or `spawn_blocking`). Each connection holds two file descriptors.
 pub fn measure(duration: Duration, size: usize, connections: usize) -> io::Result<Floor> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
-    let mut pairs = Vec::with_capacity(connections.max(1));
-    for _ in 0..connections.max(1) {
+    let connections = connections.max(1);
+    let mut pairs = Vec::with_capacity(connections);
+    for _ in 0..connections {
         let tx = TcpStream::connect(listener.local_addr()?)?;
         let (rx, _) = listener.accept()?;
         tx.set_nodelay(true)?;
