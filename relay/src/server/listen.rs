@@ -34,7 +34,7 @@ pub(super) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// One listening socket on exactly `addr` (dual-stack when it is IPv6).
-pub(super) fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;

@@ -18,7 +18,7 @@ pub use config::{DrainConfig, OpsConfig, ServerConfig, StunListenConfig, TcpConf
 
 use std::collections::HashSet;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ use crate::ops::admission::Admitter;
 use crate::ops::metrics_http::{self, Status};
 use crate::ops::ops_metrics::OpsMetrics;
 use crate::ops::ratelimit::{load_rate_config, AcceptLimiter, RecvRate, SharedRecvRate};
-use crate::server::listen::{accept_loop, bind, bind_one, AcceptLoop, Listener};
+use crate::server::listen::{accept_loop, bind, AcceptLoop, Listener};
 
 /// How often a drain looks for connections still open (or newly handshaken).
 const DRAIN_POLL: Duration = Duration::from_millis(20);
@@ -140,13 +140,8 @@ impl Server {
         let http_port_addr = port80.as_ref().and_then(|l| l.local_addr().ok());
         let metrics_listener = match ops.metrics_addr {
             Some(addr) => {
-                let bound = bind_one(addr).or_else(|e| match addr.ip() {
-                    IpAddr::V6(v6) if v6.is_unspecified() => {
-                        bind_one(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port()))
-                    }
-                    _ => Err(e),
-                });
-                match bound {
+                // `[::]` falls back to `0.0.0.0` on a host without IPv6, as the main listener does.
+                match bind(addr) {
                     Ok(l) => Some(l),
                     Err(source) if ops.metrics_addr_required => {
                         return Err(SpawnError::MetricsBind { addr, source })
